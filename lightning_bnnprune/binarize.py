@@ -1,0 +1,141 @@
+"""Turn a network's convolutions into binary ones, keeping the trained weights as latent weights.
+
+This is the plain-function form of the :class:`~lightning_bnnprune.Binarize` callback, for use
+outside Lightning. The first convolution and the classifier stay full precision (standard practice
+in every paper this library follows); they are found from the model (timm's ``pretrained_cfg`` and
+``get_classifier()``), falling back to the first conv and the last linear layer, never by
+hard-coded names.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Iterable, List, Optional, Sequence, Set
+
+from torch import nn
+
+from . import quantizers
+from .layers import BinaryConv2d
+
+__all__ = ["binarize_model", "full_precision_names", "find_networks", "binary_layers"]
+
+
+def _first_conv_name(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("first_conv")
+    for name in [names] if isinstance(names, str) else list(names or []):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        # timm sometimes names a wrapper (e.g. ConvNormAct): take the first conv inside it.
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, nn.Conv2d):
+                return f"{name}.{sub_name}" if sub_name else name
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _classifier_names(model: nn.Module) -> Set[str]:
+    by_id = {id(m): n for n, m in model.named_modules()}
+    heads: Set[str] = set()
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Module) and id(head) in by_id:
+            heads.add(by_id[id(head)])
+    if not heads:
+        last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        heads.update(last_linear[-1:])
+    return heads
+
+
+def full_precision_names(model: nn.Module, keep_fp: Iterable[str] = ()) -> Set[str]:
+    """Names of the modules that stay full precision: first conv, classifier, ``keep_fp`` matches.
+
+    ``keep_fp`` holds ``fnmatch`` patterns over module names (``"*.se.*"``, ``"head.*"``).
+    """
+    keep = {n for n in [_first_conv_name(model)] if n is not None} | _classifier_names(model)
+    patterns = list(keep_fp)
+    names = [n for n, _ in model.named_modules()]
+    for n in names:
+        if any(n == k or n.startswith(k + ".") for k in keep if k):
+            keep.add(n)
+        if any(fnmatch.fnmatchcase(n, p) for p in patterns):
+            keep.add(n)
+    return keep
+
+
+def find_networks(module: nn.Module, names: Optional[Sequence[str]] = None) -> List[str]:
+    """Attribute paths of the networks to binarise inside ``module`` (``""`` for ``module`` itself).
+
+    With ``names`` given they are checked and returned. Otherwise every outermost timm model
+    (anything with a ``pretrained_cfg`` and a ``get_classifier``) is a network; if there is none,
+    ``module`` itself is.
+    """
+    if names:
+        for name in names:
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                children = [n for n, _ in module.named_children()]
+                raise ValueError(
+                    f"network {name!r} not found in {type(module).__name__}; "
+                    f"its children are: {', '.join(children) or '(none)'}"
+                ) from None
+        return list(names)
+    found: List[str] = []
+    for name, sub in module.named_modules():
+        if hasattr(sub, "pretrained_cfg") and callable(getattr(sub, "get_classifier", None)):
+            if not any(name == f or name.startswith(f + ".") or f == "" for f in found):
+                found.append(name)
+    return found or [""]
+
+
+def _make_quantizer(identifier: quantizers.Identifier, kwargs: dict):
+    if isinstance(identifier, nn.Module):
+        return copy.deepcopy(identifier)  # learnable quantizers (BDG) are per layer
+    return quantizers.get(identifier, **kwargs)
+
+
+def binarize_model(
+    model: nn.Module,
+    input_quantizer: quantizers.Identifier = "ste_sign",
+    kernel_quantizer: quantizers.Identifier = "xnor",
+    keep_fp: Iterable[str] = (),
+    input_quantizer_kwargs: Optional[dict] = None,
+    kernel_quantizer_kwargs: Optional[dict] = None,
+) -> List[str]:
+    """Swap every eligible ``nn.Conv2d`` of ``model`` for a :class:`BinaryConv2d`, in place.
+
+    Eligible: every conv except the first, those inside the classifier and those matching
+    ``keep_fp``. Convs already binary are left as they are, so calling it twice is harmless.
+
+    Returns:
+        the names of the swapped layers, in module order.
+
+    Raises:
+        ValueError: on an unknown quantizer (the message lists the registered ones).
+    """
+    # Resolve once up front so a bad name fails before anything is swapped.
+    _make_quantizer(input_quantizer, input_quantizer_kwargs or {})
+    if _make_quantizer(kernel_quantizer, kernel_quantizer_kwargs or {}) is None:
+        raise ValueError(f"kernel_quantizer is required; registered: {', '.join(quantizers.available())}")
+    keep = full_precision_names(model, keep_fp)
+    targets = [
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not isinstance(m, BinaryConv2d) and n not in keep
+    ]
+    for name in targets:
+        conv = model.get_submodule(name)
+        binary = BinaryConv2d.from_conv(
+            conv,
+            input_quantizer=_make_quantizer(input_quantizer, input_quantizer_kwargs or {}),
+            kernel_quantizer=_make_quantizer(kernel_quantizer, kernel_quantizer_kwargs or {}),
+        )
+        model.set_submodule(name, binary)
+    return targets
+
+
+def binary_layers(model: nn.Module) -> List[str]:
+    """Names of the :class:`BinaryConv2d` layers of ``model``, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]

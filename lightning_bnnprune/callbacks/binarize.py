@@ -1,0 +1,120 @@
+"""The ``Binarize`` callback: binary convolutions inside the user's own ``Trainer``."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from .. import quantizers
+from ..binarize import binarize_model, binary_layers, find_networks
+from ..layers import BinaryConv2d
+
+__all__ = ["Binarize"]
+
+
+class Binarize(Callback):
+    r"""Swap the convolutions of the LightningModule's network(s) for :class:`BinaryConv2d`.
+
+    The swap happens in ``setup("fit")``: before the optimizer is built and before a checkpoint's
+    weights are restored, so ``trainer.fit(..., ckpt_path=...)`` finds the same module tree it
+    saved. The trained weights become the latent weights. The first conv and the classifier stay
+    full precision, found from the model (timm's ``pretrained_cfg["first_conv"]`` and
+    ``get_classifier()``, else the first conv and the last linear layer).
+
+    After every optimizer step the latent weights are clipped to ``[-weight_clip, weight_clip]``
+    (the usual BNN constraint; it also keeps the clipped straight-through gradient alive).
+
+    Args:
+        input_quantizer: activation quantizer alias (``"ste_sign"``, ``"approx_sign"``), module,
+            callable, or ``None`` for real-valued inputs (weight-only binarisation).
+        kernel_quantizer: weight quantizer alias (``"xnor"``, ``"bdg"``), module or callable.
+        kernel_quantizer_kwargs: keyword arguments for an aliased kernel quantizer, e.g.
+            ``{"center": True}`` for XNOR or ``{"tau": 1.0, "phi": 0.0}`` for BDG.
+        keep_fp: extra ``fnmatch`` patterns of module names that stay full precision.
+        networks: attribute paths of the networks to binarise (default: every timm model found
+            in the LightningModule, else the whole module).
+        weight_clip: bound for the latent weights; ``None`` disables clipping.
+
+    Raises:
+        MisconfigurationException: on an unknown quantizer, a bad ``weight_clip`` or a network
+            name that does not exist.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_bnnprune import Binarize
+
+        trainer = Trainer(callbacks=[Binarize(keep_fp=["*.se.*"])])
+        trainer.fit(my_lightning_module, datamodule)
+    """
+
+    def __init__(
+        self,
+        input_quantizer: quantizers.Identifier = "ste_sign",
+        kernel_quantizer: quantizers.Identifier = "xnor",
+        kernel_quantizer_kwargs: Optional[Dict[str, Any]] = None,
+        keep_fp: Sequence[str] = (),
+        networks: Optional[Sequence[str]] = None,
+        weight_clip: Optional[float] = 1.0,
+    ) -> None:
+        try:
+            quantizers.get(input_quantizer)
+            quantizers.get(kernel_quantizer, **(kernel_quantizer_kwargs or {}))
+        except (ValueError, TypeError) as err:
+            raise MisconfigurationException(str(err)) from None
+        if kernel_quantizer is None:
+            raise MisconfigurationException(
+                f"`kernel_quantizer` is required; registered: {', '.join(quantizers.available())}"
+            )
+        if weight_clip is not None and not weight_clip > 0:
+            raise MisconfigurationException(f"`weight_clip` must be > 0 or None, got {weight_clip!r}")
+        if isinstance(keep_fp, str):
+            keep_fp = [keep_fp]
+        self.input_quantizer = input_quantizer
+        self.kernel_quantizer = kernel_quantizer
+        self.kernel_quantizer_kwargs = dict(kernel_quantizer_kwargs or {})
+        self.keep_fp = list(keep_fp)
+        self.networks = list(networks) if networks else None
+        self.weight_clip = weight_clip
+        self.swapped: Dict[str, List[str]] = {}
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        try:
+            paths = find_networks(pl_module, self.networks)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+        for path in paths:
+            net = pl_module.get_submodule(path) if path else pl_module
+            if path in self.swapped or binary_layers(net):
+                continue  # already binary: a second fit, or a module saved after binarisation
+            self.swapped[path] = binarize_model(
+                net,
+                input_quantizer=self.input_quantizer,
+                kernel_quantizer=self.kernel_quantizer,
+                kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
+                keep_fp=self.keep_fp,
+            )
+            rank_zero_info(
+                f"[Binarize] {path or type(pl_module).__name__}: "
+                f"{len(self.swapped[path])} convs -> BinaryConv2d "
+                f"({self.input_quantizer} inputs, {self.kernel_quantizer} weights)"
+            )
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.weight_clip is None:
+            return
+        with torch.no_grad():
+            for module in pl_module.modules():
+                if isinstance(module, BinaryConv2d):
+                    module.weight.clamp_(-self.weight_clip, self.weight_clip)
+
+    @property
+    def num_swapped(self) -> int:
+        return sum(len(v) for v in self.swapped.values())

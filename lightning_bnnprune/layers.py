@@ -1,0 +1,133 @@
+"""Binary layers: ``nn.Conv2d`` subclasses that change only ``forward``.
+
+Being a subclass keeps timm's, Torch-Pruning's and the user's ``isinstance(m, nn.Conv2d)`` checks
+true, keeps ``weight``/``bias`` where every tool expects them (the latent real-valued weights), and
+lets one layer stand in for any conv that timm builds (plain, depthwise, grouped, dilated, strided,
+static or dynamic "same" padding, weight-standardised).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
+from torch import Tensor, nn
+
+from . import quantizers
+
+__all__ = ["BinaryConv2d"]
+
+InputMask = Callable[[], Optional[Tensor]]
+
+
+class BinaryConv2d(nn.Conv2d):
+    r"""A convolution on binarised inputs and weights.
+
+    forward: :math:`y = (q_{in}(x) \odot m_{in}) \circledast k(W) \cdot s(W) + b`, where
+    ``q_in`` is the input quantizer (``ste_sign`` by default, ``None`` keeps the input real),
+    ``(k, s) = kernel_quantizer(W)`` (XNOR by default: ``k = sign(W)``, ``s = mean|W|`` per
+    output filter) and ``m_in`` an optional 0/1 mask over input channels. The input is quantised
+    *before* padding, so padded positions are 0, as in every binary-network reference.
+
+    The input mask is the seam for filter pruning: a per-filter gate upstream sets it through
+    :meth:`set_input_mask`, so that a gated-off channel contributes exactly what a removed channel
+    contributes, nothing (``sign(0) = +1`` would otherwise turn a zeroed channel into ones).
+
+    Args:
+        input_quantizer: alias, module or callable for the activations (see
+            :func:`lightning_bnnprune.quantizers.get`).
+        kernel_quantizer: alias, module or callable for the weights.
+        same_padding: pad dynamically like TensorFlow's ``SAME`` (timm's ``Conv2dSame``).
+        All other arguments are those of ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        input_quantizer: quantizers.Identifier = "ste_sign",
+        kernel_quantizer: quantizers.Identifier = "xnor",
+        same_padding: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_quantizer = quantizers.get(input_quantizer)
+        self.kernel_quantizer = quantizers.get(kernel_quantizer)
+        if self.kernel_quantizer is None:
+            raise ValueError("BinaryConv2d needs a kernel_quantizer; registered: "
+                             + ", ".join(quantizers.available()))
+        self.same_padding = bool(same_padding)
+        self._input_mask: Optional[InputMask] = None
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        input_quantizer: quantizers.Identifier = "ste_sign",
+        kernel_quantizer: quantizers.Identifier = "xnor",
+    ) -> "BinaryConv2d":
+        """A binary copy of ``conv`` whose latent weights are ``conv``'s trained weights.
+
+        timm's dynamic-"same" convs keep their padding behaviour. Weight-standardised convs
+        (``StdConv2d``, ``ScaledStdConv2d``) lose the standardisation and its gain: the binary
+        kernel has its own per-filter scale.
+        """
+        same = isinstance(conv, Conv2dSame) or type(conv).__name__.endswith("Same")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=0 if same else conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            input_quantizer=input_quantizer,
+            kernel_quantizer=kernel_quantizer,
+            same_padding=same,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        layer.weight.data.copy_(conv.weight.data)
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.data)
+        layer.train(conv.training)
+        return layer
+
+    def set_input_mask(self, mask_fn: Optional[InputMask]) -> None:
+        """Install (or, with ``None``, remove) a callable returning a ``[in_channels]`` 0/1 mask.
+
+        A callable, not a tensor, so the mask follows a gate that is still learning. It is not a
+        submodule: the gate's parameters belong to (and are saved with) the layer that owns them.
+        """
+        if mask_fn is not None and self.groups != 1:
+            raise ValueError(f"an input mask needs groups=1, this conv has groups={self.groups}")
+        self._input_mask = mask_fn
+
+    def binarized_kernel(self) -> Tensor:
+        """The effective binary weight ``k(W) * s(W)`` (for inspection, export and tests)."""
+        mask = self._input_mask() if self._input_mask is not None else None
+        kernel, scale = self._quantize_kernel(mask)
+        return kernel if scale is None else kernel * scale.view(-1, 1, 1, 1)
+
+    def _quantize_kernel(self, in_mask: Optional[Tensor]):
+        out = self.kernel_quantizer(self.weight, in_mask=in_mask)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        mask = self._input_mask() if self._input_mask is not None else None
+        if mask is not None:
+            x = x * mask.view(1, -1, 1, 1).to(x.dtype)
+        kernel, scale = self._quantize_kernel(mask)
+        if self.same_padding:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        if scale is None:
+            return self._conv_forward(x, kernel, self.bias)
+        y = self._conv_forward(x, kernel, None) * scale.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", same_padding=True" if self.same_padding else "")

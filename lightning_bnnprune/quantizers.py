@@ -1,0 +1,225 @@
+"""Quantizers: how activations and weights become binary.
+
+Each quantizer is a small ``nn.Module`` registered under an alias and resolved by :func:`get`, in the
+manner of larq's ``quantizers.get``. ``sign(0) = +1`` everywhere, so a binary tensor never holds a 0
+that the network did not put there on purpose (padding, a removed channel).
+
+Activation quantizers map a tensor to ``{-1, +1}``. Kernel quantizers map a latent weight
+``W`` of shape ``[out, in, kh, kw]`` to a pair ``(kernel, out_scale)`` with
+``conv(x, W_b) == conv(x, kernel) * out_scale``. Keeping the XNOR scale outside the convolution
+means the convolution of ``{-1, 0, +1}`` inputs with ``{-1, +1}`` kernels sums integers, which
+is exact in any summation order: a pruned layer computes bit-identical outputs to its masked
+original even though the two sum over different channel counts.
+
+Kernel quantizers accept ``in_mask`` (shape ``[in]``, entries 0/1): statistics over input
+channels (the XNOR scale, the centring) are then taken over the kept channels only, which is what
+the physically pruned layer computes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ste_sign",
+    "approx_sign",
+    "SteSign",
+    "ApproxSign",
+    "XnorWeight",
+    "BinaryDomainWeight",
+    "get",
+    "register",
+    "available",
+]
+
+_REGISTRY: Dict[str, Type[nn.Module]] = {}
+
+
+def register(alias: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
+    """Class decorator: make a quantizer resolvable as ``get(alias)``."""
+
+    def wrap(cls: Type[nn.Module]) -> Type[nn.Module]:
+        _REGISTRY[alias] = cls
+        cls.alias = alias
+        return cls
+
+    return wrap
+
+
+def available() -> Tuple[str, ...]:
+    """The registered quantizer aliases, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _sign(x: Tensor) -> Tensor:
+    # torch.sign(0) == 0; binary networks need sign(0) == +1.
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _SteSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, clip_value: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.clip_value = clip_value
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= ctx.clip_value).to(grad.dtype), None
+
+
+class _ApproxSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 - 2.0 * x.abs()).clamp(min=0.0)
+
+
+def ste_sign(x: Tensor, clip_value: float = 1.0) -> Tensor:
+    r"""Sign with the clipped straight-through estimator (Hubara et al., 2016).
+
+    forward: :math:`q(x) = +1` if :math:`x \ge 0` else :math:`-1`;
+    gradient: :math:`\partial q / \partial x = 1_{|x| \le c}` with ``c = clip_value``.
+    """
+    return _SteSignFn.apply(x, clip_value)
+
+
+def approx_sign(x: Tensor) -> Tensor:
+    r"""Sign with Bi-Real Net's ApproxSign gradient (Liu et al., ECCV 2018, eq. 5).
+
+    forward: :math:`q(x) = \mathrm{sign}(x)` (``sign(0) = +1``);
+    gradient: :math:`\partial q / \partial x = \max(0, 2 - 2|x|)`.
+    """
+    return _ApproxSignFn.apply(x)
+
+
+@register("ste_sign")
+class SteSign(nn.Module):
+    """Activation quantizer :func:`ste_sign` as a module."""
+
+    def __init__(self, clip_value: float = 1.0) -> None:
+        super().__init__()
+        if clip_value <= 0:
+            raise ValueError(f"clip_value must be > 0, got {clip_value}")
+        self.clip_value = float(clip_value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ste_sign(x, self.clip_value)
+
+    def extra_repr(self) -> str:
+        return f"clip_value={self.clip_value}"
+
+
+@register("approx_sign")
+class ApproxSign(nn.Module):
+    """Activation quantizer :func:`approx_sign` as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return approx_sign(x)
+
+
+def _masked_mean(x: Tensor, in_mask: Optional[Tensor], dims: Tuple[int, ...]) -> Tensor:
+    """Mean of ``x`` over ``dims``, counting only input channels (dim 1) where ``in_mask`` is 1."""
+    if in_mask is None:
+        return x.mean(dim=dims, keepdim=True)
+    m = in_mask.detach().to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
+    return (x * m).sum(dim=dims, keepdim=True) / m.sum(dim=dims, keepdim=True).clamp(min=1.0)
+
+
+@register("xnor")
+class XnorWeight(nn.Module):
+    r"""XNOR-Net weight binariser (Rastegari et al., ECCV 2016, eq. 4).
+
+    forward: :math:`W_b = \alpha_k \, \mathrm{sign}(W_k)` with
+    :math:`\alpha_k = \mathrm{mean}|W_k|` per output filter ``k``; returned as
+    ``(sign(W), alpha)`` so the scale is applied after the convolution.
+    With ``center=True`` the latent weight is first centred over its input channels,
+    :math:`W \leftarrow W - \mathrm{mean}_{in}(W)`, as the Main/Subsidiary code does.
+    gradient: straight-through to ``W`` inside ``[-clip_value, clip_value]``, plus the
+    gradient through :math:`\alpha`.
+    """
+
+    def __init__(self, center: bool = False, clip_value: float = 1.0) -> None:
+        super().__init__()
+        self.center = bool(center)
+        self.clip_value = float(clip_value)
+
+    def forward(self, weight: Tensor, in_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if self.center:
+            weight = weight - _masked_mean(weight, in_mask, dims=(1,))
+        alpha = _masked_mean(weight.abs(), in_mask, dims=tuple(range(1, weight.dim())))
+        return ste_sign(weight, self.clip_value), alpha.flatten()
+
+    def extra_repr(self) -> str:
+        return f"center={self.center}, clip_value={self.clip_value}"
+
+
+@register("bdg")
+class BinaryDomainWeight(nn.Module):
+    r"""Generalised binary domain (Schiavone, Galati, Zuluaga, ECML-PKDD 2023, sec. 3).
+
+    forward: :math:`W_b = \tau \, \mathrm{sign}(W) + \phi`, i.e. the two values
+    :math:`\{\phi - \tau, \phi + \tau\}`, with learnable per-layer :math:`\tau` (init 1) and
+    :math:`\phi` (init 0). ``phi=tau`` gives the sparse domain ``{0, 2 tau}``.
+    gradient: straight-through to ``W`` inside ``[-clip_value, clip_value]``; ``tau`` and ``phi``
+    get their exact gradients.
+    """
+
+    def __init__(self, tau: float = 1.0, phi: float = 0.0, clip_value: float = 1.0) -> None:
+        super().__init__()
+        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.phi = nn.Parameter(torch.tensor(float(phi)))
+        self.clip_value = float(clip_value)
+
+    def forward(self, weight: Tensor, in_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
+        return self.tau * ste_sign(weight, self.clip_value) + self.phi, None
+
+    def extra_repr(self) -> str:
+        return f"clip_value={self.clip_value}"
+
+
+Identifier = Union[str, nn.Module, Callable[[Tensor], Tensor], None]
+
+
+def get(identifier: Identifier, **kwargs) -> Optional[nn.Module]:
+    """Resolve a quantizer from an alias, an instance or a callable.
+
+    ``None`` stays ``None`` (no quantization). A string is looked up in the registry and
+    instantiated with ``kwargs`` (a bad keyword is a ``TypeError``); an ``nn.Module`` is
+    returned as it is and a plain callable wrapped in a module (``kwargs`` are for aliases). Anything else raises ``ValueError`` naming the registered aliases.
+    """
+    if identifier is None or isinstance(identifier, nn.Module):
+        return identifier
+    if isinstance(identifier, str):
+        if identifier not in _REGISTRY:
+            raise ValueError(
+                f"Unknown quantizer {identifier!r}; registered quantizers: {', '.join(available())}"
+            )
+        return _REGISTRY[identifier](**kwargs)
+    if callable(identifier):
+        return _Lambda(identifier)
+    raise ValueError(
+        f"Cannot interpret {identifier!r} (type {type(identifier).__name__}) as a quantizer; "
+        f"pass one of {', '.join(available())}, an nn.Module or a callable"
+    )
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, in_mask: Optional[Tensor] = None):
+        # A plain callable sees only the tensor; mask-aware statistics are for registered ones.
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
