@@ -17,7 +17,7 @@ from torch import nn
 from . import quantizers
 from .layers import BinaryConv2d
 
-__all__ = ["binarize_model", "full_precision_names", "find_networks", "binary_layers"]
+__all__ = ["binarize_model", "full_precision_names", "classifier_names", "find_networks", "binary_layers"]
 
 
 def _first_conv_name(model: nn.Module) -> Optional[str]:
@@ -35,7 +35,8 @@ def _first_conv_name(model: nn.Module) -> Optional[str]:
     return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def _classifier_names(model: nn.Module) -> Set[str]:
+def classifier_names(model: nn.Module) -> Set[str]:
+    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear``."""
     by_id = {id(m): n for n, m in model.named_modules()}
     heads: Set[str] = set()
     get_classifier = getattr(model, "get_classifier", None)
@@ -54,7 +55,7 @@ def full_precision_names(model: nn.Module, keep_fp: Iterable[str] = ()) -> Set[s
 
     ``keep_fp`` holds ``fnmatch`` patterns over module names (``"*.se.*"``, ``"head.*"``).
     """
-    keep = {n for n in [_first_conv_name(model)] if n is not None} | _classifier_names(model)
+    keep = {n for n in [_first_conv_name(model)] if n is not None} | classifier_names(model)
     patterns = list(keep_fp)
     names = [n for n, _ in model.named_modules()]
     for n in names:
