@@ -1,0 +1,142 @@
+"""The Binarize callback on real timm models inside a real Trainer, with the user's own module."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnnprune import Binarize, BinaryConv2d, binarize_model
+from lightning_bnnprune.binarize import full_precision_names
+
+FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "resnet18"]
+
+
+class UserModule(LightningModule):
+    """A user's own module: the timm network under an arbitrary attribute name."""
+
+    def __init__(self, model_name: str, lr: float = 2e-3):
+        super().__init__()
+        self.backbone_of_mine = timm.create_model(model_name, num_classes=10)
+        self.lr = lr
+        self.losses = []
+
+    def forward(self, x):
+        return self.backbone_of_mine(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _loader(n=32, batch_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _trainer(tmp_path, max_steps, callbacks, **kwargs):
+    return Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_binarize_swaps_all_but_first_conv_keeps_head_fp_and_learns(tmp_path, model_name):
+    seed_everything(0)
+    module = UserModule(model_name)
+    convs = [n for n, m in module.backbone_of_mine.named_modules() if isinstance(m, nn.Conv2d)]
+    first_conv = module.backbone_of_mine.pretrained_cfg["first_conv"]
+    binarize = Binarize()
+    _trainer(tmp_path, 12, [binarize], enable_checkpointing=False).fit(module, _loader(n=16))
+
+    net = module.backbone_of_mine
+    binary = [n for n, m in net.named_modules() if isinstance(m, BinaryConv2d)]
+    fp_convs = [n for n in convs if n not in binary]
+    assert len(fp_convs) == 1 and fp_convs[0].startswith(first_conv)
+    assert binarize.num_swapped == len(convs) - 1
+    head = net.get_classifier()
+    assert not any(isinstance(m, BinaryConv2d) for m in head.modules())
+    # memorising one fixed batch: the loss must go down
+    first, last = sum(module.losses[:3]) / 3, sum(module.losses[-3:]) / 3
+    assert last < first, module.losses
+
+
+def test_resume_from_checkpoint_finds_the_same_binary_tree(tmp_path):
+    seed_everything(0)
+    ckpt_dir = tmp_path / "ckpt"
+    module = UserModule("test_resnet")
+    save = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)
+    _trainer(tmp_path, 6, [Binarize(), save]).fit(module, _loader())
+    seed_everything(0)
+    uninterrupted = UserModule("test_resnet")
+    _trainer(tmp_path / "b", 6, [Binarize()], enable_checkpointing=False).fit(uninterrupted, _loader())
+
+    seed_everything(0)
+    resumed = UserModule("test_resnet")  # a fresh, full-precision module: weights come from the ckpt
+    _trainer(tmp_path / "c", 6, [Binarize()], enable_checkpointing=False).fit(
+        resumed, _loader(), ckpt_path=str(next(ckpt_dir.glob("*step=2.ckpt")))  # end of epoch 0
+    )
+    for (name, a), (_, b) in zip(uninterrupted.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert isinstance(resumed.backbone_of_mine.layer1[0].conv1, BinaryConv2d)
+
+
+def test_keep_fp_patterns_and_plain_function():
+    net = timm.create_model("test_efficientnet", num_classes=10)
+    keep = full_precision_names(net, keep_fp=["*.se.*"])
+    swapped = binarize_model(net, keep_fp=["*.se.*"])
+    assert swapped and not any(".se." in n for n in swapped)
+    assert any(".se." in n for n in keep)
+    assert "conv_stem" in keep and "classifier" in keep
+    assert binarize_model(net, keep_fp=["*.se.*"]) == []  # already binary: nothing more to swap
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_plain_module_without_timm_falls_back_to_first_conv_and_last_linear():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    assert binarize_model(net) == ["2"]
+    assert type(net[0]) is nn.Conv2d and type(net[6]) is nn.Linear
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_quantizer="sign"), "Unknown quantizer 'sign'.*ste_sign"),
+        (dict(kernel_quantizer="ternary"), "Unknown quantizer 'ternary'.*xnor"),
+        (dict(kernel_quantizer=None), "kernel_quantizer.*required"),
+        (dict(kernel_quantizer_kwargs={"centre": True}), "centre"),
+        (dict(weight_clip=0), "weight_clip.*> 0"),
+        (dict(input_quantizer=42), "Cannot interpret 42"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        Binarize(**kwargs)
+
+
+def test_unknown_network_name_is_an_error(tmp_path):
+    module = UserModule("test_resnet")
+    with pytest.raises(MisconfigurationException, match="network 'net' not found.*backbone_of_mine"):
+        _trainer(tmp_path, 1, [Binarize(networks=["net"])], enable_checkpointing=False).fit(module, _loader())
+
+
+def test_weight_clip_bounds_latent_weights(tmp_path):
+    module = UserModule("test_resnet", lr=0.5)  # a large lr pushes latent weights past the bound
+    _trainer(tmp_path, 3, [Binarize(weight_clip=0.05)], enable_checkpointing=False).fit(module, _loader())
+    for m in module.modules():
+        if isinstance(m, BinaryConv2d):
+            assert m.weight.abs().max() <= 0.05 + 1e-7
