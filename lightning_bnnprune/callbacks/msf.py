@@ -1,0 +1,601 @@
+"""``MainSubsidiaryPruning``: Xu et al.'s learned filter selector, layer by layer, inside one ``fit``.
+
+Xu, Dong, Li, Su, "Main/Subsidiary Network: Learning to Prune Filters in Binary Neural Networks"
+(CVPR 2019). See METHOD.md, section 2, and the class docstring for the choices this
+implementation makes where the paper or its code is silent.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from ..pruning.budget import ALLOCATIONS, allocate, budget_term, enforce_keep, macs_per_channel
+from ..pruning.gates import GATE_ATTR
+from ..pruning.groups import OUT
+from ..pruning.schedule import DONE, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase
+from .base import FilterPruning
+
+__all__ = ["MainSubsidiaryPruning"]
+
+_DEFAULT_RETRAIN_LR = 1e-4
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MisconfigurationException(message)
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    r"""Hinton et al.'s soft-target loss, :math:`T^2 \, \mathrm{KL}(\sigma(t/T) \,\|\, \sigma(s/T))`,
+    classes along dim 1, averaged over every other position (samples, pixels)."""
+    log_s = F.log_softmax(student / temperature, dim=1)
+    log_t = F.log_softmax(teacher.detach().to(student.dtype) / temperature, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(1).mean() * temperature**2
+
+
+class MainSubsidiaryPruning(FilterPruning):
+    r"""Learn which filters of a binary network to prune, one layer at a time, bottom-up.
+
+    Every prunable channel group (see :func:`~lightning_bnnprune.pruning.find_channel_groups`;
+    a residual add or a depthwise conv ties channels into one group) gets one subsidiary gate per
+    filter, :math:`g_k = (\mathrm{sign}(m_k) + 1)/2` with a clipped straight-through gradient.
+    Inside the user's own ``trainer.fit`` the callback then runs a
+    :class:`~lightning_bnnprune.pruning.LayerwiseSchedule`:
+
+    1. *warm-up* (optional): the main binary network trains as the user wrote it, gates open;
+    2. for each stage (``layers_per_stage`` groups, from the input side):
+
+       - *selector*: only the stage's gate logits train, with Adam (``gate_lr``) in an optimizer
+         of the callback's own; every main weight is frozen (bit-identical) and the user's
+         optimizer state is left untouched. The loss is (Xu et al., eq. 5)
+
+         .. math:: L = L_{user} + \lambda_{kd}\, T^2\, \mathrm{KL}(\sigma(t/T) \| \sigma(s/T)) + B,
+
+         with the teacher ``t`` the same network with the stage's gates all open (one extra
+         forward without gradient; no copy of the module, one backward per step) and ``B`` the
+         budget term of :func:`~lightning_bnnprune.pruning.budget.budget_term`, which drives the
+         layer to its share of ``target_pfr``. At the end of the phase the share is enforced
+         exactly: the filters with the highest logits stay open.
+       - *retrain*: the main network trains with the gates fixed, at ``retrain_lr`` (or
+         ``retrain_lr_factor`` times the user's learning rate), set on the user's optimizer for
+         each step and put back after it, so the user's schedulers never see it.
+    3. *done*: after the schedule the user's training goes on with the gates fixed.
+
+    The user's LightningModule is not changed: its ``training_step`` (returning a loss or a dict
+    with ``"loss"``) is wrapped for the fit, and the network's output, the student, is read by a
+    forward hook. The learning-rate schedulers of the user keep running through every phase.
+
+    Where the paper and its code are silent (*choices*):
+
+    - Budget: the official L0 penalty passes no gradient; a hinge on the share of open gates with
+      an adaptive weight is used instead, then the exact share is enforced (see
+      :mod:`lightning_bnnprune.pruning.budget`). The final PFR is the target, up to rounding.
+    - Gate start: the stage's logits start at ``+gate_init`` (open) when its selector begins, so
+      gates close one by one as the loss lets them, not all on the first step.
+    - Frozen weights get ``requires_grad=False`` (autograd then stops at the selected layer),
+      except under DDP without ``find_unused_parameters``, whose reducer needs every gradient;
+      in every case gradients outside the phase are dropped before the user's optimizer steps.
+      Batch-norm running statistics follow the student's forward as in the user's training; the
+      teacher's forward leaves them untouched.
+    - Under DDP gate gradients are all-reduced with the rest, so gates are identical on every
+      rank; this is checked (``all_gather``) at every phase boundary.
+    - Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 3 done),
+      ``msf/kd``, ``msf/budget``, ``msf/pfr`` and ``msf/kept/<group>`` go to the logger; the
+      progress bar shows ``msf=selector 3/8``.
+
+    A :class:`~lightning_bnnprune.Binarize` callback must be in the trainer if the network is not
+    binary yet: it is then run first; without it the network has nothing to prune and it is an
+    error. Manual optimisation is not supported (the loss terms need Lightning's backward).
+
+    Args:
+        target_pfr: global pruned filters / prunable filters, in ``[0, 1)``.
+        selector: length of each selector phase, in ``unit``.
+        retrain: length of each retrain phase, in ``unit``.
+        warmup: length of the warm-up of the main network, in ``unit`` (0: none).
+        unit: ``"steps"`` (optimizer steps) or ``"epochs"``.
+        layers_per_stage: groups whose selectors train together in one stage.
+        layers: names of the groups to prune (the owner conv, or any binary conv producing the
+            group's channels), default all; the others stay whole but count in the PFR.
+        allocation: how ``target_pfr`` is shared out over layers: ``"uniform"``, ``"size"`` or
+            ``"macs"`` (see :func:`~lightning_bnnprune.pruning.budget.allocate`).
+        gate_lr: Adam learning rate of the gates in a selector phase.
+        gate_init: starting logit of a stage's gates (``None``: ``gate_lr`` times a quarter of the
+            selector phase's steps, at most 0.5).
+        retrain_lr: learning rate of a retrain phase (default ``1e-4``).
+        retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
+        lambda_kd: weight of the distillation loss (0: none, and no teacher forward).
+        temperature: distillation temperature ``T``.
+        budget_gamma: share of the loss the budget term is worth at the start of a selector
+            phase, in ``(0, 1)`` (adaptive weight).
+        lambda_budget: a fixed budget weight instead of the adaptive one.
+        scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
+            cannot hold the schedule (else that is an error).
+        network, input_size, exclude, min_filters, remove_at_end: see
+            :class:`~lightning_bnnprune.callbacks.base.FilterPruning`.
+
+    Raises:
+        MisconfigurationException: ``target_pfr`` outside ``[0, 1)``, a phase of length 0, an
+            unknown ``unit`` or ``allocation``, a negative weight or learning rate, both
+            ``retrain_lr`` and ``retrain_lr_factor``, a network with no prunable layer, unknown
+            names in ``layers`` / ``exclude``, a target the ``min_filters`` floors cannot reach,
+            no ``Binarize`` for a full-precision network, manual optimisation, or a trainer too
+            short for the schedule.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_bnnprune import Binarize, MainSubsidiaryPruning
+
+        trainer = Trainer(
+            max_steps=12_000,
+            callbacks=[Binarize(), MainSubsidiaryPruning(target_pfr=0.4, selector=200, retrain=600)],
+        )
+        trainer.fit(my_lightning_module, datamodule)
+    """
+
+    def __init__(
+        self,
+        target_pfr: float,
+        selector: int = 200,
+        retrain: int = 400,
+        warmup: int = 0,
+        unit: str = "steps",
+        layers_per_stage: int = 1,
+        layers: Optional[Sequence[str]] = None,
+        allocation: str = "uniform",
+        gate_lr: float = 1e-3,
+        gate_init: Optional[float] = None,
+        retrain_lr: Optional[float] = None,
+        retrain_lr_factor: Optional[float] = None,
+        lambda_kd: float = 1.0,
+        temperature: float = 4.0,
+        budget_gamma: float = 0.5,
+        lambda_budget: Optional[float] = None,
+        scale_to_fit: bool = False,
+        network: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+        exclude: Sequence[str] = (),
+        min_filters: int = 1,
+        remove_at_end: bool = True,
+    ) -> None:
+        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end)
+        _check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
+        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
+            _check(_is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
+        _check(_is_int(layers_per_stage, 1), f"`layers_per_stage` must be an int >= 1, got {layers_per_stage!r}")
+        _check(allocation in ALLOCATIONS, f"`allocation` must be one of {ALLOCATIONS}, got {allocation!r}")
+        _check(_is_number(gate_lr) and gate_lr > 0, f"`gate_lr` must be a number > 0, got {gate_lr!r}")
+        _check(gate_init is None or (_is_number(gate_init) and 0 <= gate_init <= 1),
+               f"`gate_init` must be None or in [0, 1], got {gate_init!r}")
+        for label, value in (("retrain_lr", retrain_lr), ("retrain_lr_factor", retrain_lr_factor)):
+            _check(value is None or (_is_number(value) and value > 0), f"`{label}` must be None or > 0, got {value!r}")
+        _check(retrain_lr is None or retrain_lr_factor is None,
+               f"pass `retrain_lr` or `retrain_lr_factor`, not both (got {retrain_lr!r} and {retrain_lr_factor!r})")
+        _check(_is_number(lambda_kd) and lambda_kd >= 0, f"`lambda_kd` must be a number >= 0, got {lambda_kd!r}")
+        _check(lambda_budget is None or (_is_number(lambda_budget) and lambda_budget >= 0),
+               f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
+        _check(_is_number(temperature) and temperature > 0, f"`temperature` must be > 0, got {temperature!r}")
+        _check(_is_number(budget_gamma) and 0 < budget_gamma < 1, f"`budget_gamma` must be in (0, 1), got {budget_gamma!r}")
+        if layers is not None:
+            layers = [layers] if isinstance(layers, str) else list(layers)
+            _check(bool(layers), "`layers` must name at least one group, or be None for all")
+        self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
+        self.layers_per_stage = layers_per_stage
+        self.layers = layers
+        self.allocation = allocation
+        self.gate_lr = float(gate_lr)
+        self.gate_init = gate_init
+        self.retrain_lr = retrain_lr
+        self.retrain_lr_factor = retrain_lr_factor
+        self.lambda_kd = float(lambda_kd)
+        self.temperature = float(temperature)
+        self.budget_gamma = float(budget_gamma)
+        self.lambda_budget = lambda_budget
+        self.scale_to_fit = scale_to_fit
+
+        self.schedule: Optional[LayerwiseSchedule] = None
+        self.prune_counts: Dict[str, int] = {}
+        # state that survives a resume (see state_dict)
+        self._phase: Optional[Phase] = None
+        self._loaded: Dict[str, Any] = {}
+        # run-time state, rebuilt in on_fit_start
+        self._gate_optimizer: Optional[torch.optim.Optimizer] = None
+        self._trainable: List[nn.Parameter] = []
+        self._frozen: List[nn.Parameter] = []
+        self._main: List[nn.Parameter] = []
+        self._requires_grad: Dict[str, bool] = {}
+        self._toggle = True
+        self._patches: List[Tuple[Any, str, bool, Any]] = []
+        self._hook: Optional[Any] = None
+        self._capturing = False
+        self._captured: Optional[Tuple[tuple, dict, Any]] = None
+        self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[float]]] = None
+        self._origin = 0
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.schedule is not None or self.analysis is None:
+            return
+        names = self._resolve_layers()
+        sizes = {name: self.analysis[name].size for name in names}
+        macs = None
+        if self.allocation == "macs":
+            net = self.network_of(pl_module)
+            macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
+        try:
+            self.prune_counts = allocate(
+                sizes, self.target_pfr, self.allocation, self.min_filters,
+                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+        self.schedule = LayerwiseSchedule.from_groups(
+            names, self.selector, self.retrain, self.warmup, self.layers_per_stage, self.unit
+        )
+
+    def _resolve_layers(self) -> List[str]:
+        """The groups to prune, in forward order; a producer's name stands for its group."""
+        groups = self.analysis.groups
+        if self.layers is None:
+            return [g.name for g in groups]
+        owner = {m.module: g.name for g in groups for m in g.members if m.role == OUT}
+        owner.update({g.name: g.name for g in groups})
+        unknown = [n for n in self.layers if n not in owner]
+        _check(not unknown, f"`layers` names unknown prunable layers {unknown}; prunable groups: "
+                            f"{', '.join(g.name for g in groups)}")
+        chosen = {owner[n] for n in self.layers}
+        return [g.name for g in groups if g.name in chosen]
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
+        _check(pl_module.automatic_optimization,
+               f"{type(self).__name__} adds its loss terms to the loss Lightning back-propagates: "
+               "manual optimisation (automatic_optimization=False) is not supported")
+        self._install(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # after the checkpoint's training state is restored: global_step / current_epoch are final
+        super().on_train_start(trainer, pl_module)
+        if self._loaded.get("schedule"):
+            self.schedule = LayerwiseSchedule(**self._loaded["schedule"])
+            self.prune_counts = dict(self._loaded["prune_counts"])
+            self._origin = int(self._loaded["origin"])
+        else:
+            # a fit resumed from a checkpoint of plain training starts the schedule where it is
+            self._origin = trainer.global_step if self.unit == "steps" else trainer.current_epoch
+        self._fit_schedule(trainer)
+        rank_zero_info(f"[{type(self).__name__}] target PFR {self.target_pfr:.3f} "
+                       f"({self.allocation}: prune {self.prune_counts})\n{self.schedule}")
+        self._main, self._requires_grad = [], {}
+        gate_params = {id(g.logits) for g in self.gates.values()}
+        for name, p in pl_module.named_parameters():
+            self._requires_grad[name] = p.requires_grad
+            if p.requires_grad and id(p) not in gate_params:
+                self._main.append(p)
+        # DDP without find_unused_parameters expects a gradient for every parameter it wraps
+        ddp = trainer.strategy.model
+        self._toggle = not (isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters)
+        if self._phase is not None:  # resumed: rebuild the phase we were in, without re-initialising
+            self._enter(trainer, pl_module, self._phase, fresh=False)
+
+    def _fit_schedule(self, trainer: "pl.Trainer") -> None:
+        """Check the trainer can hold the schedule from where it starts; scale it if asked."""
+        total = self.schedule.total
+        if self.unit == "steps":
+            available = trainer.estimated_stepping_batches - self._origin
+            knob, needed = "max_steps", self._origin + total
+        else:
+            available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
+            if trainer.max_steps not in (None, -1):
+                per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+                available = min(available, trainer.max_steps // per_epoch)
+            available -= self._origin
+            knob, needed = "max_epochs", self._origin + total
+        if available >= total:
+            return
+        if not self.scale_to_fit or self._phase is not None:
+            raise MisconfigurationException(
+                f"the pruning schedule needs {total} {self.unit} but the trainer runs {available}: "
+                f"set `{knob}` >= {needed}, shorten the phases, or pass `scale_to_fit=True`"
+            )
+        try:
+            self.schedule = self.schedule.scaled(int(available))
+        except ValueError as err:
+            raise MisconfigurationException(f"`scale_to_fit`: {err}") from None
+        rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}")
+
+    def _install(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Wrap ``training_step``, hook the network's output, put the phase on the progress bar."""
+        self._patch(pl_module, "training_step", self._wrapped_training_step(pl_module))
+        bar = trainer.progress_bar_callback
+        if bar is not None:
+            get_metrics = bar.get_metrics
+
+            @functools.wraps(get_metrics)
+            def with_phase(trainer, pl_module):
+                items = get_metrics(trainer, pl_module)
+                if self._phase is not None:
+                    items["msf"] = self._short(self._phase)
+                return items
+
+            self._patch(bar, "get_metrics", with_phase)
+        self._hook = self.network_of(pl_module).register_forward_hook(self._capture, with_kwargs=True)
+
+    def _patch(self, obj: Any, attr: str, value: Any) -> None:
+        had = attr in obj.__dict__
+        self._patches.append((obj, attr, had, obj.__dict__.get(attr)))
+        setattr(obj, attr, value)
+
+    def _uninstall(self, pl_module: "pl.LightningModule") -> None:
+        """Undo :meth:`_install` and every phase setting: the module leaves the fit as it came."""
+        for obj, attr, had, old in reversed(self._patches):
+            if had:
+                setattr(obj, attr, old)
+            else:
+                obj.__dict__.pop(attr, None)
+        self._patches = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._restore_lr()
+        for name, p in pl_module.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        self._gate_optimizer = None
+
+    # ------------------------------------------------------------------ phases
+    def _position(self, trainer: "pl.Trainer") -> int:
+        now = trainer.global_step if self.unit == "steps" else trainer.current_epoch
+        return now - self._origin
+
+    def _selector_steps(self, trainer: "pl.Trainer") -> int:
+        if self.unit == "steps":
+            return self.schedule.selector
+        per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+        return self.schedule.selector * (max(1, math.ceil(per_epoch)) if math.isfinite(per_epoch) else 1)
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        phase = self.schedule.phase_at(self._position(trainer))
+        if phase == self._phase:
+            return
+        # enter every phase between the last one run and this one, in order (normally just one)
+        order = self.schedule.phases + [phase] if phase.name == DONE else self.schedule.phases
+        first = 0 if self._phase is None else order.index(self._phase) + 1
+        for step in order[first : order.index(phase) + 1]:
+            self._leave(trainer, pl_module)
+            self._enter(trainer, pl_module, step, fresh=True)
+
+    def _leave(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        old = self._phase
+        if old is None:
+            return
+        if old.name == SELECTOR:
+            for name in old.groups:
+                gate = self.gates[name]
+                gate.set_mask(enforce_keep(gate.logits, gate.logits.numel() - self.prune_counts[name]))
+            self._gate_optimizer = None
+        self._check_ranks(trainer, f"end of {old.describe(self.schedule.num_stages)}")
+
+    def _enter(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", phase: Phase, fresh: bool) -> None:
+        self._phase = phase
+        if phase.name == SELECTOR:
+            logits = [self.gates[name].logits for name in phase.groups]
+            if fresh:
+                init = self.gate_init
+                if init is None:
+                    init = min(0.5, self.gate_lr * self._selector_steps(trainer) / 4)
+                with torch.no_grad():
+                    for t in logits:
+                        t.fill_(init)
+            self._gate_optimizer = torch.optim.Adam(logits, lr=self.gate_lr)
+            if not fresh and self._loaded.get("gate_optimizer") is not None:
+                self._gate_optimizer.load_state_dict(self._loaded["gate_optimizer"])
+            self._trainable = logits
+        else:
+            self._gate_optimizer = None
+            self._trainable = list(self._main)
+        trainable = {id(p) for p in self._trainable}
+        self._frozen = [p for p in pl_module.parameters() if id(p) not in trainable]
+        if self._toggle:
+            for p in self._trainable:
+                p.requires_grad_(True)
+            for p in self._frozen:
+                p.requires_grad_(False)
+        self._loaded.pop("gate_optimizer", None)
+        if fresh:
+            rank_zero_info(f"[{type(self).__name__}] {self._position(trainer)} {self.unit}: "
+                           f"{phase.describe(self.schedule.num_stages)}, PFR now {self.pfr():.3f}")
+
+    def _check_ranks(self, trainer: "pl.Trainer", when: str) -> None:
+        """Gates must agree on every rank (DDP averages their gradients, so they should)."""
+        if trainer.world_size <= 1:
+            return
+        masks = torch.cat([g.mask() for g in self.gates.values()])
+        gathered = trainer.strategy.all_gather(masks)
+        if not bool((gathered == gathered[0]).all()):
+            diff = (gathered != gathered[0]).any(0).sum().item()
+            raise RuntimeError(f"[{type(self).__name__}] gates differ across ranks at the {when} ({diff} filters)")
+
+    @staticmethod
+    def _short(phase: Phase) -> str:
+        return phase.name if phase.stage < 0 or phase.name == DONE else f"{phase.name} {phase.stage + 1}"
+
+    # ------------------------------------------------------------------ selector loss
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._capturing and self._captured is None:
+            self._captured = (args, kwargs, output)
+
+    def _wrapped_training_step(self, pl_module: "pl.LightningModule"):
+        step = pl_module.training_step
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any):
+            if self._phase is None or self._phase.name != SELECTOR:
+                return step(*args, **kwargs)
+            self._captured, self._capturing = None, True
+            try:
+                out = step(*args, **kwargs)
+            finally:
+                self._capturing = False
+            try:
+                return self._selector_loss(pl_module, out)
+            finally:
+                self._captured = None
+
+        return training_step
+
+    def _selector_loss(self, pl_module: "pl.LightningModule", out: Any) -> Any:
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, Tensor):
+            return out  # the user skipped this batch
+        net = self.network_of(pl_module)
+        kd = loss.new_zeros(())
+        if self.lambda_kd > 0:
+            if self._captured is None or not isinstance(self._captured[2], Tensor):
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: distillation needs the network's output as a tensor, but "
+                    f"`training_step` did not call `{self.network_path or 'forward'}` or it returned "
+                    f"{type(self._captured[2]).__name__ if self._captured else 'nothing'}; pass lambda_kd=0 "
+                    "or `network=` the module that returns logits"
+                )
+            args, kwargs, student = self._captured
+            kd = distillation_loss(student, self._teacher(net, args, kwargs), self.temperature)
+        task = loss + self.lambda_kd * kd
+        budget = sum(
+            budget_term(
+                self.gates[name](),
+                1.0 - self.prune_counts[name] / self.gates[name].logits.numel(),
+                task,
+                gamma=self.budget_gamma,
+                weight=self.lambda_budget,
+            )
+            for name in self._phase.groups
+        ) / len(self._phase.groups)
+        total = task + budget
+        pl_module.log("msf/kd", kd.detach(), on_step=True, on_epoch=False)
+        pl_module.log("msf/budget", budget.detach(), on_step=True, on_epoch=False)
+        if isinstance(out, dict):
+            return {**out, "loss": total}
+        return total
+
+    @torch.no_grad()
+    def _teacher(self, net: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        """The network with the stage's gates all open (``m = 0`` is open), its batch-norm
+        statistics left as they are: one forward, no gradient, no copy of the module."""
+        overrides = {
+            f"{name}.{GATE_ATTR}.logits": torch.zeros_like(self.gates[name].logits) for name in self._phase.groups
+        }
+        overrides.update({n: b.clone() for n, b in net.named_buffers()})
+        return functional_call(net, overrides, args, kwargs, strict=False)
+
+    # ------------------------------------------------------------------ optimisation
+    @override
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self._phase is None:
+            return
+        if self._gate_optimizer is not None:
+            self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
+            self._gate_optimizer.zero_grad(set_to_none=True)
+        # nothing outside the phase may move: the user's optimizer skips parameters without grad
+        for p in self._frozen:
+            p.grad = None
+        if self._phase.name == RETRAIN:  # put back in on_train_batch_end, after the step
+            self._saved_lrs = (optimizer, [group["lr"] for group in optimizer.param_groups])
+            for group in optimizer.param_groups:
+                group["lr"] = (
+                    group["lr"] * self.retrain_lr_factor if self.retrain_lr_factor is not None
+                    else self.retrain_lr if self.retrain_lr is not None else _DEFAULT_RETRAIN_LR
+                )
+
+    def _restore_lr(self) -> None:
+        if self._saved_lrs is not None:
+            optimizer, lrs = self._saved_lrs
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self._saved_lrs = None
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._restore_lr()
+        if self._phase is None:
+            return
+        pl_module.log("msf/stage", float(self._phase.stage), on_step=True, on_epoch=False)
+        pl_module.log("msf/phase", float(self._phase.code), on_step=True, on_epoch=False)
+        pl_module.log("msf/pfr", self.pfr(), on_step=True, on_epoch=False)
+        for name, kept in self.kept_filters().items():
+            pl_module.log(f"msf/kept/{name}", float(kept), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ end
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._uninstall(pl_module)
+        if self.schedule is not None:
+            position = self._position(trainer)
+            if self._phase is not None and self._phase.name == SELECTOR:
+                self._leave(trainer, pl_module)  # an interrupted selector still leaves its share
+            if position < self.schedule.total:
+                rank_zero_warn(
+                    f"[{type(self).__name__}] fit ended at {position} of {self.schedule.total} {self.unit}: "
+                    "the stages after "
+                    f"{self._phase.describe(self.schedule.num_stages) if self._phase else 'the start'} did not run"
+                )
+            rank_zero_info(f"[{type(self).__name__}] final PFR {self.pfr():.4f} (target {self.target_pfr:.4f}); "
+                           f"kept filters {self.kept_filters()}")
+        super().on_fit_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._uninstall(pl_module)
+        super().on_exception(trainer, pl_module, exception)
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = dict(super().state_dict())
+        phase = self._phase
+        state["msf"] = {
+            "origin": self._origin,
+            "schedule": self.schedule.state() if self.schedule is not None else None,
+            "prune_counts": dict(self.prune_counts),
+            "phase": None if phase is None else {"stage": phase.stage, "name": phase.name, "start": phase.start},
+            "gate_optimizer": self._gate_optimizer.state_dict() if self._gate_optimizer is not None else None,
+        }
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        state = state_dict.get("msf")
+        if not state:
+            return
+        self._loaded = {k: state[k] for k in ("origin", "schedule", "prune_counts", "gate_optimizer")}
+        if state["phase"] is not None and state["schedule"] is not None:
+            schedule = LayerwiseSchedule(**state["schedule"])
+            self._phase = schedule.phase_at(int(state["phase"]["start"]))

@@ -1,0 +1,211 @@
+"""The pruning budget: a global target PFR shared out over layers, and the term that drives a
+layer's gates to its share.
+
+**Allocation.** The user asks for one global PFR (pruned filters / prunable filters, sec. 5 of
+METHOD.md). :func:`allocate` turns it into a number of filters to prune per group: the pruned
+ratio of group ``l`` is ``r_l = min(c * w_l, cap_l)``, with ``c`` found by water-filling so that
+the counts add up to the global target, ``cap_l = 1 - min_filters / n_l`` (never prune a layer to
+zero) and the weight ``w_l``:
+
+- ``"uniform"``: ``w_l = 1``, every layer loses the same share of its filters;
+- ``"size"``: ``w_l ∝ n_l``, wide layers (usually the most redundant) give more;
+- ``"macs"``: ``w_l ∝`` the multiply-accumulates one channel of the group costs (its producers'
+  output and its consumers' input), so the budget goes where it saves the most compute.
+
+Counts are rounded by largest remainder, so the global count is met exactly whenever the floors
+allow it.
+
+**Budget term.** Xu et al. (CVPR 2019, eq. 5) add ``lambda_s * ||m_l||_0``; the L0 norm of the
+mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
+``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
+share of open gates, the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD 2023),
+
+.. math::  h = \\mathrm{relu}\\big(\\tfrac1n \\textstyle\\sum_k g_k - \\kappa_l\\big), \\qquad
+           B = \\lambda h,
+
+differentiable through the gates' straight-through gradient, with ``kappa_l`` the kept share of the
+layer's allocation. BDG's adaptive weight is ``lambda = gamma L / (h (1 - gamma))``; its gradient
+grows like ``1/h`` as the layer nears its share, which with the all-equal initial logits closes
+every gate at once. We normalise by the starting excess ``h_0 = 1 - kappa_l`` instead:
+``lambda = gamma L / (h_0 (1 - gamma))`` (no gradient through ``L``), so ``B`` is worth
+``gamma / (1 - gamma)`` times the task loss at the start of the phase, falls linearly to 0 at the
+share, and gives every gate the same push meanwhile: gates whose loss gradient defends them stay
+open, the rest close, in order of importance. A fixed ``lambda`` may be passed instead.
+The share is then enforced exactly at the end of the phase (:func:`enforce_keep`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .groups import OUT, GroupAnalysis
+
+__all__ = ["ALLOCATIONS", "allocate", "budget_term", "enforce_keep", "macs_per_channel"]
+
+ALLOCATIONS = ("uniform", "size", "macs")
+
+
+def _water_fill(sizes: Dict[str, int], weights: Dict[str, float], caps: Dict[str, int], total: int) -> Dict[str, float]:
+    """Real-valued prune counts ``p_l = min(c * w_l * n_l, cap_l)`` with ``sum p_l = total``."""
+    rate = {k: weights[k] * sizes[k] for k in sizes}  # p_l per unit of c
+    active = {k for k in sizes if caps[k] > 0 and rate[k] > 0}
+    fixed: Dict[str, float] = {k: 0.0 for k in sizes if k not in active}
+    remaining = float(total)
+    while active:
+        c = remaining / sum(rate[k] for k in active)
+        saturated = {k for k in active if c * rate[k] >= caps[k]}
+        if not saturated:
+            fixed.update({k: c * rate[k] for k in active})
+            break
+        for k in saturated:
+            fixed[k] = float(caps[k])
+            remaining -= caps[k]
+        active -= saturated
+    return {k: fixed[k] for k in sizes}
+
+
+def allocate(
+    sizes: Mapping[str, int],
+    target_pfr: float,
+    allocation: str = "uniform",
+    min_filters: int = 1,
+    total_filters: Optional[int] = None,
+    macs_per_channel: Optional[Mapping[str, float]] = None,
+) -> Dict[str, int]:
+    """Filters to prune in each group so that the global PFR is ``target_pfr``.
+
+    Args:
+        sizes: ``{group name: number of filters}`` of the groups that may be pruned.
+        target_pfr: pruned / prunable filters, in ``[0, 1)``.
+        allocation: one of :data:`ALLOCATIONS` (see the module docstring).
+        min_filters: the fewest filters a group keeps; groups this small stay whole.
+        total_filters: the PFR's denominator, default ``sum(sizes)`` (more when some prunable
+            groups are left out of the schedule: they count, but stay whole).
+        macs_per_channel: ``{group: MACs of one of its channels}``, needed for ``"macs"``.
+
+    Returns:
+        ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``.
+
+    Raises:
+        ValueError: an unknown allocation, missing MACs, or a target the floors cannot reach
+            (the message gives the largest reachable PFR).
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if not 0.0 <= target_pfr < 1.0:
+        raise ValueError(f"target_pfr must be in [0, 1), got {target_pfr!r}")
+    sizes = dict(sizes)
+    total_filters = sum(sizes.values()) if total_filters is None else int(total_filters)
+    goal = int(round(target_pfr * total_filters))
+    caps = {k: max(0, n - min_filters) for k, n in sizes.items()}
+    if goal > sum(caps.values()):
+        reachable = sum(caps.values()) / max(total_filters, 1)
+        raise ValueError(
+            f"target_pfr={target_pfr} needs {goal} of {total_filters} filters pruned, but keeping "
+            f"min_filters={min_filters} per layer allows at most {sum(caps.values())} (PFR {reachable:.4f})"
+        )
+    if allocation == "uniform":
+        weights = {k: 1.0 for k in sizes}
+    elif allocation == "size":
+        weights = {k: float(n) for k in sizes}
+    else:
+        if macs_per_channel is None or set(sizes) - set(macs_per_channel):
+            raise ValueError("allocation='macs' needs macs_per_channel for every group")
+        weights = {k: float(macs_per_channel[k]) for k in sizes}
+    real = _water_fill(sizes, weights, caps, goal)
+    counts = {k: min(caps[k], int(math.floor(v + 1e-9))) for k, v in real.items()}
+    # largest remainder, ties to the earlier (shallower) group: deterministic on every rank
+    order = sorted(sizes, key=lambda k: -(real[k] - counts[k]))
+    short = goal - sum(counts.values())
+    for k in order:
+        if short <= 0:
+            break
+        if counts[k] < caps[k]:
+            counts[k] += 1
+            short -= 1
+    for k in sizes:  # rounding can leave the remainder on saturated groups: spread it anywhere
+        while short > 0 and counts[k] < caps[k]:
+            counts[k] += 1
+            short -= 1
+    return counts
+
+
+def budget_term(
+    gates: Tensor,
+    keep: float,
+    task_loss: Tensor,
+    gamma: float = 0.5,
+    weight: Optional[float] = None,
+) -> Tensor:
+    r"""``lambda * relu(mean(gates) - keep)`` (see the module docstring).
+
+    Args:
+        gates: the layer's 0/1 gates, with their straight-through gradient.
+        keep: the share of the layer's filters to keep, ``kappa_l``.
+        task_loss: the loss the budget is weighed against (detached here).
+        gamma: share of the total loss the budget is worth at the start of the phase, in (0, 1).
+        weight: a fixed ``lambda`` instead of the adaptive one.
+    """
+    h = torch.relu(gates.mean() - keep)
+    if weight is None:
+        excess = max(1.0 - keep, 1e-6)
+        weight = gamma * task_loss.detach().abs() / (excess * (1.0 - gamma))
+    return weight * h
+
+
+@torch.no_grad()
+def enforce_keep(logits: Tensor, keep: int) -> Tensor:
+    """The 0/1 mask that keeps the ``keep`` filters with the highest logits (ties: lower index).
+
+    Used at the end of a selector phase so that the layer holds exactly its share whatever the
+    gates' state: the learned logits rank the filters, the budget decides how many stay.
+    """
+    n = logits.numel()
+    if not 0 <= keep <= n:
+        raise ValueError(f"keep must be in [0, {n}], got {keep}")
+    order = torch.sort(logits.detach().flatten().cpu(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask.to(logits.device)
+
+
+@torch.no_grad()
+def macs_per_channel(model: nn.Module, analysis: GroupAnalysis, example_inputs: Tensor) -> Dict[str, float]:
+    """Multiply-accumulates that one channel of each group costs, for ``allocation="macs"``.
+
+    A channel of a group is an output filter of each producer (``C_in / groups * kh * kw`` MACs
+    per output pixel) and an input channel of each consumer (``C_out * kh * kw`` per output
+    pixel of a conv, ``out_features`` for a linear layer); output sizes come from one forward of
+    ``example_inputs``.
+    """
+    pixels: Dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: pixels.__setitem__(names[mod], out[0, 0].numel()))
+        for m in names
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example_inputs[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    costs: Dict[str, float] = {}
+    for group in analysis.groups:
+        cost = 0.0
+        for member in group.members:
+            module = model.get_submodule(member.module)
+            if isinstance(module, nn.Conv2d):
+                kernel = module.kernel_size[0] * module.kernel_size[1]
+                per_channel = module.in_channels // module.groups if member.role == OUT else module.out_channels
+                cost += per_channel * kernel * pixels.get(member.module, 1)
+            elif isinstance(module, nn.Linear):
+                cost += module.in_features if member.role == OUT else module.out_features
+        costs[group.name] = cost
+    return costs

@@ -1,0 +1,186 @@
+"""The layer-wise, bottom-up schedule of Xu et al., "Main/Subsidiary Network" (CVPR 2019), sec. 3.3.
+
+An optional *warm-up* of the main binary network, then for each stage (one or a few prunable
+layers, from the input side) a *selector* phase, in which only that stage's gates learn, and a
+*retrain* phase, in which the main network adapts to the closed filters. Training one layer's
+selector at a time is the paper's answer to the gradient mismatch of the straight-through gate.
+
+The schedule is a plain value: it knows nothing of Lightning, can be printed, compared, scaled to
+a budget and asked which phase a step (or an epoch) falls in, so it is tested on its own.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+__all__ = ["Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "DONE", "PHASE_CODES", "UNITS"]
+
+WARMUP, SELECTOR, RETRAIN, DONE = "warmup", "selector", "retrain", "done"
+#: Numbers for loggers and progress bars, which take numbers only.
+PHASE_CODES = {WARMUP: 0, SELECTOR: 1, RETRAIN: 2, DONE: 3}
+UNITS = ("steps", "epochs")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: ``[start, end)`` in the schedule's unit; ``stage`` is -1 for the warm-up and
+    ``num_stages`` once the schedule is over."""
+
+    stage: int
+    name: str
+    groups: Tuple[str, ...]
+    start: int
+    end: float  # math.inf for DONE
+
+    @property
+    def code(self) -> int:
+        return PHASE_CODES[self.name]
+
+    def describe(self, num_stages: int) -> str:
+        if self.name == WARMUP:
+            return "warm-up of the main network"
+        if self.name == DONE:
+            return "schedule done, gates fixed"
+        return f"stage {self.stage + 1}/{num_stages} {self.name}: {', '.join(self.groups)}"
+
+
+class LayerwiseSchedule:
+    """Warm-up, then (selector, retrain) per stage of prunable groups, bottom-up.
+
+    Args:
+        stages: the groups trained together in each stage, in schedule order (input side first).
+        selector: length of every selector phase.
+        retrain: length of every retrain phase.
+        warmup: length of the warm-up of the main network (0: none).
+        unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
+
+    Raises:
+        ValueError: no stage, an empty or repeated group, a non-positive selector / retrain
+            length, a negative warm-up or an unknown unit.
+
+    Example::
+
+        >>> s = LayerwiseSchedule.from_groups(["a", "b", "c"], selector=2, retrain=3, warmup=1)
+        >>> s.total
+        16
+        >>> s.phase_at(4)
+        Phase(stage=0, name='retrain', groups=('a',), start=3, end=6)
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Sequence[str]],
+        selector: int,
+        retrain: int,
+        warmup: int = 0,
+        unit: str = "steps",
+    ) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{label} length must be an int >= {least} {unit}, got {value!r}")
+        self.stages: Tuple[Tuple[str, ...], ...] = tuple(tuple(s) for s in stages)
+        if not self.stages or any(not s for s in self.stages):
+            raise ValueError(f"every stage needs at least one group, got {self.stages!r}")
+        flat = [g for s in self.stages for g in s]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"a group appears in two stages: {flat}")
+        self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
+        self.phases: List[Phase] = []
+        t = 0
+        if warmup:
+            self.phases.append(Phase(-1, WARMUP, (), 0, warmup))
+            t = warmup
+        for i, groups in enumerate(self.stages):
+            self.phases.append(Phase(i, SELECTOR, groups, t, t + selector))
+            self.phases.append(Phase(i, RETRAIN, groups, t + selector, t + selector + retrain))
+            t += selector + retrain
+        self._done = Phase(len(self.stages), DONE, (), t, math.inf)
+
+    @classmethod
+    def from_groups(
+        cls,
+        groups: Sequence[str],
+        selector: int,
+        retrain: int,
+        warmup: int = 0,
+        layers_per_stage: int = 1,
+        unit: str = "steps",
+    ) -> "LayerwiseSchedule":
+        """``groups`` (in forward order) cut into stages of ``layers_per_stage`` consecutive groups."""
+        if not isinstance(layers_per_stage, int) or layers_per_stage < 1:
+            raise ValueError(f"layers_per_stage must be an int >= 1, got {layers_per_stage!r}")
+        groups = list(groups)
+        stages = [groups[i : i + layers_per_stage] for i in range(0, len(groups), layers_per_stage)]
+        return cls(stages, selector, retrain, warmup, unit)
+
+    @property
+    def total(self) -> int:
+        """Length of the whole schedule, in its unit."""
+        return int(self._done.start)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def phase_at(self, t: int) -> Phase:
+        """The phase that step (or epoch) ``t`` falls in; ``DONE`` from :attr:`total` on."""
+        if t < 0:
+            raise ValueError(f"t must be >= 0, got {t}")
+        for phase in self.phases:
+            if t < phase.end:
+                return phase
+        return self._done
+
+    def scaled(self, available: int) -> "LayerwiseSchedule":
+        """The same schedule with every length scaled down (floor, at least 1; the warm-up may
+        vanish) so that it fits in ``available`` units.
+
+        Raises:
+            ValueError: if even one unit per selector and retrain phase does not fit.
+        """
+        if available >= self.total:
+            return self
+        least = 2 * self.num_stages
+        if available < least:
+            raise ValueError(
+                f"{available} {self.unit} cannot hold {self.num_stages} stages even at 1 {self.unit[:-1]} "
+                f"per phase: at least {least} needed"
+            )
+        factor = available / self.total
+        selector = max(1, int(self.selector * factor))
+        retrain = max(1, int(self.retrain * factor))
+        spare = available - self.num_stages * (selector + retrain)
+        warmup = max(0, min(int(self.warmup * factor), spare))
+        return LayerwiseSchedule(self.stages, selector, retrain, warmup, self.unit)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerwiseSchedule) and self.state() == other.state()
+
+    def state(self) -> dict:
+        """Plain description (for checkpoints and comparisons)."""
+        return {
+            "stages": [list(s) for s in self.stages],
+            "selector": self.selector,
+            "retrain": self.retrain,
+            "warmup": self.warmup,
+            "unit": self.unit,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerwiseSchedule({self.num_stages} stages, warmup={self.warmup}, selector={self.selector}, "
+            f"retrain={self.retrain}, unit={self.unit!r}, total={self.total})"
+        )
+
+    def __str__(self) -> str:
+        unit = self.unit
+        width = len(str(self.total))
+        lines = [f"{repr(self)}:"]
+        for phase in self.phases:
+            span = f"{phase.start:>{width}}-{int(phase.end) - 1:<{width}}"
+            lines.append(f"  {unit} {span}  {phase.describe(self.num_stages)}")
+        lines.append(f"  {unit} {self.total:>{width}}+{'':<{width}}  {self._done.describe(self.num_stages)}")
+        return "\n".join(lines)
