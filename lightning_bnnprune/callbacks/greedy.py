@@ -1,0 +1,354 @@
+"""``GreedyFilterPruning``: rule-based filter selection on the same gates as the learned selector.
+
+The baselines the papers compare against (Xu et al., CVPR 2019, fig. 4: greedy selection at equal
+PFR) and STQ-Nets' binarisation-error rule (Munagala et al., BMVC 2020) as one callback: score each
+channel group with a criterion from :mod:`lightning_bnnprune.pruning.criteria`, close the gates of
+the lowest-scored channels, retrain. Selection goes through the same gates, and the removal at fit
+end through the same :class:`FilterPruning` machinery, as :class:`MainSubsidiaryPruning`, so the
+strategies differ only in *which* filters they pick.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from ..pruning import criteria
+from ..pruning.criteria import Criterion, scores_for
+from .base import FilterPruning
+
+__all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS", "INTERVALS"]
+
+MODES = ("oneshot", "layerwise")
+ALLOCATIONS = ("uniform", "global")
+INTERVALS = ("step", "epoch")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def uniform_counts(sizes: Dict[str, int], total: int, min_filters: int) -> Dict[str, int]:
+    r"""Filters to close per group: the same share :math:`r` of every group, summing to ``total``.
+
+    Each group closes :math:`q_g = \min(c_g, r\,n_g)` with capacity :math:`c_g = \max(0, n_g - m)`
+    (``m = min_filters``) and :math:`r` chosen so that :math:`\sum_g q_g = ` ``total``: groups that
+    hit their floor pass their excess to the others. The integer counts come from the largest
+    remainders of :math:`q_g`, so per-group rounding never moves the global total.
+    """
+    caps = {g: max(0, n - min_filters) for g, n in sizes.items()}
+    if total <= 0:
+        return {g: 0 for g in sizes}
+    if total > sum(caps.values()):
+        raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
+    lo, hi = 0.0, 1.0
+    for _ in range(100):  # bisection on the common share r; sum_g min(c_g, r n_g) is monotone
+        mid = (lo + hi) / 2
+        if sum(min(caps[g], mid * n) for g, n in sizes.items()) < total:
+            lo = mid
+        else:
+            hi = mid
+    quota = {g: min(caps[g], hi * n) for g, n in sizes.items()}
+    counts = {g: min(caps[g], math.floor(q + 1e-9)) for g, q in quota.items()}
+    short = total - sum(counts.values())
+    by_remainder = sorted(sizes, key=lambda g: counts[g] - quota[g])  # largest remainder first
+    for g in by_remainder:
+        if short <= 0:
+            break
+        if counts[g] < caps[g]:
+            counts[g] += 1
+            short -= 1
+    return counts
+
+
+def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int) -> Dict[str, int]:
+    """Filters to close per group from one ranking across groups.
+
+    Scores are normalised per group by their mean magnitude (Torch-Pruning's ``"mean"`` group
+    normaliser), so criteria on different scales per layer compare; then the ``total`` lowest
+    channels network-wide are closed, each group keeping at least ``min_filters``.
+    """
+    caps = {g: max(0, s.numel() - min_filters) for g, s in scores.items()}
+    if total > sum(caps.values()):
+        raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
+    entries = []
+    for order, (g, s) in enumerate(scores.items()):
+        norm = s / s.abs().mean().clamp(min=1e-12)
+        entries.extend((float(v), order, i, g) for i, v in enumerate(norm))
+    counts = {g: 0 for g in scores}
+    taken = 0
+    for _, _, _, g in sorted(entries):
+        if taken == total:
+            break
+        if counts[g] < caps[g]:
+            counts[g] += 1
+            taken += 1
+    return counts
+
+
+class GreedyFilterPruning(FilterPruning):
+    r"""Close the gates of the least important filters by a fixed rule, one-shot or layer by layer.
+
+    At ``prune_at`` (a global step or an epoch, see ``interval``) every prunable channel group is
+    scored by ``criterion`` (higher = more important) and the lowest-scored channels' gates close
+    (``gate.set_mask(keep)``). With ``mode="layerwise"`` the groups are pruned one at a time from
+    the input side, ``per_layer`` steps/epochs of retraining apart, as Xu et al.'s layer-wise
+    schedule does for the learned selector. Training goes on with the gates fixed; at fit end the
+    closed filters are removed physically by :class:`FilterPruning`.
+
+    Gates never train: their logits get ``requires_grad=False`` in ``setup``, so they are in the
+    user's optimizer (they exist when ``configure_optimizers`` runs) but never get a gradient, and
+    torch's optimizers (SGD, Adam, AdamW, weight decay included) skip parameters whose ``grad`` is
+    ``None``.
+
+    Count: the achieved PFR (closed channels / channels of the prunable groups) is
+    ``round(target_pfr * total) / total``, within half a filter of the target; ``min_filters``
+    holds per group, and per-group rounding is corrected across groups so the total is exact.
+
+    Args:
+        criterion: a name from :func:`lightning_bnnprune.pruning.criteria.available`
+            (``"l1"``, ``"binarization_error"``, ``"random"``) or a callable
+            ``(network, group) -> Tensor[group.size]`` of scores, higher = keep.
+        target_pfr: pruned filters / prunable filters, in ``[0, 1)``.
+        mode: ``"oneshot"`` (all groups at ``prune_at``) or ``"layerwise"`` (one group at a time,
+            bottom-up, ``per_layer`` apart).
+        allocation: ``"uniform"``: every group closes the same share of its filters (groups at
+            their ``min_filters`` floor pass the rest on); ``"global"``: one ranking of all channels,
+            with scores normalised per group by their mean. In layer-wise mode the global counts
+            per group are fixed when the first group is pruned; each group's *choice* of filters
+            is scored at its own turn.
+        prune_at: when pruning starts, in ``interval`` units (0 = before the first optimizer
+            step; e.g. ``prune_at=2, interval="epoch"`` after a two-epoch warm-up).
+        interval: ``"step"`` (global optimizer steps) or ``"epoch"``.
+        per_layer: layer-wise mode only (required there): retraining between two groups, in
+            ``interval`` units.
+        seed: seed of the ``"random"`` criterion.
+        min_filters: the fewest channels any group keeps.
+        network, input_size, exclude, remove_at_end, **kwargs: see :class:`FilterPruning`.
+
+    Raises:
+        MisconfigurationException: on an unknown criterion, mode, allocation or interval; a
+            ``target_pfr`` outside ``[0, 1)``; a negative ``prune_at``; ``per_layer`` missing or
+            below 1 in layer-wise mode, or given in one-shot mode; a target that ``min_filters``
+            makes unreachable (in ``setup``); a schedule longer than the trainer's
+            ``max_steps`` / ``max_epochs`` (in ``on_fit_start``, with the length it needs).
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_bnnprune import Binarize, GreedyFilterPruning
+
+        trainer = Trainer(max_epochs=20, callbacks=[
+            Binarize(),
+            GreedyFilterPruning(criterion="binarization_error", target_pfr=0.4,
+                                mode="layerwise", interval="epoch", prune_at=2, per_layer=1),
+        ])
+        trainer.fit(my_lightning_module, datamodule)  # afterwards the module is the pruned network
+    """
+
+    def __init__(
+        self,
+        criterion: Union[str, Criterion] = "l1",
+        target_pfr: float = 0.4,
+        mode: str = "oneshot",
+        allocation: str = "uniform",
+        prune_at: int = 0,
+        interval: str = "step",
+        per_layer: Optional[int] = None,
+        seed: int = 0,
+        min_filters: int = 1,
+        network: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+        exclude: Sequence[str] = (),
+        remove_at_end: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            target_pfr=target_pfr,
+            network=network,
+            input_size=input_size,
+            exclude=exclude,
+            min_filters=min_filters,
+            remove_at_end=remove_at_end,
+            **kwargs,
+        )
+        if not _is_int(seed):
+            raise MisconfigurationException(f"`seed` must be an int, got {seed!r}")
+        try:
+            self.criterion = criteria.get(criterion, **({"seed": seed} if criterion == "random" else {}))
+        except ValueError as err:
+            raise MisconfigurationException(f"`criterion`: {err}") from None
+        if mode not in MODES:
+            raise MisconfigurationException(f"`mode` must be one of {', '.join(MODES)}; got {mode!r}")
+        if allocation not in ALLOCATIONS:
+            raise MisconfigurationException(
+                f"`allocation` must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}"
+            )
+        if interval not in INTERVALS:
+            raise MisconfigurationException(f"`interval` must be one of {', '.join(INTERVALS)}; got {interval!r}")
+        if not _is_int(prune_at) or prune_at < 0:
+            raise MisconfigurationException(f"`prune_at` must be an int >= 0 ({interval}s), got {prune_at!r}")
+        if mode == "layerwise" and (not _is_int(per_layer) or per_layer < 1):
+            raise MisconfigurationException(
+                f"mode='layerwise' needs `per_layer` as an int >= 1 ({interval}s of retraining between layers), "
+                f"got {per_layer!r}"
+            )
+        if mode == "oneshot" and per_layer is not None:
+            raise MisconfigurationException(
+                f"`per_layer` is for mode='layerwise'; with mode='oneshot' it must be None, got {per_layer!r}"
+            )
+        self.criterion_name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
+        self.mode = mode
+        self.allocation = allocation
+        self.prune_at = prune_at
+        self.interval = interval
+        self.per_layer = per_layer
+        self.seed = seed
+        # schedule state (callback state_dict): names of the groups pruned so far, and the counts
+        self.done: List[str] = []
+        self.counts: Optional[Dict[str, int]] = None
+        self.stages: List[List[str]] = []
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def num_to_close(self) -> int:
+        """Filters closed at the end: ``round(target_pfr * prunable filters)``."""
+        return round(self.target_pfr * self.analysis.num_filters) if self.analysis is not None else 0
+
+    def due(self, stage: int) -> int:
+        """The step / epoch at which ``stages[stage]`` is pruned."""
+        return self.prune_at + stage * (self.per_layer or 0)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == sum(len(s) for s in self.stages)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        for gate in self.gates.values():
+            gate.logits.requires_grad_(False)  # fixed by rule, never by the optimizer
+        groups = [g for g in self.analysis.groups if g.size > self.min_filters]  # others stay whole
+        capacity = sum(g.size - self.min_filters for g in groups)
+        if self.num_to_close > capacity:
+            raise MisconfigurationException(
+                f"target_pfr={self.target_pfr} needs {self.num_to_close} of {self.analysis.num_filters} filters "
+                f"closed, but min_filters={self.min_filters} allows at most {capacity} "
+                f"(PFR {capacity / self.analysis.num_filters:.3f}); lower target_pfr or min_filters"
+            )
+        names = [g.name for g in groups]
+        self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
+        if not self.stages:
+            return
+        last = self.due(len(self.stages) - 1)
+        if self.interval == "step":
+            available = trainer.estimated_stepping_batches
+        else:
+            available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
+        if last >= available:
+            layers = f"{len(self.stages)} layers x per_layer={self.per_layer}, " if self.mode == "layerwise" else ""
+            raise MisconfigurationException(
+                f"{type(self).__name__} prunes its last group at {self.interval} {last} "
+                f"({layers}prune_at={self.prune_at}) and needs at least {last + 1} {self.interval}s, "
+                f"but the trainer runs {available}; raise max_{self.interval}s or shorten the schedule"
+            )
+        rank_zero_info(
+            f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
+            f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
+            f"at {self.interval}s {[self.due(i) for i in range(len(self.stages))]}"
+        )
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.interval == "step":
+            self._prune_due(trainer, pl_module, trainer.global_step)
+
+    @override
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.interval == "epoch":
+            self._prune_due(trainer, pl_module, trainer.current_epoch)
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        pl_module.log("prune/pfr", self.pfr(), on_step=False, on_epoch=True)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.analysis is not None and not self.finished:
+            # Training stopped early (early stopping, a shorter run): reach the target anyway.
+            rank_zero_warn(
+                f"{type(self).__name__}: fit ended before the schedule did; pruning the remaining "
+                f"{sum(len(s) for s in self.stages) - len(self.done)} group(s) now, without retraining"
+            )
+            self._prune_due(trainer, pl_module, math.inf, at="fit end")
+        super().on_fit_end(trainer, pl_module)
+
+    # ------------------------------------------------------------------ pruning
+    def _prune_due(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", now: float, at: Optional[str] = None
+    ) -> None:
+        for i, stage in enumerate(self.stages):
+            if self.due(i) > now:
+                break
+            todo = [name for name in stage if name not in self.done]
+            if todo:
+                self._prune(trainer, pl_module, todo, at=at or f"{self.interval} {now}")
+
+    @torch.no_grad()
+    def _prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: List[str], at: str) -> None:
+        net = self.network_of(pl_module)
+        if self.counts is None:
+            self.counts = self._allocate(net)
+        # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
+        scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
+        for name in names:
+            keep = torch.ones(self.analysis[name].size)
+            closed = torch.argsort(scores[name], stable=True)[: self.counts[name]]
+            keep[closed] = 0.0
+            gate = self.gates[name]
+            keep = trainer.strategy.broadcast(keep.to(gate.logits.device), src=0)  # one decision on every rank
+            gate.set_mask(keep)
+            self.done.append(name)
+        what = names[0] if len(names) == 1 else f"{len(names)} groups"
+        rank_zero_info(
+            f"[{type(self).__name__}] {at}: closed {sum(self.counts[n] for n in names)} filters of {what} "
+            f"by {self.criterion_name}; PFR now {self.pfr():.3f}"
+        )
+
+    def _allocate(self, net) -> Dict[str, int]:
+        names = [n for stage in self.stages for n in stage]
+        if self.allocation == "uniform":
+            sizes = {n: self.analysis[n].size for n in names}
+            counts = uniform_counts(sizes, self.num_to_close, self.min_filters)
+        else:
+            scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in names}
+            counts = global_counts(scores, self.num_to_close, self.min_filters)
+        return counts
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        state = dict(super().state_dict())
+        state.update(greedy_done=list(self.done), greedy_counts=dict(self.counts) if self.counts else None)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.done = list(state.pop("greedy_done", []))
+        counts = state.pop("greedy_counts", None)
+        self.counts = dict(counts) if counts is not None else None
+        super().load_state_dict(state)

@@ -1,0 +1,249 @@
+"""GreedyFilterPruning inside a real Trainer, on a timm network held by the user's own module."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnnprune.callbacks.binarize import Binarize
+from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning, global_counts, uniform_counts
+from lightning_bnnprune.layers import BinaryConv2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny convs gain nothing from intra-op threads, and on a shared 2-core box they thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class UserModule(LightningModule):
+    """A user's own module: the timm network under an arbitrary attribute name, AdamW with decay."""
+
+    def __init__(self, lr: float = 1e-2, weight_decay: float = 0.1):
+        super().__init__()
+        self.my_net = timm.create_model("test_resnet", num_classes=10)
+        self.example_input_array = torch.zeros(2, 3, 32, 32)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, x):
+        return self.my_net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        # every parameter, the gates' logits included: they must still never move
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class Probe(Callback):
+    """Placed after the pruning callback: sees the gates right after each step's pruning."""
+
+    def __init__(self, pruning, at_step=None):
+        self.pruning, self.at_step = pruning, at_step
+        self.closed_by_step = {}  # step -> names of groups with a closed gate
+        self.logits_at = {}
+        self.weights_at = {}
+
+    def snapshot(self, pl_module):
+        net = self.pruning.network_of(pl_module)
+        return {n: m.weight.detach().clone() for n, m in net.named_modules() if isinstance(m, BinaryConv2d)}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.closed_by_step[step] = [n for n, g in self.pruning.gates.items() if g.num_open < g.logits.numel()]
+        self.logits_at[step] = {n: g.logits.detach().clone() for n, g in self.pruning.gates.items()}
+        if step == self.at_step:
+            self.weights_at[step] = self.snapshot(pl_module)
+
+
+def _loader(n=32, batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def _fit(tmp_path, pruning, max_steps, extra=(), module=None, ckpt_path=None, **kwargs):
+    seed_everything(0)
+    module = module or UserModule()
+    trainer = Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path, callbacks=[Binarize(), pruning, *extra], **kwargs,
+    )
+    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def _masks(pruning):
+    return {n: g.mask().clone() for n, g in pruning.gates.items()}
+
+
+def _achieved(pruning):
+    sizes = {g.name: g.size for g in pruning.analysis.groups}
+    return sum(sizes[n] - int(m.sum()) for n, m in _masks(pruning).items()) / sum(sizes.values())
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("criterion", ["l1", "binarization_error", "random"])
+def test_each_criterion_hits_target_pfr(tmp_path, criterion, allocation):
+    pruning = GreedyFilterPruning(criterion, target_pfr=0.4, allocation=allocation, min_filters=4, remove_at_end=False)
+    _fit(tmp_path, pruning, max_steps=2)
+    assert abs(_achieved(pruning) - 0.4) <= 0.01
+    assert pruning.pfr() == pytest.approx(_achieved(pruning))
+    assert min(_masks(pruning)[n].sum() for n in pruning.gates) >= 4  # min_filters held in every group
+    if allocation == "uniform":  # the same share everywhere, up to one filter of rounding
+        for name, mask in _masks(pruning).items():
+            size = mask.numel()
+            assert abs((size - mask.sum()) - 0.4 * size) <= 1.0 + 1e-9, name
+
+
+@pytest.mark.parametrize("criterion", ["l1", "binarization_error"])
+def test_closes_the_lowest_scored_filters_by_direct_computation(tmp_path, criterion):
+    pruning = GreedyFilterPruning(criterion, target_pfr=0.3, remove_at_end=False)
+    probe = Probe(pruning, at_step=0)
+    _fit(tmp_path, pruning, max_steps=1, extra=[probe])
+    weights = probe.weights_at[0]  # the latent weights the rule saw (pruned before the first step)
+
+    def per_filter(w):
+        if criterion == "l1":
+            return w.abs().mean((1, 2, 3))
+        return w.abs().mean((1, 2, 3)) ** 2 / w.pow(2).mean((1, 2, 3))  # 1 - relative binarisation error
+
+    for group in pruning.analysis.groups:
+        scores = torch.zeros(group.size)
+        for member in group.members:
+            if member.role == "out" and member.module in weights:
+                scores[list(member.root_idxs)] += per_filter(weights[member.module])[list(member.idxs)]
+        closed = set(torch.nonzero(pruning.gates[group.name].mask() == 0).flatten().tolist())
+        expected = set(torch.argsort(scores)[: len(closed)].tolist())
+        assert len(closed) == round(0.3 * group.size) or abs(len(closed) - 0.3 * group.size) <= 1
+        assert closed == expected, group.name
+
+
+def test_random_is_reproducible_by_seed(tmp_path):
+    runs = []
+    for seed in (3, 3, 4):
+        pruning = GreedyFilterPruning("random", target_pfr=0.4, seed=seed, remove_at_end=False)
+        _fit(tmp_path, pruning, max_steps=1)
+        runs.append(_masks(pruning))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert any(not torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
+
+
+def test_layerwise_prunes_bottom_up_one_layer_at_a_time(tmp_path):
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", prune_at=1, per_layer=2, remove_at_end=False)
+    probe = Probe(pruning)
+    _fit(tmp_path, pruning, max_steps=20, extra=[probe])
+    order = pruning.analysis.names  # forward order, input side first
+    assert len(order) == 10 and sorted(probe.closed_by_step) == list(range(20))
+    for step, closed in probe.closed_by_step.items():
+        expected = 0 if step < 1 else min(len(order), (step - 1) // 2 + 1)
+        assert closed == order[:expected], step
+    assert pruning.done == order
+    assert abs(pruning.pfr() - 0.4) <= 0.01
+
+
+def test_epoch_interval_waits_for_warmup(tmp_path):
+    pruning = GreedyFilterPruning("l1", target_pfr=0.25, interval="epoch", prune_at=1, remove_at_end=False)
+    probe = Probe(pruning)
+    _fit(tmp_path, pruning, max_steps=-1, extra=[probe], max_epochs=2, limit_train_batches=2)
+    assert probe.closed_by_step[0] == [] and probe.closed_by_step[1] == []  # epoch 0: warm-up, all open
+    assert probe.closed_by_step[2] == pruning.analysis.names  # epoch 1 starts pruned
+    assert abs(pruning.pfr() - 0.25) <= 0.01
+
+
+def test_gates_never_move_while_weights_train(tmp_path):
+    pruning = GreedyFilterPruning("binarization_error", target_pfr=0.4, remove_at_end=False)
+    probe = Probe(pruning, at_step=0)
+    module, _ = _fit(tmp_path, pruning, max_steps=4, extra=[probe])
+    assert all(not g.logits.requires_grad and g.logits.grad is None for g in pruning.gates.values())
+    for step in (1, 2, 3):
+        for name, logits in probe.logits_at[step].items():
+            assert torch.equal(logits, probe.logits_at[0][name]), (step, name)
+    for name, logits in probe.logits_at[0].items():
+        assert torch.equal(pruning.gates[name].logits, logits)
+    moved = [n for n, w in probe.weights_at[0].items() if not torch.equal(w, module.my_net.get_submodule(n).weight)]
+    assert moved  # training happened, around fixed gates
+
+
+def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_path):
+    def make():
+        return GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=1, remove_at_end=False)
+
+    class SaveAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    full = make()
+    _fit(tmp_path, full, max_steps=12, extra=[SaveAt()])
+    resumed = make()
+    probe = Probe(resumed)
+    _fit(tmp_path, resumed, max_steps=12, extra=[probe], ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert min(probe.closed_by_step) == 4
+    assert probe.closed_by_step[4] == full.analysis.names[:5]  # layers 0-3 restored, layer 4 pruned now
+    assert resumed.done == full.done
+    assert all(torch.equal(m, _masks(full)[n]) for n, m in _masks(resumed).items())
+
+
+def test_allocation_rounding_is_corrected_globally():
+    sizes = {"a": 3, "b": 7, "c": 7, "d": 100, "e": 2}
+    for target in (0, 1, 17, 40, 100):
+        counts = uniform_counts(sizes, target, min_filters=2)
+        assert sum(counts.values()) == target
+        assert all(counts[g] <= max(0, sizes[g] - 2) for g in sizes)
+    scores = {g: torch.rand(n, generator=torch.Generator().manual_seed(n)) for g, n in sizes.items()}
+    counts = global_counts(scores, 50, min_filters=2)
+    assert sum(counts.values()) == 50 and counts["e"] == 0
+    with pytest.raises(ValueError, match="cannot close 200 filters: min_filters=2 leaves 109"):
+        uniform_counts(sizes, 200, min_filters=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"criterion": "l2"}, r"`criterion`: Unknown criterion 'l2'; registered criteria: binarization_error, l1, random"),
+        ({"criterion": 0.5}, r"`criterion`: Cannot interpret 0.5 .*binarization_error, l1, random or a callable"),
+        ({"target_pfr": 1.0}, r"`target_pfr` must be in \[0, 1\), got 1.0"),
+        ({"target_pfr": -0.1}, r"`target_pfr` must be in \[0, 1\), got -0.1"),
+        ({"mode": "iterative"}, r"`mode` must be one of oneshot, layerwise; got 'iterative'"),
+        ({"allocation": "local"}, r"`allocation` must be one of uniform, global; got 'local'"),
+        ({"interval": "batch"}, r"`interval` must be one of step, epoch; got 'batch'"),
+        ({"prune_at": -1}, r"`prune_at` must be an int >= 0 \(steps\), got -1"),
+        ({"prune_at": 1.5}, r"`prune_at` must be an int >= 0 \(steps\), got 1.5"),
+        ({"mode": "layerwise"}, r"mode='layerwise' needs `per_layer` as an int >= 1 .*got None"),
+        ({"mode": "layerwise", "per_layer": 0}, r"mode='layerwise' needs `per_layer` as an int >= 1 .*got 0"),
+        ({"per_layer": 3}, r"`per_layer` is for mode='layerwise'; with mode='oneshot' it must be None, got 3"),
+        ({"seed": "x"}, r"`seed` must be an int, got 'x'"),
+        ({"min_filters": 0}, r"`min_filters` must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        GreedyFilterPruning(**{"criterion": "l1", "target_pfr": 0.4, **kwargs})
+
+
+def test_unreachable_target_and_too_short_a_schedule_raise(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"target_pfr=0.95 needs 623 of 656 filters closed, but min_filters=8 allows at most 576"):
+        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8), max_steps=1)
+    with pytest.raises(MisconfigurationException, match=r"needs at least 19 steps, but the trainer runs 5"):
+        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=2), max_steps=5)
+
+
+def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step >= 3
+
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=1, remove_at_end=False)
+    with pytest.warns(UserWarning, match=r"fit ended before the schedule did; pruning the remaining 7 group\(s\) now"):
+        _, trainer = _fit(tmp_path, pruning, max_steps=12, extra=[StopAt()])
+    assert trainer.global_step == 3 and pruning.finished
+    assert abs(pruning.pfr() - 0.4) <= 0.01
