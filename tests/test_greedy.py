@@ -8,7 +8,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
-from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning, global_counts, uniform_counts
+from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning, global_counts
 from lightning_bnnprune.layers import BinaryConv2d
 
 
@@ -90,8 +90,11 @@ def _achieved(pruning):
     return sum(sizes[n] - int(m.sum()) for n, m in _masks(pruning).items()) / sum(sizes.values())
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
-@pytest.mark.parametrize("criterion", ["l1", "binarization_error", "random"])
+@pytest.mark.parametrize(
+    "criterion, allocation",
+    [(c, a) for c in ("l1", "binarization_error", "random") for a in ("uniform", "global")]
+    + [("l1", "macs")],
+)
 def test_each_criterion_hits_target_pfr(tmp_path, criterion, allocation):
     pruning = GreedyFilterPruning(criterion, target_pfr=0.4, allocation=allocation, min_filters=4, remove_at_end=False)
     _fit(tmp_path, pruning, max_steps=2)
@@ -138,7 +141,7 @@ def test_random_is_reproducible_by_seed(tmp_path):
 
 
 def test_layerwise_prunes_bottom_up_one_layer_at_a_time(tmp_path):
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", prune_at=1, per_layer=2, remove_at_end=False)
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", warmup=1, retrain=2, remove_at_end=False)
     probe = Probe(pruning)
     _fit(tmp_path, pruning, max_steps=20, extra=[probe])
     order = pruning.analysis.names  # forward order, input side first
@@ -151,7 +154,7 @@ def test_layerwise_prunes_bottom_up_one_layer_at_a_time(tmp_path):
 
 
 def test_epoch_interval_waits_for_warmup(tmp_path):
-    pruning = GreedyFilterPruning("l1", target_pfr=0.25, interval="epoch", prune_at=1, remove_at_end=False)
+    pruning = GreedyFilterPruning("l1", target_pfr=0.25, unit="epochs", warmup=1, remove_at_end=False)
     probe = Probe(pruning)
     _fit(tmp_path, pruning, max_steps=-1, extra=[probe], max_epochs=2, limit_train_batches=2)
     assert probe.closed_by_step[0] == [] and probe.closed_by_step[1] == []  # epoch 0: warm-up, all open
@@ -175,7 +178,7 @@ def test_gates_never_move_while_weights_train(tmp_path):
 
 def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_path):
     def make():
-        return GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=1, remove_at_end=False)
+        return GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=1, remove_at_end=False)
 
     class SaveAt(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -193,17 +196,17 @@ def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_pat
     assert all(torch.equal(m, _masks(full)[n]) for n, m in _masks(resumed).items())
 
 
-def test_allocation_rounding_is_corrected_globally():
+def test_global_ranking_respects_floors_and_normalises_per_group():
     sizes = {"a": 3, "b": 7, "c": 7, "d": 100, "e": 2}
-    for target in (0, 1, 17, 40, 100):
-        counts = uniform_counts(sizes, target, min_filters=2)
-        assert sum(counts.values()) == target
-        assert all(counts[g] <= max(0, sizes[g] - 2) for g in sizes)
     scores = {g: torch.rand(n, generator=torch.Generator().manual_seed(n)) for g, n in sizes.items()}
-    counts = global_counts(scores, 50, min_filters=2)
-    assert sum(counts.values()) == 50 and counts["e"] == 0
-    with pytest.raises(ValueError, match="cannot close 200 filters: min_filters=2 leaves 109"):
-        uniform_counts(sizes, 200, min_filters=2)
+    scores["d"] = scores["d"] * 1000  # a layer on another scale is not spared by it
+    for total in (0, 1, 50, 109):
+        counts = global_counts(scores, total, min_filters=2)
+        assert sum(counts.values()) == total and counts["e"] == 0
+        assert all(counts[g] <= sizes[g] - 2 for g in ("a", "b", "c", "d"))
+    assert 0 < global_counts(scores, 50, min_filters=2)["d"] < 100
+    with pytest.raises(ValueError, match="cannot close 110 filters: min_filters=2 leaves 109"):
+        global_counts(scores, 110, min_filters=2)
 
 
 @pytest.mark.parametrize(
@@ -214,13 +217,13 @@ def test_allocation_rounding_is_corrected_globally():
         ({"target_pfr": 1.0}, r"`target_pfr` must be in \[0, 1\), got 1.0"),
         ({"target_pfr": -0.1}, r"`target_pfr` must be in \[0, 1\), got -0.1"),
         ({"mode": "iterative"}, r"`mode` must be one of oneshot, layerwise; got 'iterative'"),
-        ({"allocation": "local"}, r"`allocation` must be one of uniform, global; got 'local'"),
-        ({"interval": "batch"}, r"`interval` must be one of step, epoch; got 'batch'"),
-        ({"prune_at": -1}, r"`prune_at` must be an int >= 0 \(steps\), got -1"),
-        ({"prune_at": 1.5}, r"`prune_at` must be an int >= 0 \(steps\), got 1.5"),
-        ({"mode": "layerwise"}, r"mode='layerwise' needs `per_layer` as an int >= 1 .*got None"),
-        ({"mode": "layerwise", "per_layer": 0}, r"mode='layerwise' needs `per_layer` as an int >= 1 .*got 0"),
-        ({"per_layer": 3}, r"`per_layer` is for mode='layerwise'; with mode='oneshot' it must be None, got 3"),
+        ({"allocation": "local"}, r"`allocation` must be one of uniform, size, macs, global; got 'local'"),
+        ({"unit": "batches"}, r"`unit` must be one of steps, epochs; got 'batches'"),
+        ({"warmup": -1}, r"`warmup` must be an int >= 0 \(steps\), got -1"),
+        ({"warmup": 1.5, "unit": "epochs"}, r"`warmup` must be an int >= 0 \(epochs\), got 1.5"),
+        ({"mode": "layerwise"}, r"mode='layerwise' needs `retrain` as an int >= 1 .*got None"),
+        ({"mode": "layerwise", "retrain": 0}, r"mode='layerwise' needs `retrain` as an int >= 1 .*got 0"),
+        ({"retrain": 3}, r"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None .*got 3"),
         ({"seed": "x"}, r"`seed` must be an int, got 'x'"),
         ({"min_filters": 0}, r"`min_filters` must be an int >= 1, got 0"),
     ],
@@ -230,11 +233,19 @@ def test_bad_arguments_raise(kwargs, match):
         GreedyFilterPruning(**{"criterion": "l1", "target_pfr": 0.4, **kwargs})
 
 
-def test_unreachable_target_and_too_short_a_schedule_raise(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"target_pfr=0.95 needs 623 of 656 filters closed, but min_filters=8 allows at most 576"):
-        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8), max_steps=1)
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_unreachable_target_raises(tmp_path, allocation):
+    pruning = GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8, allocation=allocation)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"target_pfr=0.95 needs 623 of 656 filters pruned, but keeping min_filters=8 per layer allows at most 576",
+    ):
+        _fit(tmp_path, pruning, max_steps=1)
+
+
+def test_too_short_a_schedule_raises(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"needs at least 19 steps, but the trainer runs 5"):
-        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=2), max_steps=5)
+        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=2), max_steps=5)
 
 
 def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
@@ -242,7 +253,7 @@ def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             trainer.should_stop = trainer.global_step >= 3
 
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", per_layer=1, remove_at_end=False)
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=1, remove_at_end=False)
     with pytest.warns(UserWarning, match=r"fit ended before the schedule did; pruning the remaining 7 group\(s\) now"):
         _, trainer = _fit(tmp_path, pruning, max_steps=12, extra=[StopAt()])
     assert trainer.global_step == 3 and pruning.finished

@@ -19,52 +19,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from ..pruning import criteria
+from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
+from ..pruning.schedule import UNITS
 from .base import FilterPruning
 
-__all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS", "INTERVALS"]
+__all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS", "global_counts"]
 
 MODES = ("oneshot", "layerwise")
-ALLOCATIONS = ("uniform", "global")
-INTERVALS = ("step", "epoch")
+#: The fixed allocations shared with MainSubsidiaryPruning (same counts per layer at the same
+#: target, so the strategies differ only in which filters they pick), plus a criterion-driven one.
+ALLOCATIONS = budget.ALLOCATIONS + ("global",)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def uniform_counts(sizes: Dict[str, int], total: int, min_filters: int) -> Dict[str, int]:
-    r"""Filters to close per group: the same share :math:`r` of every group, summing to ``total``.
-
-    Each group closes :math:`q_g = \min(c_g, r\,n_g)` with capacity :math:`c_g = \max(0, n_g - m)`
-    (``m = min_filters``) and :math:`r` chosen so that :math:`\sum_g q_g = ` ``total``: groups that
-    hit their floor pass their excess to the others. The integer counts come from the largest
-    remainders of :math:`q_g`, so per-group rounding never moves the global total.
-    """
-    caps = {g: max(0, n - min_filters) for g, n in sizes.items()}
-    if total <= 0:
-        return {g: 0 for g in sizes}
-    if total > sum(caps.values()):
-        raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
-    lo, hi = 0.0, 1.0
-    for _ in range(100):  # bisection on the common share r; sum_g min(c_g, r n_g) is monotone
-        mid = (lo + hi) / 2
-        if sum(min(caps[g], mid * n) for g, n in sizes.items()) < total:
-            lo = mid
-        else:
-            hi = mid
-    quota = {g: min(caps[g], hi * n) for g, n in sizes.items()}
-    counts = {g: min(caps[g], math.floor(q + 1e-9)) for g, q in quota.items()}
-    short = total - sum(counts.values())
-    by_remainder = sorted(sizes, key=lambda g: counts[g] - quota[g])  # largest remainder first
-    for g in by_remainder:
-        if short <= 0:
-            break
-        if counts[g] < caps[g]:
-            counts[g] += 1
-            short -= 1
-    return counts
 
 
 def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int) -> Dict[str, int]:
@@ -95,12 +64,13 @@ def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int) -> Di
 class GreedyFilterPruning(FilterPruning):
     r"""Close the gates of the least important filters by a fixed rule, one-shot or layer by layer.
 
-    At ``prune_at`` (a global step or an epoch, see ``interval``) every prunable channel group is
-    scored by ``criterion`` (higher = more important) and the lowest-scored channels' gates close
+    After ``warmup`` steps (or epochs, see ``unit``) every prunable channel group is scored by
+    ``criterion`` (higher = more important) and the lowest-scored channels' gates close
     (``gate.set_mask(keep)``). With ``mode="layerwise"`` the groups are pruned one at a time from
-    the input side, ``per_layer`` steps/epochs of retraining apart, as Xu et al.'s layer-wise
-    schedule does for the learned selector. Training goes on with the gates fixed; at fit end the
-    closed filters are removed physically by :class:`FilterPruning`.
+    the input side, ``retrain`` steps/epochs apart, as in Xu et al.'s layer-wise schedule for the
+    learned selector. Training goes on with the gates fixed; at fit end the closed filters are
+    removed physically by :class:`FilterPruning`. If ``fit`` stops before the schedule is through
+    (early stopping), the remaining groups are pruned at fit end, so the target is always met.
 
     Gates never train: their logits get ``requires_grad=False`` in ``setup``, so they are in the
     user's optimizer (they exist when ``configure_optimizers`` runs) but never get a gradient, and
@@ -116,25 +86,25 @@ class GreedyFilterPruning(FilterPruning):
             (``"l1"``, ``"binarization_error"``, ``"random"``) or a callable
             ``(network, group) -> Tensor[group.size]`` of scores, higher = keep.
         target_pfr: pruned filters / prunable filters, in ``[0, 1)``.
-        mode: ``"oneshot"`` (all groups at ``prune_at``) or ``"layerwise"`` (one group at a time,
-            bottom-up, ``per_layer`` apart).
-        allocation: ``"uniform"``: every group closes the same share of its filters (groups at
-            their ``min_filters`` floor pass the rest on); ``"global"``: one ranking of all channels,
-            with scores normalised per group by their mean. In layer-wise mode the global counts
-            per group are fixed when the first group is pruned; each group's *choice* of filters
-            is scored at its own turn.
-        prune_at: when pruning starts, in ``interval`` units (0 = before the first optimizer
-            step; e.g. ``prune_at=2, interval="epoch"`` after a two-epoch warm-up).
-        interval: ``"step"`` (global optimizer steps) or ``"epoch"``.
-        per_layer: layer-wise mode only (required there): retraining between two groups, in
-            ``interval`` units.
+        mode: ``"oneshot"`` (all groups at once, after the warm-up) or ``"layerwise"`` (one group
+            at a time, bottom-up, ``retrain`` apart).
+        allocation: how many filters each group loses. ``"uniform"``, ``"size"``, ``"macs"``: a
+            fixed share per group, as :func:`lightning_bnnprune.pruning.budget.allocate` gives
+            (the same counts as :class:`MainSubsidiaryPruning`); ``"global"``: one ranking of all
+            channels by the criterion, scores normalised per group by their mean. In layer-wise
+            mode the global counts are fixed when the first group is pruned; each group's
+            *choice* of filters is scored at its own turn.
+        warmup: training before the first pruning, in ``unit`` (0: prune before the first
+            optimizer step and retrain from there).
+        retrain: layer-wise mode only (required there): retraining between two groups, in ``unit``.
+        unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
         seed: seed of the ``"random"`` criterion.
         min_filters: the fewest channels any group keeps.
         network, input_size, exclude, remove_at_end, **kwargs: see :class:`FilterPruning`.
 
     Raises:
-        MisconfigurationException: on an unknown criterion, mode, allocation or interval; a
-            ``target_pfr`` outside ``[0, 1)``; a negative ``prune_at``; ``per_layer`` missing or
+        MisconfigurationException: on an unknown criterion, mode, allocation or unit; a
+            ``target_pfr`` outside ``[0, 1)``; a negative ``warmup``; ``retrain`` missing or
             below 1 in layer-wise mode, or given in one-shot mode; a target that ``min_filters``
             makes unreachable (in ``setup``); a schedule longer than the trainer's
             ``max_steps`` / ``max_epochs`` (in ``on_fit_start``, with the length it needs).
@@ -147,7 +117,7 @@ class GreedyFilterPruning(FilterPruning):
         trainer = Trainer(max_epochs=20, callbacks=[
             Binarize(),
             GreedyFilterPruning(criterion="binarization_error", target_pfr=0.4,
-                                mode="layerwise", interval="epoch", prune_at=2, per_layer=1),
+                                mode="layerwise", warmup=2, retrain=1, unit="epochs"),
         ])
         trainer.fit(my_lightning_module, datamodule)  # afterwards the module is the pruned network
     """
@@ -158,9 +128,9 @@ class GreedyFilterPruning(FilterPruning):
         target_pfr: float = 0.4,
         mode: str = "oneshot",
         allocation: str = "uniform",
-        prune_at: int = 0,
-        interval: str = "step",
-        per_layer: Optional[int] = None,
+        warmup: int = 0,
+        retrain: Optional[int] = None,
+        unit: str = "steps",
         seed: int = 0,
         min_filters: int = 1,
         network: Optional[str] = None,
@@ -190,30 +160,31 @@ class GreedyFilterPruning(FilterPruning):
             raise MisconfigurationException(
                 f"`allocation` must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}"
             )
-        if interval not in INTERVALS:
-            raise MisconfigurationException(f"`interval` must be one of {', '.join(INTERVALS)}; got {interval!r}")
-        if not _is_int(prune_at) or prune_at < 0:
-            raise MisconfigurationException(f"`prune_at` must be an int >= 0 ({interval}s), got {prune_at!r}")
-        if mode == "layerwise" and (not _is_int(per_layer) or per_layer < 1):
+        if unit not in UNITS:
+            raise MisconfigurationException(f"`unit` must be one of {', '.join(UNITS)}; got {unit!r}")
+        if not _is_int(warmup) or warmup < 0:
+            raise MisconfigurationException(f"`warmup` must be an int >= 0 ({unit}), got {warmup!r}")
+        if mode == "layerwise" and (not _is_int(retrain) or retrain < 1):
             raise MisconfigurationException(
-                f"mode='layerwise' needs `per_layer` as an int >= 1 ({interval}s of retraining between layers), "
-                f"got {per_layer!r}"
+                f"mode='layerwise' needs `retrain` as an int >= 1 ({unit} of retraining between layers), "
+                f"got {retrain!r}"
             )
-        if mode == "oneshot" and per_layer is not None:
+        if mode == "oneshot" and retrain is not None:
             raise MisconfigurationException(
-                f"`per_layer` is for mode='layerwise'; with mode='oneshot' it must be None, got {per_layer!r}"
+                f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
+                f"(training after the pruning is all retraining), got {retrain!r}"
             )
         self.criterion_name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
         self.mode = mode
         self.allocation = allocation
-        self.prune_at = prune_at
-        self.interval = interval
-        self.per_layer = per_layer
+        self.warmup = warmup
+        self.retrain = retrain
+        self.unit = unit
         self.seed = seed
-        # schedule state (callback state_dict): names of the groups pruned so far, and the counts
+        self.stages: List[List[str]] = []
+        # resume state (the callback's state_dict): groups pruned so far and the per-group counts
         self.done: List[str] = []
         self.counts: Optional[Dict[str, int]] = None
-        self.stages: List[List[str]] = []
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -222,8 +193,8 @@ class GreedyFilterPruning(FilterPruning):
         return round(self.target_pfr * self.analysis.num_filters) if self.analysis is not None else 0
 
     def due(self, stage: int) -> int:
-        """The step / epoch at which ``stages[stage]`` is pruned."""
-        return self.prune_at + stage * (self.per_layer or 0)
+        """The step / epoch at which ``stages[stage]`` is pruned: ``warmup + stage * retrain``."""
+        return self.warmup + stage * (self.retrain or 0)
 
     @property
     def finished(self) -> bool:
@@ -234,16 +205,33 @@ class GreedyFilterPruning(FilterPruning):
         super().setup(trainer, pl_module, stage)
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)  # fixed by rule, never by the optimizer
-        groups = [g for g in self.analysis.groups if g.size > self.min_filters]  # others stay whole
-        capacity = sum(g.size - self.min_filters for g in groups)
+        names = [g.name for g in self.analysis.groups if g.size > self.min_filters]  # others stay whole
+        self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
+        sizes = {n: self.analysis[n].size for n in names}
+        if self.allocation != "global":
+            if self.counts is None:
+                self.counts = self._allocate(sizes, pl_module)
+            return
+        capacity = sum(n - self.min_filters for n in sizes.values())
         if self.num_to_close > capacity:
             raise MisconfigurationException(
                 f"target_pfr={self.target_pfr} needs {self.num_to_close} of {self.analysis.num_filters} filters "
-                f"closed, but min_filters={self.min_filters} allows at most {capacity} "
-                f"(PFR {capacity / self.analysis.num_filters:.3f}); lower target_pfr or min_filters"
+                f"pruned, but keeping min_filters={self.min_filters} per layer allows at most {capacity} "
+                f"(PFR {capacity / self.analysis.num_filters:.4f})"
             )
-        names = [g.name for g in groups]
-        self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
+
+    def _allocate(self, sizes: Dict[str, int], pl_module: "pl.LightningModule") -> Dict[str, int]:
+        macs = None
+        if self.allocation == "macs":
+            net = self.network_of(pl_module)
+            macs = budget.macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
+        try:
+            return budget.allocate(
+                sizes, self.target_pfr, self.allocation, self.min_filters,
+                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -251,33 +239,33 @@ class GreedyFilterPruning(FilterPruning):
         if not self.stages:
             return
         last = self.due(len(self.stages) - 1)
-        if self.interval == "step":
+        if self.unit == "steps":
             available = trainer.estimated_stepping_batches
         else:
             available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
         if last >= available:
-            layers = f"{len(self.stages)} layers x per_layer={self.per_layer}, " if self.mode == "layerwise" else ""
+            layers = f"{len(self.stages)} layers x retrain={self.retrain} apart, " if self.mode == "layerwise" else ""
             raise MisconfigurationException(
-                f"{type(self).__name__} prunes its last group at {self.interval} {last} "
-                f"({layers}prune_at={self.prune_at}) and needs at least {last + 1} {self.interval}s, "
-                f"but the trainer runs {available}; raise max_{self.interval}s or shorten the schedule"
+                f"{type(self).__name__} prunes its last group at {self.unit[:-1]} {last} ({layers}warmup={self.warmup}) "
+                f"and needs at least {last + 1} {self.unit}, but the trainer runs {available}; "
+                f"raise max_{self.unit} or shorten the schedule"
             )
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
             f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
-            f"at {self.interval}s {[self.due(i) for i in range(len(self.stages))]}"
+            f"at {self.unit} {[self.due(i) for i in range(len(self.stages))]}"
         )
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.interval == "step":
+        if self.unit == "steps":
             self._prune_due(trainer, pl_module, trainer.global_step)
 
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if self.interval == "epoch":
+        if self.unit == "epochs":
             self._prune_due(trainer, pl_module, trainer.current_epoch)
 
     @override
@@ -305,19 +293,20 @@ class GreedyFilterPruning(FilterPruning):
                 break
             todo = [name for name in stage if name not in self.done]
             if todo:
-                self._prune(trainer, pl_module, todo, at=at or f"{self.interval} {now}")
+                self._prune(trainer, pl_module, todo, at=at or f"{self.unit[:-1]} {now}")
 
     @torch.no_grad()
     def _prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: List[str], at: str) -> None:
         net = self.network_of(pl_module)
-        if self.counts is None:
-            self.counts = self._allocate(net)
+        if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
+            everything = [n for stage in self.stages for n in stage]
+            scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
+            self.counts = global_counts(scores, self.num_to_close, self.min_filters)
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:
             keep = torch.ones(self.analysis[name].size)
-            closed = torch.argsort(scores[name], stable=True)[: self.counts[name]]
-            keep[closed] = 0.0
+            keep[torch.argsort(scores[name], stable=True)[: self.counts[name]]] = 0.0
             gate = self.gates[name]
             keep = trainer.strategy.broadcast(keep.to(gate.logits.device), src=0)  # one decision on every rank
             gate.set_mask(keep)
@@ -327,16 +316,6 @@ class GreedyFilterPruning(FilterPruning):
             f"[{type(self).__name__}] {at}: closed {sum(self.counts[n] for n in names)} filters of {what} "
             f"by {self.criterion_name}; PFR now {self.pfr():.3f}"
         )
-
-    def _allocate(self, net) -> Dict[str, int]:
-        names = [n for stage in self.stages for n in stage]
-        if self.allocation == "uniform":
-            sizes = {n: self.analysis[n].size for n in names}
-            counts = uniform_counts(sizes, self.num_to_close, self.min_filters)
-        else:
-            scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in names}
-            counts = global_counts(scores, self.num_to_close, self.min_filters)
-        return counts
 
     # ------------------------------------------------------------------ state
     @override
