@@ -130,6 +130,17 @@ def test_closes_the_lowest_scored_filters_by_direct_computation(tmp_path, criter
         assert closed == expected, group.name
 
 
+def test_a_callable_criterion_is_used_as_given(tmp_path):
+    def by_index(network, group):  # the user's own rule: later channels are more important
+        return torch.arange(group.size, dtype=torch.float32)
+
+    pruning = GreedyFilterPruning(by_index, target_pfr=0.3, remove_at_end=False)
+    _fit(tmp_path, pruning, max_steps=1)
+    for name, mask in _masks(pruning).items():
+        closed = int((mask == 0).sum())
+        assert closed > 0 and mask[:closed].sum() == 0 and mask[closed:].all(), name
+
+
 def test_random_is_reproducible_by_seed(tmp_path):
     runs = []
     for seed in (3, 3, 4):
@@ -177,8 +188,10 @@ def test_gates_never_move_while_weights_train(tmp_path):
 
 
 def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_path):
-    def make():
-        return GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=1, remove_at_end=False)
+    def make():  # global allocation: the counts fixed at the first layer must survive the resume too
+        return GreedyFilterPruning(
+            "l1", target_pfr=0.4, mode="layerwise", retrain=1, allocation="global", remove_at_end=False
+        )
 
     class SaveAt(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -192,7 +205,8 @@ def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_pat
     _fit(tmp_path, resumed, max_steps=12, extra=[probe], ckpt_path=str(tmp_path / "mid.ckpt"))
     assert min(probe.closed_by_step) == 4
     assert probe.closed_by_step[4] == full.analysis.names[:5]  # layers 0-3 restored, layer 4 pruned now
-    assert resumed.done == full.done
+    assert resumed.done == full.done and resumed.counts == full.counts
+    assert abs(resumed.pfr() - 0.4) <= 0.01
     assert all(torch.equal(m, _masks(full)[n]) for n, m in _masks(resumed).items())
 
 
