@@ -6,7 +6,8 @@ so every strategy is measured through the same machinery.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import os
+from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +20,9 @@ from typing_extensions import override
 from ..binarize import binary_layers, find_networks
 from ..pruning.gates import FilterGate, attach_gates
 from ..pruning.groups import GroupAnalysis, example_input_for, find_channel_groups
+from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
+from ..pruning.report import CompressionReport, compression_report
+from ..pruning.surgery import default_inputs, remove_filters
 from .binarize import Binarize
 
 __all__ = ["FilterPruning"]
@@ -41,7 +45,17 @@ class FilterPruning(Callback):
             else the network's timm ``pretrained_cfg["input_size"]``.
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
-        remove_at_end: remove the pruned filters physically at the end of ``fit``.
+        remove_at_end: remove the pruned filters physically at the end of ``fit``: the
+            LightningModule's network *becomes* the smaller one (in place, on every rank), and
+            rank zero writes next to the checkpoints ``pruned.pt`` (weights + record, see
+            :func:`~lightning_bnnprune.pruning.record.load_pruned`) and ``pruning_report.{csv,md,png}``
+            (never overwriting: ``-v1``, ``-v2``... suffixes). Checkpoints saved afterwards
+            (``trainer.save_checkpoint``) carry the record under ``"bnnprune_record"`` and reload
+            with :func:`~lightning_bnnprune.pruning.record.restore_pruned`.
+
+    Attributes set at fit end: ``record`` (:class:`~lightning_bnnprune.pruning.record.PruningRecord`),
+    ``report`` (:class:`~lightning_bnnprune.pruning.report.CompressionReport`), ``summary``
+    (``{"pfr", "mac_ratio", "compression", ...}``), ``pruned_path`` and ``report_paths``.
     """
 
     def __init__(
@@ -68,6 +82,11 @@ class FilterPruning(Callback):
         self.analysis: Optional[GroupAnalysis] = None
         self.gates: Dict[str, FilterGate] = {}
         self.network_path: str = ""
+        self.record: Optional[PruningRecord] = None
+        self.report: Optional[CompressionReport] = None
+        self.summary: Dict[str, Any] = {}
+        self.pruned_path: Optional[str] = None
+        self.report_paths: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ set-up
     def network_of(self, pl_module: "pl.LightningModule") -> nn.Module:
@@ -124,10 +143,81 @@ class FilterPruning(Callback):
 
     # ------------------------------------------------------------------ figures
     def pfr(self) -> float:
-        """Pruned filters / prunable filters under the current gates."""
+        """Pruned filters / prunable filters under the current gates (after removal: as removed)."""
+        if self.record is not None:
+            return self.record.pfr
         total = sum(g.logits.numel() for g in self.gates.values())
         closed = sum(g.logits.numel() - g.num_open for g in self.gates.values())
         return closed / max(total, 1)
 
     def kept_filters(self) -> Dict[str, int]:
+        if self.record is not None:
+            return {name: len(kept) for name, kept in self.record.groups.items()}
         return {name: gate.num_open for name, gate in self.gates.items()}
+
+    # ------------------------------------------------------------------ removal
+    def _input_shape(self, pl_module: "pl.LightningModule", net: nn.Module) -> Sequence[int]:
+        if self.input_size is not None:
+            return self.input_size
+        example = getattr(pl_module, "example_input_array", None)
+        if isinstance(example, torch.Tensor):
+            return tuple(example.shape[1:])
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("input_size", (3, 224, 224)))
+
+    @staticmethod
+    def _output_dir(trainer: "pl.Trainer") -> str:
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None) if checkpoint is not None else None
+        # trainer.log_dir broadcasts: every rank must ask, which is why this runs on all of them.
+        return os.fspath(dirpath or trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def _free_stems(directory: str, stems: Dict[str, Sequence[str]]) -> Dict[str, str]:
+        """``{stem: directory/stem[-vN]}`` with one ``N`` for all, so no file with any of the
+        suffixes exists yet (Lightning's ``ModelCheckpoint`` versions its files the same way)."""
+        version = 0
+        while True:
+            tag = f"-v{version}" if version else ""
+            paths = {stem: os.path.join(directory, stem + tag) for stem in stems}
+            if not any(os.path.exists(paths[stem] + ext) for stem, exts in stems.items() for ext in exts):
+                return paths
+            version += 1
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.remove_at_end or self.analysis is None or self.record is not None:
+            return
+        net = self.network_of(pl_module)
+        # Every rank cuts its own copy (same gates under DDP, so the same module everywhere);
+        # the seeded check batch is the same on every rank too.
+        self.record = remove_filters(
+            net, self.analysis,
+            example_inputs=default_inputs(net, self._input_shape(pl_module, net)),
+            min_filters=self.min_filters, network_path=self.network_path,
+        )
+        self.report = compression_report(net, self.record)
+        self.summary = dict(self.report.summary)
+        directory = self._output_dir(trainer)
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(directory, exist_ok=True)
+        stems = self._free_stems(directory, {"pruned": (".pt",), "pruning_report": (".csv", ".md", ".png")})
+        self.pruned_path = save_pruned(net, self.record, stems["pruned"] + ".pt")
+        self.report_paths = self.report.save(stems["pruning_report"])
+        rank_zero_info(f"[{type(self).__name__}] removed the pruned filters (max |logit diff| "
+                       f"{self.record.max_abs_diff:.2g}):\n{self.report}\n"
+                       f"pruned model: {self.pruned_path}; report: {self.report_paths['md']}")
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: Dict[str, Any]) -> None:
+        # After the removal the module tree is the pruned one: the record rebuilds it on load.
+        if self.record is None:
+            return
+        checkpoint[CHECKPOINT_KEY] = self.record.to_dict()
+        current = {id(p) for p in pl_module.parameters()}
+        stale = any(id(p) not in current for opt in trainer.optimizers for g in opt.param_groups for p in g["params"])
+        if stale:  # the fit's optimizer still holds the uncut tensors: its state fits no pruned module
+            checkpoint.pop("optimizer_states", None)
+            checkpoint.pop("lr_schedulers", None)

@@ -1,0 +1,451 @@
+"""The record of a physical removal, its replay, and saving / loading pruned models.
+
+A :class:`PruningRecord` is Torch-Pruning's pruning history in plain data: a list of
+``(module_name, dim, kept_idxs)`` with ``dim`` ``"out"`` (output channels of a conv or linear
+layer, channels of a norm, all channels of a depthwise conv) or ``"in"`` (input channels of a conv
+or linear layer), plus a timm-style shape manifest (``{"layer1.0.conv1.weight": [38, 64, 3, 3]}``)
+taken before and after, and what is needed to rebuild the network from scratch: the timm
+architecture name and keyword arguments, and which layers were binarised with which quantizers.
+Every field is a ``str``/``int``/``float``/``list``/``dict``, so the record is JSON-able, picklable,
+and loads with ``torch.load(weights_only=True)``.
+
+The replay (:func:`replay`) slices tensors by name, without tracing the model again, which is why
+it lives with the record: a freshly built network of the same architecture becomes the pruned one
+before its weights load.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import quantizers
+from ..binarize import binary_layers
+from ..layers import BinaryConv2d
+
+__all__ = [
+    "PruningRecord", "slice_channels", "replay", "shape_manifest", "rebuild",
+    "save_pruned", "load_pruned", "restore_pruned", "CHECKPOINT_KEY", "FORMAT",
+]
+
+OUT, IN = "out", "in"
+FORMAT = "lightning_bnnprune.pruned/1"
+CHECKPOINT_KEY = "bnnprune_record"  # where the pruning callbacks put the record in a Lightning checkpoint
+_GATE_KEY = ".filter_gate."
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class PruningRecord:
+    """What a removal cut, and how to rebuild the network it was cut from.
+
+    Attributes:
+        removed: ``[(module_name, "out" | "in", kept_idxs)]`` in original channel positions; only
+            modules that lost channels are listed.
+        groups: ``{group_name: kept group channels}``; ``group_sizes``: channels before.
+        shapes_before / shapes: ``{state_dict key: shape}`` before and after the removal.
+        params_before / params_after: parameter counts of the network before and after.
+        input_size: ``(C, H, W)`` the removal was checked at (the report's MACs use it).
+        timm_name / timm_kwargs: ``timm.create_model(timm_name, **timm_kwargs)`` rebuilds the
+            unbinarised network (``None`` when the network is not a timm model).
+        binarize_kwargs: ``{"layers": [...], "input_quantizer": alias, "input_quantizer_kwargs":
+            {...}, "kernel_quantizer": alias, "kernel_quantizer_kwargs": {...}}``, or ``None``
+            when a quantizer is not a registered one (then pass ``model=`` to load).
+        network_path: attribute path of the network inside its LightningModule (``""``: itself).
+        max_abs_diff: the exactness check's result, max |logits after - logits gated|.
+    """
+
+    removed: List[Tuple[str, str, List[int]]] = field(default_factory=list)
+    groups: Dict[str, List[int]] = field(default_factory=dict)
+    group_sizes: Dict[str, int] = field(default_factory=dict)
+    shapes_before: Dict[str, List[int]] = field(default_factory=dict)
+    shapes: Dict[str, List[int]] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    input_size: Optional[List[int]] = None
+    timm_name: Optional[str] = None
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    binarize_kwargs: Optional[Dict[str, Any]] = None
+    network_path: str = ""
+    max_abs_diff: Optional[float] = None
+    refused: Dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ figures
+    @property
+    def num_filters(self) -> int:
+        return sum(self.group_sizes.values())
+
+    @property
+    def num_pruned(self) -> int:
+        return sum(self.group_sizes[g] - len(kept) for g, kept in self.groups.items())
+
+    @property
+    def pfr(self) -> float:
+        """Pruned filter ratio: pruned group channels / prunable group channels."""
+        return self.num_pruned / max(self.num_filters, 1)
+
+    def manifest_text(self) -> str:
+        """The shapes after removal in timm's ``_prune`` style, one ``key:[shape]`` per line."""
+        return "\n".join(f"{k}:{list(v)}" for k, v in self.shapes.items())
+
+    # ------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["removed"] = [[m, d, list(map(int, k))] for m, d, k in self.removed]
+        out["format"] = FORMAT
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PruningRecord":
+        if data.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"unknown pruning record format {data.get('format')!r}; this library reads {FORMAT!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["removed"] = [(str(m), str(d), [int(i) for i in k]) for m, d, k in data.get("removed", [])]
+        return cls(**kwargs)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningRecord":
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------- slicing
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
+    old = getattr(module, name, None)
+    if old is None:
+        return
+    new = old.detach().index_select(dim, idx.to(old.device)).clone()
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, new)  # a registered buffer stays registered
+
+
+def channel_count(module: nn.Module, dim: str) -> int:
+    """How many channels ``module`` has along ``dim``."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if dim == OUT or _is_depthwise(module) else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if dim == OUT else module.in_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    raise TypeError(f"cannot count channels of {type(module).__name__}")
+
+
+def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
+    """Keep only channels ``keep`` of ``module`` along ``dim`` (``"out"`` or ``"in"``), in place.
+
+    Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
+    both sides and its ``groups``), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
+    included): weight, bias, running mean and variance.
+
+    Raises:
+        ValueError: on a bad ``dim`` or an index out of range; TypeError: on another module type.
+    """
+    if dim not in (OUT, IN):
+        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
+    size = channel_count(module, dim)
+    keep = sorted(set(int(i) for i in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= size:
+        raise ValueError(f"kept channels {keep[:3]}...{keep[-3:]} out of range for {size} channels")
+    idx = torch.tensor(keep, dtype=torch.long)
+    n = len(keep)
+    if isinstance(module, nn.Conv2d):
+        if dim == OUT or _is_depthwise(module):
+            depthwise = _is_depthwise(module)
+            _set_param(module, "weight", 0, idx)
+            _set_param(module, "bias", 0, idx)
+            module.out_channels = n
+            if depthwise:
+                module.in_channels = module.groups = n
+        else:
+            if module.groups != 1:
+                raise ValueError(f"cannot cut input channels of a grouped conv (groups={module.groups})")
+            _set_param(module, "weight", 1, idx)
+            module.in_channels = n
+    elif isinstance(module, nn.Linear):
+        if dim == OUT:
+            _set_param(module, "weight", 0, idx)
+            _set_param(module, "bias", 0, idx)
+            module.out_features = n
+        else:
+            _set_param(module, "weight", 1, idx)
+            module.in_features = n
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _set_param(module, name, 0, idx)
+        module.num_features = n
+    else:  # groups.py never makes such a member prunable; a hand-written record might
+        raise TypeError(f"cannot slice channels of {type(module).__name__}")
+
+
+def shape_manifest(model: nn.Module) -> Dict[str, List[int]]:
+    """``{state_dict key: shape}`` of ``model``, without filter gates (they are not the network)."""
+    return {k: list(v.shape) for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
+
+
+def _diff(model: nn.Module, expected: Mapping[str, Sequence[int]]) -> List[str]:
+    have = shape_manifest(model)
+    lines = [f"{k}: model {have.get(k)}, record {list(v)}" for k, v in expected.items() if have.get(k) != list(v)]
+    lines += [f"{k}: in the model, not in the record" for k in have if k not in expected]
+    return lines
+
+
+def _mismatch(model: nn.Module, expected: Mapping[str, Sequence[int]], what: str) -> None:
+    lines = _diff(model, expected)
+    if lines:
+        more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
+        raise ValueError(
+            f"the model does not match the pruning record {what}: " + "; ".join(lines[:5]) + more
+        )
+
+
+def replay(model: nn.Module, record: PruningRecord) -> nn.Module:
+    """Cut ``model`` (an unpruned network of the recorded architecture) as ``record`` says.
+
+    The model's shapes are checked against the record's manifest before anything is cut, so a
+    model of the wrong architecture, width or binarisation is a ``ValueError`` that names the
+    first mismatching tensors, never a size-mismatch traceback from ``load_state_dict``.
+    """
+    _mismatch(model, record.shapes_before, "before the removal")
+    for name, dim, kept in record.removed:
+        slice_channels(model.get_submodule(name), dim, kept)
+    _mismatch(model, record.shapes, "after replaying it")
+    return model
+
+
+# ---------------------------------------------------------------- rebuilding
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.detach())
+    return value if isinstance(value, (bool, int, float, str, type(None))) else None
+
+
+def describe_quantizer(q: Optional[nn.Module]) -> Tuple[bool, Optional[str], Dict[str, Any]]:
+    """``(ok, alias, kwargs)`` that rebuild quantizer ``q`` through :func:`quantizers.get`."""
+    if q is None:
+        return True, None, {}
+    alias = getattr(type(q), "alias", None)
+    if alias is None or alias not in quantizers.available():
+        return False, None, {}
+    kwargs = {}
+    for p in inspect.signature(type(q).__init__).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(q, p.name):
+            continue
+        value = _plain(getattr(q, p.name))
+        if value is not None:
+            kwargs[p.name] = value
+    return True, alias, kwargs
+
+
+def binarize_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The :class:`BinaryConv2d` layers of ``model`` and their quantizers, or ``None`` when they
+    differ between layers or are not registered (then the network cannot be rebuilt by name)."""
+    spec: Optional[Dict[str, Any]] = None
+    for name in binary_layers(model):
+        layer = model.get_submodule(name)
+        ok_in, in_alias, in_kwargs = describe_quantizer(layer.input_quantizer)
+        ok_k, k_alias, k_kwargs = describe_quantizer(layer.kernel_quantizer)
+        if not (ok_in and ok_k):
+            return None
+        k_kwargs = {k: v for k, v in k_kwargs.items() if k not in ("tau", "phi")}  # learnt: come with the weights
+        this = dict(input_quantizer=in_alias, input_quantizer_kwargs=in_kwargs,
+                    kernel_quantizer=k_alias, kernel_quantizer_kwargs=k_kwargs)
+        if spec is None:
+            spec = dict(this, layers=[])
+        elif any(spec[k] != v for k, v in this.items()):
+            return None
+        spec["layers"].append(name)
+    return spec
+
+
+def timm_spec(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
+    """timm's architecture name and the shape-relevant keywords this library can read back
+    (``num_classes``, ``in_chans``). Other constructor keywords cannot be read from a built
+    model: pass them to :func:`~lightning_bnnprune.pruning.surgery.remove_filters` as
+    ``timm_kwargs`` (a wrong guess is caught by the manifest check at load time)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        return None, {}
+    kwargs: Dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    first = cfg.get("first_conv")
+    for candidate in [first] if isinstance(first, str) else list(first or []):
+        try:
+            conv = next(m for m in model.get_submodule(candidate).modules() if isinstance(m, nn.Conv2d))
+        except (AttributeError, StopIteration):
+            continue
+        kwargs["in_chans"] = conv.in_channels
+        break
+    return name, kwargs
+
+
+def _binarize_as_recorded(model: nn.Module, spec: Dict[str, Any]) -> None:
+    for name in spec["layers"]:
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r} that the record binarised") from None
+        if isinstance(conv, BinaryConv2d):
+            continue
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"the record binarised {name!r}, but the model's {name!r} is a {type(conv).__name__}")
+        model.set_submodule(name, BinaryConv2d.from_conv(
+            conv,
+            input_quantizer=quantizers.get(spec["input_quantizer"], **spec["input_quantizer_kwargs"]),
+            kernel_quantizer=quantizers.get(spec["kernel_quantizer"], **spec["kernel_quantizer_kwargs"]),
+        ))
+
+
+def rebuild(record: PruningRecord, model: Optional[nn.Module] = None) -> nn.Module:
+    """The pruned network's module tree (weights not loaded): ``model`` if given, else
+    ``timm.create_model(record.timm_name, **record.timm_kwargs)``; binarised as recorded if it has
+    no binary layer yet; then cut by :func:`replay`.
+
+    Raises:
+        ValueError: when there is nothing to rebuild from, or the model does not match the record.
+    """
+    if model is None:
+        if record.timm_name is None or record.binarize_kwargs is None:
+            raise ValueError(
+                "the pruning record cannot rebuild the network by itself "
+                f"(timm_name={record.timm_name!r}, binarize_kwargs={'set' if record.binarize_kwargs else None}): "
+                "pass model=<a freshly built network of the same architecture>"
+            )
+        import timm
+
+        from .. import models  # noqa: F401  registers the CIFAR networks the record may name
+
+        model = timm.create_model(record.timm_name, pretrained=False, **record.timm_kwargs)
+    if not binary_layers(model):
+        if record.binarize_kwargs is None:
+            raise ValueError("the record does not say how the network was binarised: pass a binarised model=")
+        _binarize_as_recorded(model, record.binarize_kwargs)
+    elif record.binarize_kwargs is not None:
+        have, want = set(binary_layers(model)), set(record.binarize_kwargs["layers"])
+        if have != want:
+            diff = sorted(have ^ want)[:5]
+            raise ValueError(f"the model's binary layers differ from the record's, e.g. {diff}")
+    return replay(model, record)
+
+
+# ---------------------------------------------------------------- files
+def save_pruned(model: nn.Module, record: PruningRecord, path: PathLike) -> str:
+    """Write the pruned network's weights and its record to one ``torch.save`` file.
+
+    One file, not safetensors + JSON: a pruned model must travel as one piece, and since the
+    record is plain data the file still loads with ``torch.load(weights_only=True)``, which
+    executes no pickled code. The weights are stored as trained (latent weights, full precision),
+    so the model can be fine-tuned after loading; :func:`~.export.export_packed` writes the
+    1-bit deployment form.
+
+    Returns:
+        the path written.
+    """
+    path = os.fspath(path)
+    state = {k: v for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
+    _mismatch_state(state, record)
+    torch.save({"format": FORMAT, "record": record.to_dict(), "state_dict": state}, path)
+    return path
+
+
+def _mismatch_state(state: Mapping[str, Tensor], record: PruningRecord) -> None:
+    bad = [k for k, v in state.items() if record.shapes.get(k) != list(v.shape)]
+    if bad or set(record.shapes) - set(state):
+        raise ValueError(f"the model's weights do not match the record (e.g. {(bad or sorted(set(record.shapes) - set(state)))[:3]})")
+
+
+def read_pruned(path: PathLike) -> Tuple[PruningRecord, Dict[str, Tensor]]:
+    """The record and state dict of a file written by :func:`save_pruned`."""
+    blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not a pruned model written by save_pruned (format {FORMAT!r})")
+    return PruningRecord.from_dict(blob["record"]), blob["state_dict"]
+
+
+def load_pruned(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+    """Rebuild a pruned network from a :func:`save_pruned` file and load its weights.
+
+    Args:
+        path: the file.
+        model: a freshly built network of the recorded architecture (binarised or not); by
+            default it is built with ``timm.create_model`` from the record.
+
+    Returns:
+        the pruned network, in eval mode.
+
+    Raises:
+        ValueError: if ``model`` (or the rebuilt one) does not match the record; the message
+            names the first mismatching tensors.
+    """
+    record, state = read_pruned(path)
+    net = rebuild(record, model)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def restore_pruned(
+    module: nn.Module, ckpt_path: PathLike, weights_only: bool = True, map_location: Any = "cpu"
+) -> nn.Module:
+    """Load a Lightning checkpoint of a *pruned* LightningModule into a freshly built one.
+
+    The pruning callbacks store the record in the checkpoint (``checkpoint["bnnprune_record"]``)
+    once the filters are removed. This binarises the module's network as recorded, replays the
+    removal, then loads the checkpoint's ``state_dict``::
+
+        module = restore_pruned(MyLightningModule(...), "runs/pruned.ckpt")
+
+    Args:
+        module: a freshly built LightningModule (or the bare network) of the same architecture.
+        ckpt_path: a Lightning checkpoint written after the removal (e.g. ``trainer.save_checkpoint``
+            after ``fit``).
+        weights_only: passed to ``torch.load`` (``False`` for checkpoints holding pickled objects
+            in their hyper-parameters; only for files you trust).
+
+    Returns:
+        ``module``, pruned and loaded.
+
+    Raises:
+        ValueError: if the checkpoint holds no record (saved before the removal) or does not
+            match ``module``.
+    """
+    ckpt = torch.load(os.fspath(ckpt_path), map_location=map_location, weights_only=weights_only)
+    if CHECKPOINT_KEY not in ckpt:
+        raise ValueError(
+            f"{os.fspath(ckpt_path)} holds no pruning record: it was saved before the filters were removed. "
+            "Resume it with trainer.fit(..., ckpt_path=...) and the pruning callback, or load the "
+            "pruned checkpoint written at the end of fit"
+        )
+    record = PruningRecord.from_dict(ckpt[CHECKPOINT_KEY])
+    state = {k: v for k, v in ckpt["state_dict"].items() if _GATE_KEY not in f".{k}"}
+    prefix = f"{record.network_path}." if record.network_path else ""
+    try:
+        net = module.get_submodule(record.network_path) if record.network_path else module
+        target, state_for = module, state
+    except AttributeError:  # the bare network was passed: take its part of the state dict
+        if not prefix:
+            raise
+        net, target = module, module
+        state_for = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    rebuild(record, net)
+    missing, unexpected = target.load_state_dict(state_for, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{os.fspath(ckpt_path)} does not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return target

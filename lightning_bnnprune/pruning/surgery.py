@@ -1,0 +1,236 @@
+"""Physical filter removal: a gated network becomes a smaller one that computes the same logits.
+
+The dependency analysis is Torch-Pruning's (:mod:`.groups`); the cutting is done here, from the
+analysis' name-keyed records, for three reasons:
+
+- the binary layer's statistics are mask-aware (the XNOR scale and centring average over the
+  *kept* input channels, see :mod:`lightning_bnnprune.quantizers`), so what must hold is
+  "sliced layer == gated layer", which only our own layer code (the same ``in_mask`` seam) can
+  promise; Torch-Pruning's pruners see a plain ``nn.Conv2d`` and would also need a second trace
+  of the live model, whose group indices shift after each cut;
+- a module can belong to several groups (a DenseNet BN over a concat of many producers) with
+  indices in *original* positions: collecting every group's drops per ``(module, dim)`` first and
+  slicing once keeps those positions valid;
+- the same slicing replays the :class:`~.record.PruningRecord` on a freshly built model without
+  tracing it, which is how pruned models reload.
+
+Exactness (``../shared/METHOD.md`` sec. 4): in eval mode the pruned network's logits equal the
+gated network's; :func:`remove_filters` measures it on every call and raises if it fails.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .gates import attach_gates, detach_gates, gates_of
+from .groups import IN, OUT, GroupAnalysis
+from .record import PruningRecord, binarize_spec, channel_count, shape_manifest, slice_channels, timm_spec
+
+__all__ = ["remove_filters", "resolve_keep", "default_inputs"]
+
+KeepSpec = Union[Tensor, Sequence[int], Sequence[bool]]
+
+
+def default_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch: int = 4,
+                   seed: int = 0) -> Tensor:
+    """A seeded random batch at ``input_size`` (default: timm's ``pretrained_cfg["input_size"]``).
+
+    Seeded with a private generator: every DDP rank checks on the same inputs and the global RNG
+    is left alone.
+    """
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *input_size, generator=g)
+    return x.to(next(model.parameters()).device)
+
+
+def _as_keep(name: str, size: int, spec: KeepSpec) -> Tensor:
+    t = torch.as_tensor(spec).detach().cpu().flatten()
+    if t.numel() == 0:
+        t = t.long()  # ``[]``: no channel kept (``min_filters`` still applies)
+    if t.dtype == torch.bool or (t.is_floating_point() and t.numel() == size and bool(((t == 0) | (t == 1)).all())):
+        if t.numel() != size:
+            raise ValueError(f"keep mask for {name!r} has {t.numel()} entries, the group has {size} channels")
+        return t.bool()
+    if t.is_floating_point():
+        raise ValueError(f"keep-set for {name!r} must be channel indices or a 0/1 mask of {size}, got {spec!r}")
+    idx = t.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise ValueError(f"keep indices for {name!r} must be in [0, {size}), got {idx.tolist()}")
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[idx] = True
+    return keep
+
+
+def resolve_keep(
+    model: nn.Module,
+    analysis: GroupAnalysis,
+    masks: Optional[Mapping[str, KeepSpec]] = None,
+    min_filters: int = 1,
+) -> Dict[str, Tensor]:
+    """``{group name: bool keep mask}`` for every prunable group.
+
+    Explicit ``masks`` (channel indices, or a bool / 0-1 mask) win; other groups take the current
+    mask of their attached gate, else keep everything. A group keeps at least
+    ``min(min_filters, size)`` channels: the closed channels whose gate logits are highest (the
+    ones the selector was closest to keeping), else the first closed ones, reopen.
+
+    Raises:
+        ValueError: on an unknown group name (the message lists the prunable groups), a group the
+            analysis refused (the message says why), a malformed keep-set, or an analysis with
+            no prunable group at all (the message names each refused layer and why).
+    """
+    masks = dict(masks or {})
+    for name in masks:
+        if name in analysis.refused:
+            raise ValueError(f"group {name!r} cannot be pruned: {analysis.refused[name]}")
+        if name not in analysis.names:
+            raise ValueError(f"unknown group {name!r}; prunable groups: {', '.join(analysis.names) or '(none)'}")
+    if min_filters < 1:
+        raise ValueError(f"min_filters must be >= 1, got {min_filters}")
+    if not analysis.groups:  # never leave a network silently unpruned
+        reasons = "; ".join(f"{k}: {v}" for k, v in analysis.refused.items()) or "it has no binary conv"
+        raise ValueError(f"the network has no prunable channel group ({reasons})")
+    gates = gates_of(model)
+    keep: Dict[str, Tensor] = {}
+    for group in analysis.groups:
+        gate = gates.get(group.name)
+        if group.name in masks:
+            k = _as_keep(group.name, group.size, masks[group.name])
+        elif gate is not None and gate.logits.numel() == group.size:
+            k = gate.mask().bool().cpu()
+        else:
+            k = torch.ones(group.size, dtype=torch.bool)
+        need = min(min_filters, group.size) - int(k.sum())
+        if need > 0:
+            score = (gate.logits.detach().cpu().float() if gate is not None and gate.logits.numel() == group.size
+                     else -torch.arange(group.size, dtype=torch.float))
+            score = score.masked_fill(k, float("-inf"))
+            k = k.clone()
+            k[score.topk(need).indices] = True
+        keep[group.name] = k
+    return keep
+
+
+def _drops(analysis: GroupAnalysis, keep: Mapping[str, Tensor]) -> Dict[Tuple[str, str], Set[int]]:
+    """Per ``(module, dim)``, the original channel positions to drop, over all groups."""
+    drops: Dict[Tuple[str, str], Set[int]] = {}
+    for group in analysis.groups:
+        dropped = set(torch.nonzero(~keep[group.name]).flatten().tolist())
+        if not dropped:
+            continue
+        for member in group.members:
+            dim = IN if member.role == IN else OUT  # a norm's channels, a producer's filters: dim "out"
+            hit = {i for i, r in zip(member.idxs, member.root_idxs) if r in dropped}
+            if hit:
+                drops.setdefault((member.module, dim), set()).update(hit)
+    return drops
+
+
+def _logits(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"cannot check exactness on a model output of type {type(out).__name__}")
+
+
+def remove_filters(
+    model: nn.Module,
+    analysis: GroupAnalysis,
+    masks: Optional[Mapping[str, KeepSpec]] = None,
+    example_inputs: Optional[Tensor] = None,
+    atol: float = 1e-4,
+    *,
+    min_filters: int = 1,
+    timm_name: Optional[str] = None,
+    timm_kwargs: Optional[Mapping] = None,
+    network_path: str = "",
+) -> PruningRecord:
+    """Remove the closed filters of ``model`` for real, in place, and prove it changed nothing.
+
+    1. resolve each group's kept channels (:func:`resolve_keep`: explicit ``masks``, else the
+       attached gates' 0/1 masks, at least ``min_filters`` kept);
+    2. with gates routed to the consumers and set to those masks, compute the eval-mode
+       reference logits on ``example_inputs``;
+    3. detach the gates and slice every member of every group: producers' output channels (and
+       bias), depthwise convs (out, in and ``groups``), batch norms (weight, bias, running
+       statistics), consumers' input channels;
+    4. recompute the logits and compare.
+
+    Args:
+        model: the binarised network, as analysed by ``analysis``.
+        analysis: :func:`~.groups.find_channel_groups` of ``model``.
+        masks: ``{group name: kept channel indices or bool/0-1 mask}``; groups not named follow
+            their gates (or stay whole).
+        example_inputs: a batch for the check (default: :func:`default_inputs`, a seeded batch at
+            the model's timm input size).
+        atol: the largest allowed ``max |logits_pruned - logits_gated|``.
+        min_filters: the fewest channels any group keeps.
+        timm_name, timm_kwargs: how to rebuild the unbinarised network with ``timm.create_model``
+            (default: read from the model's ``pretrained_cfg``, ``num_classes`` and ``in_chans``).
+        network_path: the network's attribute path inside its LightningModule, for
+            :func:`~.record.restore_pruned`.
+
+    Returns:
+        the :class:`~.record.PruningRecord` of what was cut.
+
+    Raises:
+        ValueError: on an unknown or refused group name, or a bad keep-set (nothing is changed).
+        RuntimeError: if the pruned logits differ from the gated ones by more than ``atol`` (the
+            model is left pruned for inspection).
+    """
+    keep = resolve_keep(model, analysis, masks, min_filters)
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    was_training = model.training
+    try:
+        model.eval()
+        gates = attach_gates(model, analysis)
+        for name, k in keep.items():
+            gates[name].set_mask(k)
+        with torch.no_grad():
+            reference = _logits(model(example_inputs)).detach().clone()
+        detach_gates(model)
+        shapes_before = shape_manifest(model)
+        params_before = sum(p.numel() for p in model.parameters())
+        drops = _drops(analysis, keep)
+        removed: List[Tuple[str, str, List[int]]] = []
+        for (name, dim), dropped in sorted(drops.items()):
+            module = model.get_submodule(name)
+            kept = [i for i in range(channel_count(module, dim)) if i not in dropped]
+            slice_channels(module, dim, kept)
+            removed.append((name, dim, kept))
+        with torch.no_grad():
+            pruned = _logits(model(example_inputs))
+        diff = float((pruned - reference).abs().max()) if pruned.shape == reference.shape else float("inf")
+    finally:
+        model.train(was_training)
+    name, kwargs = timm_spec(model)
+    record = PruningRecord(
+        removed=removed,
+        groups={n: torch.nonzero(k).flatten().tolist() for n, k in keep.items()},
+        group_sizes={g.name: g.size for g in analysis.groups},
+        shapes_before=shapes_before,
+        shapes=shape_manifest(model),
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+        input_size=list(example_inputs.shape[1:]),
+        timm_name=timm_name or name,
+        timm_kwargs=dict(kwargs, **dict(timm_kwargs or {})),
+        binarize_kwargs=binarize_spec(model),
+        network_path=network_path,
+        max_abs_diff=diff,
+        refused=dict(analysis.refused),
+    )
+    if not diff <= atol:
+        raise RuntimeError(
+            f"filter removal is not exact: max |logits pruned - logits gated| = {diff:.3g} > atol={atol:g} "
+            f"({len(removed)} tensors cut in {sum(1 for k in keep.values() if not bool(k.all()))} groups). "
+            "Please report the model; the pruned model is left as it is for inspection."
+        )
+    return record
