@@ -226,7 +226,8 @@ def test_global_ranking_respects_floors_and_normalises_per_group():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"criterion": "l2"}, r"`criterion`: Unknown criterion 'l2'; registered criteria: binarization_error, l1, random"),
+        ({"criterion": "l2"}, r"`criterion`: Unknown criterion 'l2'; "
+         r"registered criteria: binarization_error, l1, random"),
         ({"criterion": 0.5}, r"`criterion`: Cannot interpret 0.5 .*binarization_error, l1, random or a callable"),
         ({"target_pfr": 1.0}, r"`target_pfr` must be in \[0, 1\), got 1.0"),
         ({"target_pfr": -0.1}, r"`target_pfr` must be in \[0, 1\), got -0.1"),
@@ -248,11 +249,12 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
-def test_unreachable_target_raises(tmp_path, allocation):
+def test_unreachable_target_raises(tmp_path, allocation):  # the same message as budget.allocate's
     pruning = GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8, allocation=allocation)
     with pytest.raises(
         MisconfigurationException,
-        match=r"target_pfr=0.95 needs 623 of 656 filters pruned, but keeping min_filters=8 per layer allows at most 576",
+        match=r"target_pfr=0.95 needs 623 of 656 filters pruned, "
+        r"but keeping min_filters=8 per layer allows at most 576 \(PFR 0.8780\)",
     ):
         _fit(tmp_path, pruning, max_steps=1)
 

@@ -174,7 +174,9 @@ class GreedyFilterPruning(FilterPruning):
                 f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
                 f"(training after the pruning is all retraining), got {retrain!r}"
             )
-        self.criterion_name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
+        self.criterion_name = (
+            criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
+        )
         self.mode = mode
         self.allocation = allocation
         self.warmup = warmup
@@ -246,9 +248,9 @@ class GreedyFilterPruning(FilterPruning):
         if last >= available:
             layers = f"{len(self.stages)} layers x retrain={self.retrain} apart, " if self.mode == "layerwise" else ""
             raise MisconfigurationException(
-                f"{type(self).__name__} prunes its last group at {self.unit[:-1]} {last} ({layers}warmup={self.warmup}) "
-                f"and needs at least {last + 1} {self.unit}, but the trainer runs {available}; "
-                f"raise max_{self.unit} or shorten the schedule"
+                f"{type(self).__name__} prunes its last group at {self.unit[:-1]} {last} "
+                f"({layers}warmup={self.warmup}) and needs at least {last + 1} {self.unit}, "
+                f"but the trainer runs {available}; raise max_{self.unit} or shorten the schedule"
             )
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "

@@ -212,7 +212,9 @@ def scores_for(criterion: Criterion, network: nn.Module, group: ChannelGroup) ->
     """Call ``criterion`` and check it returned ``[group.size]`` finite scores (CPU, float)."""
     scores = torch.as_tensor(criterion(network, group)).detach().float().cpu().flatten()
     if scores.numel() != group.size:
-        raise ValueError(f"criterion {criterion!r} returned {scores.numel()} scores for group {group.name!r} of size {group.size}")
+        raise ValueError(
+            f"criterion {criterion!r} returned {scores.numel()} scores for group {group.name!r} of size {group.size}"
+        )
     if not torch.isfinite(scores).all():
         raise ValueError(f"criterion {criterion!r} returned non-finite scores for group {group.name!r}")
     return scores
