@@ -274,3 +274,23 @@ def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
         _, trainer = _fit(tmp_path, pruning, max_steps=12, extra=[StopAt()])
     assert trainer.global_step == 3 and pruning.finished
     assert abs(pruning.pfr() - 0.4) <= 0.01
+
+
+def test_after_fit_the_module_is_the_smaller_network_and_reloads(tmp_path):
+    from lightning_bnnprune.pruning.record import load_pruned
+
+    pruning = GreedyFilterPruning("binarization_error", target_pfr=0.4)
+    module = UserModule()
+    params_before = sum(p.numel() for p in module.my_net.parameters())
+    _fit(tmp_path, pruning, max_steps=2, module=module)
+    net = module.my_net
+    record = pruning.record
+    assert record is not None and record.max_abs_diff <= 1e-4  # the removal's own exactness check
+    assert abs(record.pfr - 0.4) <= 0.01 and pruning.pfr() == record.pfr
+    for group in pruning.analysis.groups:  # each owner conv lost exactly what the rule closed
+        assert net.get_submodule(group.name).out_channels == group.size - pruning.counts.get(group.name, 0)
+    assert sum(p.numel() for p in net.parameters()) == record.params_after < params_before
+    net.eval()
+    x = torch.randn(4, 3, 32, 32)
+    reloaded = load_pruned(pruning.pruned_path)
+    torch.testing.assert_close(reloaded(x), net(x), rtol=0, atol=1e-5)
