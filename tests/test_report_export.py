@@ -1,0 +1,178 @@
+"""The compression report's figures against independent counts, the packed export, ONNX."""
+import csv
+import os
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.layers import BinaryConv2d
+from lightning_bnnprune.pruning.export import MAGIC, PackedKernel, export_packed, load_packed
+from lightning_bnnprune.pruning.groups import find_channel_groups
+from lightning_bnnprune.pruning.report import compression_report
+from lightning_bnnprune.pruning.surgery import remove_filters
+
+PFR = 0.4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inputs(n=2, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_norms(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+
+
+def prune_share(name, share=PFR, **binarize_kwargs):
+    """``(original FP net, pruned binary net, record)``: exactly ``round(share * size)`` of every
+    group removed, chosen at random (seeded)."""
+    torch.manual_seed(0)
+    original = timm.create_model(name, num_classes=10).eval()
+    randomise_norms(original)
+    net = timm.create_model(name, num_classes=10)
+    net.load_state_dict(original.state_dict())
+    binarize_model(net, **binarize_kwargs)
+    net.eval()
+    analysis = find_channel_groups(net, inputs(1))
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for group in analysis.groups:
+        keep = torch.ones(group.size, dtype=torch.bool)
+        keep[torch.randperm(group.size, generator=g)[: round(share * group.size)]] = False
+        masks[group.name] = keep
+    record = remove_filters(net, analysis, masks=masks, example_inputs=inputs())
+    return original, net, record
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return prune_share("resnet18")
+
+
+def flops(net):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(inputs(1))
+    return counter.get_total_flops()
+
+
+def test_report_figures_match_independent_counts(resnet18, tmp_path):
+    original, net, record = resnet18
+    report = compression_report(net, record)
+    s = report.summary
+
+    sizes = record.group_sizes
+    assert s["pfr"] == pytest.approx(sum(round(PFR * n) for n in sizes.values()) / sum(sizes.values()))
+    # FP32 bits of the original, unbinarised network: every float value of its state dict.
+    fp_values = sum(v.numel() for v in original.state_dict().values() if v.is_floating_point())
+    assert s["bits_before"] == 32 * fp_values
+    # Stored bits: 1 per binary weight, 32 per XNOR scale (one per filter) and per other float value.
+    binary = {n: m for n, m in net.named_modules() if isinstance(m, BinaryConv2d)}
+    expected = 0
+    for key, value in net.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in binary and key.endswith(".weight"):
+            expected += value.numel() + 32 * binary[owner].out_channels
+        elif value.is_floating_point():
+            expected += 32 * value.numel()
+    assert s["bits_after"] == expected
+    assert s["compression"] == pytest.approx(s["bits_before"] / s["bits_after"])
+    # MACs: the forward-hook count against torch's own FLOP counter (2 FLOPs per MAC).
+    assert s["macs_before"] * 2 == flops(original)
+    assert s["macs_after"] * 2 == flops(net)
+    assert s["mac_ratio"] == pytest.approx(flops(original) / flops(net))
+    assert s["params_after"] == sum(p.numel() for p in net.parameters())
+
+    # Inner binary layers approach 32 / (1 - p)^2 (= 88.9x at 40%), short of it by the scales.
+    assert s["inner_limit"] == pytest.approx(32 / 0.6 ** 2)
+    assert report.inner and all(r["compression"] < r["limit"] for r in report.inner)
+    # a 3x3 filter of >= 38 inputs holds >= 342 bits beside its 32-bit scale: within 10% of the limit
+    assert all(0.9 * r["limit"] < r["compression"] for r in report.inner if "downsample" not in r["layer"])
+    assert 80 < s["inner_compression"] < 88.9
+    assert "limit 32/(1-0.40)^2 = 88.9x" in str(report)
+
+    paths = report.save(str(tmp_path / "report"))
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(report.rows) and rows[0].keys() >= {"layer", "filters_before", "filters_after", "bits_after"}
+    layer1 = next(r for r in rows if r["layer"] == "layer1.0.conv1")
+    assert (int(layer1["filters_before"]), int(layer1["filters_after"])) == (64, 64 - round(PFR * 64))
+    assert "| layer1.0.conv1 | binary conv | 64 | 38 |" in open(paths["md"]).read()
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_packed_export_size_matches_stored_bits_and_logits_are_exact(resnet18, tmp_path):
+    _, net, record = resnet18
+    path = tmp_path / "resnet18.bnn"
+    info = export_packed(net, path, record)
+    stored_bytes = compression_report(net, record).summary["bits_after"] / 8
+    assert os.path.getsize(path) == info["file_bytes"]
+    assert abs(os.path.getsize(path) / stored_bytes - 1) < 0.02
+    loaded = load_packed(path)
+    assert all(isinstance(m.kernel_quantizer, PackedKernel) for m in loaded.modules() if isinstance(m, BinaryConv2d))
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize(
+    "binarize_kwargs",
+    [dict(kernel_quantizer="bdg", kernel_quantizer_kwargs=dict(tau=0.7, phi=0.2)),
+     dict(kernel_quantizer="xnor", kernel_quantizer_kwargs=dict(center=True), input_quantizer="approx_sign")],
+    ids=["bdg", "xnor-centred"],
+)
+def test_packed_export_other_quantizers(tmp_path, binarize_kwargs):
+    _, net, record = prune_share("test_resnet", **binarize_kwargs)
+    assert record.binarize_kwargs["kernel_quantizer"] == binarize_kwargs["kernel_quantizer"]
+    export_packed(net, tmp_path / "m.bnn", record)
+    loaded = load_packed(tmp_path / "m.bnn")
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_packed_errors(resnet18, tmp_path):
+    _, net, record = resnet18
+    (tmp_path / "junk.bnn").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"is not a packed export \(no b'BNNPACK1' header\)"):
+        load_packed(tmp_path / "junk.bnn")
+    fresh = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"the model does not match the record: \['conv1.weight'"):
+        export_packed(fresh, tmp_path / "x.bnn", record)
+    assert MAGIC == b"BNNPACK1"
+
+
+def test_onnx_export_of_the_pruned_model_matches(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, net, _ = prune_share("test_resnet")
+    x = inputs()
+    path = str(tmp_path / "pruned.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter inlines the sign's autograd.Function; torch's default dynamo
+        # exporter also works but needs onnxscript and is ~7x slower here.
+        torch.onnx.export(net, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert logits.shape == expected.shape
+    assert abs(logits - expected).max() < 1e-3
