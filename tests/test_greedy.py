@@ -93,7 +93,7 @@ def _achieved(pruning):
 @pytest.mark.parametrize(
     "criterion, allocation",
     [(c, a) for c in ("l1", "binarization_error", "random") for a in ("uniform", "global")]
-    + [("l1", "macs")],
+    + [("l1", "size"), ("l1", "macs")],
 )
 def test_each_criterion_hits_target_pfr(tmp_path, criterion, allocation):
     pruning = GreedyFilterPruning(criterion, target_pfr=0.4, allocation=allocation, min_filters=4, remove_at_end=False)
