@@ -106,8 +106,9 @@ def _filters(conv: BinaryConv2d, center: bool = False) -> Tuple[Tensor, Tensor]:
     keep = torch.ones(w.shape[1], device=w.device)
     # The consumer-side gate mask (see pruning.gates): the channels this conv will still have.
     input_mask = getattr(conv, "_input_mask", None)
-    if input_mask is not None and conv.groups == 1:
-        keep = input_mask().detach().float().to(w.device)
+    mask = input_mask() if input_mask is not None and conv.groups == 1 else None
+    if mask is not None:
+        keep = mask.detach().float().to(w.device)
     m = keep.view(1, -1, *([1] * (w.dim() - 2))).expand_as(w)
     if center:
         w = w - (w * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
