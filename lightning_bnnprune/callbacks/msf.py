@@ -114,7 +114,8 @@ class MainSubsidiaryPruning(FilterPruning):
         unit: ``"steps"`` (optimizer steps) or ``"epochs"``.
         layers_per_stage: groups whose selectors train together in one stage.
         layers: names of the groups to prune (the owner conv, or any binary conv producing the
-            group's channels), default all; the others stay whole but count in the PFR.
+            group's channels), default all; ``target_pfr`` is then the PFR of these groups, the
+            others stay whole.
         allocation: how ``target_pfr`` is shared out over layers: ``"uniform"``, ``"size"`` or
             ``"macs"`` (see :func:`~lightning_bnnprune.pruning.budget.allocate`).
         gate_lr: Adam learning rate of the gates in a selector phase.
@@ -246,7 +247,7 @@ class MainSubsidiaryPruning(FilterPruning):
         try:
             self.prune_counts = allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+                macs_per_channel=macs,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None

@@ -110,7 +110,7 @@ def allocate(
     if allocation == "uniform":
         weights = {k: 1.0 for k in sizes}
     elif allocation == "size":
-        weights = {k: float(n) for k in sizes}
+        weights = {k: float(n) for k, n in sizes.items()}
     else:
         if macs_per_channel is None or set(sizes) - set(macs_per_channel):
             raise ValueError("allocation='macs' needs macs_per_channel for every group")
