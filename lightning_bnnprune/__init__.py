@@ -2,7 +2,7 @@
 from . import models  # registers the CIFAR networks in timm's registry
 from . import quantizers
 from .binarize import binarize_model
-from .callbacks import Binarize
+from .callbacks import Binarize, FilterPruning, GreedyFilterPruning, ZeroFilterPruning
 from .data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -24,9 +24,12 @@ __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
     "FakeDataModule",
+    "FilterPruning",
+    "GreedyFilterPruning",
     "ImageClassifier",
     "ImageFolderDataModule",
     "NpzDataModule",
+    "ZeroFilterPruning",
     "binarize_model",
     "create_datamodule",
     "quantizers",

@@ -105,9 +105,13 @@ class BinaryConv2d(nn.Conv2d):
             raise ValueError(f"an input mask needs groups=1, this conv has groups={self.groups}")
         self._input_mask = mask_fn
 
+    def input_mask(self) -> Optional[Tensor]:
+        """The current ``[in_channels]`` 0/1 input mask, or ``None`` when no gate feeds this layer."""
+        return self._input_mask() if self._input_mask is not None else None
+
     def binarized_kernel(self) -> Tensor:
         """The effective binary weight ``k(W) * s(W)`` (for inspection, export and tests)."""
-        mask = self._input_mask() if self._input_mask is not None else None
+        mask = self.input_mask()
         kernel, scale = self._quantize_kernel(mask)
         return kernel if scale is None else kernel * scale.view(-1, 1, 1, 1)
 
@@ -118,7 +122,7 @@ class BinaryConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        mask = self._input_mask() if self._input_mask is not None else None
+        mask = self.input_mask()
         if mask is not None:
             x = x * mask.view(1, -1, 1, 1).to(x.dtype)
         kernel, scale = self._quantize_kernel(mask)

@@ -93,7 +93,7 @@ def ste_sign(x: Tensor, clip_value: float = 1.0) -> Tensor:
 
 
 def approx_sign(x: Tensor) -> Tensor:
-    r"""Sign with Bi-Real Net's ApproxSign gradient (Liu et al., ECCV 2018, eq. 5).
+    r"""Sign with Bi-Real Net's ApproxSign gradient (Liu et al., ECCV 2018).
 
     forward: :math:`q(x) = \mathrm{sign}(x)` (``sign(0) = +1``);
     gradient: :math:`\partial q / \partial x = \max(0, 2 - 2|x|)`.
@@ -136,7 +136,7 @@ def _masked_mean(x: Tensor, in_mask: Optional[Tensor], dims: Tuple[int, ...]) ->
 
 @register("xnor")
 class XnorWeight(nn.Module):
-    r"""XNOR-Net weight binariser (Rastegari et al., ECCV 2016, eq. 4).
+    r"""XNOR-Net weight binariser (Rastegari et al., ECCV 2016).
 
     forward: :math:`W_b = \alpha_k \, \mathrm{sign}(W_k)` with
     :math:`\alpha_k = \mathrm{mean}|W_k|` per output filter ``k``; returned as
@@ -164,26 +164,36 @@ class XnorWeight(nn.Module):
 
 @register("bdg")
 class BinaryDomainWeight(nn.Module):
-    r"""Generalised binary domain (Schiavone, Galati, Zuluaga, ECML-PKDD 2023, sec. 3).
+    r"""Generalised binary domain (Schiavone, Galati, Zuluaga, ECML-PKDD 2023).
 
     forward: :math:`W_b = \tau \, \mathrm{sign}(W) + \phi`, i.e. the two values
     :math:`\{\phi - \tau, \phi + \tau\}`, with learnable per-layer :math:`\tau` (init 1) and
-    :math:`\phi` (init 0). ``phi=tau`` gives the sparse domain ``{0, 2 tau}``.
+    :math:`\phi` (init 0). With ``zero_lower=True``, :math:`\phi` is tied to :math:`\tau`, giving
+    the sparse domain :math:`\{0, 2\tau\}`: a weight at the lower value is an exact zero, and a
+    filter whose weights all sit there can be removed.
     gradient: straight-through to ``W`` inside ``[-clip_value, clip_value]``; ``tau`` and ``phi``
     get their exact gradients.
     """
 
-    def __init__(self, tau: float = 1.0, phi: float = 0.0, clip_value: float = 1.0) -> None:
+    def __init__(self, tau: float = 1.0, phi: float = 0.0, zero_lower: bool = False, clip_value: float = 1.0) -> None:
         super().__init__()
         self.tau = nn.Parameter(torch.tensor(float(tau)))
-        self.phi = nn.Parameter(torch.tensor(float(phi)))
+        self.zero_lower = bool(zero_lower)
+        # A tied phi is not a parameter: it must not drift away from tau.
+        self.phi = None if self.zero_lower else nn.Parameter(torch.tensor(float(phi)))
         self.clip_value = float(clip_value)
 
     def forward(self, weight: Tensor, in_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
-        return self.tau * ste_sign(weight, self.clip_value) + self.phi, None
+        phi = self.tau if self.phi is None else self.phi
+        return self.tau * ste_sign(weight, self.clip_value) + phi, None
+
+    def upper_share(self, weight: Tensor) -> Tensor:
+        r"""Share of weights at the upper value, :math:`\#(W \ge 0) / \#W`, differentiable
+        through the straight-through sign (the quantity BDG's sparsity constraint bounds)."""
+        return ((ste_sign(weight, self.clip_value) + 1.0) / 2.0).mean()
 
     def extra_repr(self) -> str:
-        return f"clip_value={self.clip_value}"
+        return f"zero_lower={self.zero_lower}, clip_value={self.clip_value}"
 
 
 Identifier = Union[str, nn.Module, Callable[[Tensor], Tensor], None]

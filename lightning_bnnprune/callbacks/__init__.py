@@ -1,4 +1,7 @@
 """Lightning callbacks: the library's user-facing entry points."""
+from .base import FilterPruning
+from .bdg import ZeroFilterPruning
 from .binarize import Binarize
+from .greedy import GreedyFilterPruning
 
-__all__ = ["Binarize"]
+__all__ = ["Binarize", "FilterPruning", "GreedyFilterPruning", "ZeroFilterPruning"]

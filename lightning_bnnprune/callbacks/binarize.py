@@ -13,6 +13,7 @@ from typing_extensions import override
 from .. import quantizers
 from ..binarize import binarize_model, binary_layers, find_networks
 from ..layers import BinaryConv2d
+from ..quantizers import BinaryDomainWeight
 
 __all__ = ["Binarize"]
 
@@ -39,10 +40,19 @@ class Binarize(Callback):
         networks: attribute paths of the networks to binarise (default: every timm model found
             in the LightningModule, else the whole module).
         weight_clip: bound for the latent weights; ``None`` disables clipping.
+        sparsity: BDG's sparsity constraint (Schiavone et al., ECML-PKDD 2023): the
+            target share ``EC`` of weights at the upper value of the ``bdg`` domain. Each step
+            adds :math:`\lambda h` with :math:`h = \mathrm{mean}_l\, \mathrm{relu}(s_l - EC)`
+            (``s_l`` the upper share of layer ``l``, differentiable through the STE) and the
+            adaptive :math:`\lambda = \gamma L / (h (1 - \gamma))` computed without gradient, so
+            the term is worth :math:`\gamma / (1 - \gamma)` of the task loss ``L`` while active.
+            ``None`` (default) disables it. Needs ``kernel_quantizer="bdg"``.
+        sparsity_gamma: :math:`\gamma` in ``(0, 1)``.
 
     Raises:
-        MisconfigurationException: on an unknown quantizer, a bad ``weight_clip`` or a network
-            name that does not exist.
+        MisconfigurationException: on an unknown quantizer, a bad ``weight_clip``, a sparsity
+            target outside ``(0, 1)`` or without the ``bdg`` quantizer, or a network name that
+            does not exist.
 
     Example::
 
@@ -61,6 +71,8 @@ class Binarize(Callback):
         keep_fp: Sequence[str] = (),
         networks: Optional[Sequence[str]] = None,
         weight_clip: Optional[float] = 1.0,
+        sparsity: Optional[float] = None,
+        sparsity_gamma: float = 0.5,
     ) -> None:
         try:
             quantizers.get(input_quantizer)
@@ -73,6 +85,17 @@ class Binarize(Callback):
             )
         if weight_clip is not None and not weight_clip > 0:
             raise MisconfigurationException(f"`weight_clip` must be > 0 or None, got {weight_clip!r}")
+        if sparsity is not None:
+            if not 0.0 < float(sparsity) < 1.0:
+                raise MisconfigurationException(f"`sparsity` (EC) must be in (0, 1) or None, got {sparsity!r}")
+            if not isinstance(kernel_quantizer, (str, BinaryDomainWeight)) or (
+                isinstance(kernel_quantizer, str) and kernel_quantizer != "bdg"
+            ):
+                raise MisconfigurationException(
+                    f"`sparsity` constrains the 'bdg' weight domain; got kernel_quantizer={kernel_quantizer!r}"
+                )
+            if not 0.0 < float(sparsity_gamma) < 1.0:
+                raise MisconfigurationException(f"`sparsity_gamma` must be in (0, 1), got {sparsity_gamma!r}")
         if isinstance(keep_fp, str):
             keep_fp = [keep_fp]
         self.input_quantizer = input_quantizer
@@ -81,7 +104,10 @@ class Binarize(Callback):
         self.keep_fp = list(keep_fp)
         self.networks = list(networks) if networks else None
         self.weight_clip = weight_clip
+        self.sparsity = None if sparsity is None else float(sparsity)
+        self.sparsity_gamma = float(sparsity_gamma)
         self.swapped: Dict[str, List[str]] = {}
+        self._loss: Optional[torch.Tensor] = None
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -105,6 +131,44 @@ class Binarize(Callback):
                 f"{len(self.swapped[path])} convs -> BinaryConv2d "
                 f"({self.input_quantizer} inputs, {self.kernel_quantizer} weights)"
             )
+
+    def _bdg_layers(self, pl_module: "pl.LightningModule") -> List[BinaryConv2d]:
+        return [
+            m for m in pl_module.modules()
+            if isinstance(m, BinaryConv2d) and isinstance(m.kernel_quantizer, BinaryDomainWeight)
+        ]
+
+    @override
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if self.sparsity is not None:
+            self._loss = loss.detach()
+
+    @override
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """Add the gradient of BDG's sparsity term to the latent weights.
+
+        The term depends on the weights only, so its gradient is computed on its own graph with
+        ``torch.autograd.grad`` instead of being added to the user's loss: the user's
+        ``training_step`` stays untouched and there is still one backward through the network.
+        Under DDP the loss is averaged over ranks first so every rank adds the same gradient.
+        """
+        if self.sparsity is None or self._loss is None:
+            return
+        layers = self._bdg_layers(pl_module)
+        if not layers:
+            return
+        shares = torch.stack([m.kernel_quantizer.upper_share(m.weight) for m in layers])
+        h = torch.relu(shares - self.sparsity).mean()
+        loss = trainer.strategy.reduce(self._loss, reduce_op="mean")
+        pl_module.log("bdg/upper_share", shares.detach().mean(), on_step=True, on_epoch=False)
+        pl_module.log("bdg/h", h.detach(), on_step=True, on_epoch=False)
+        if h.item() <= 0:
+            return
+        lam = self.sparsity_gamma * loss / (h.detach() * (1.0 - self.sparsity_gamma))
+        weights = [m.weight for m in layers]
+        grads = torch.autograd.grad(lam * h, weights)
+        for w, g in zip(weights, grads):
+            w.grad = g if w.grad is None else w.grad + g
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -105,8 +105,7 @@ def _filters(conv: BinaryConv2d, center: bool = False) -> Tuple[Tensor, Tensor]:
     w = conv.weight.detach().float()
     keep = torch.ones(w.shape[1], device=w.device)
     # The consumer-side gate mask (see pruning.gates): the channels this conv will still have.
-    input_mask = getattr(conv, "_input_mask", None)
-    mask = input_mask() if input_mask is not None and conv.groups == 1 else None
+    mask = conv.input_mask()
     if mask is not None:
         keep = mask.detach().float().to(w.device)
     m = keep.view(1, -1, *([1] * (w.dim() - 2))).expand_as(w)

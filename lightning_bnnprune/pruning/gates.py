@@ -1,8 +1,8 @@
 """Per-filter gates: the subsidiary component of Xu et al., "Main/Subsidiary Network" (CVPR 2019).
 
 One real parameter ``m_k`` per channel of a :class:`~.groups.ChannelGroup`, used through the
-gate ``g_k = (sign(m_k) + 1) / 2`` in ``{0, 1}`` with a clipped straight-through gradient (the
-paper's eq. 3). The gate module is a child of the group's owner conv, so it is saved, loaded and
+gate ``g_k = (sign(m_k) + 1) / 2`` in ``{0, 1}`` with a clipped straight-through gradient. The
+gate module is a child of the group's owner conv, so it is saved, loaded and
 moved with the model's weights.
 
 Where the gate acts: on every *consumer* of the group's channels (the next convs' and linear

@@ -1,0 +1,104 @@
+"""Removing the filters that BDG's sparse binary domain has emptied.
+
+With the ``{0, 2 tau}`` domain (``Binarize(kernel_quantizer="bdg",
+kernel_quantizer_kwargs={"zero_lower": True}, sparsity=EC)``), a weight at the lower value is an
+exact zero. A filter whose weights all end there computes nothing but its bias; this callback
+closes the gates of such filters at the end of training and lets the shared removal cut them.
+The PFR is whatever the sparsity constraint produced, not a target; it is reported.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from ..layers import BinaryConv2d
+from ..pruning.criteria import binary_producers
+from ..pruning.groups import OUT
+from .base import FilterPruning
+
+__all__ = ["ZeroFilterPruning"]
+
+
+class ZeroFilterPruning(FilterPruning):
+    """Close and remove every filter whose binary weights are all zero (the BDG strategy).
+
+    A group channel is empty when, in every producer of that channel, the binarised kernel
+    ``k(W) * s(W)`` is zero over the kept input channels; a channel with a full-precision
+    producer is never empty. Removing an empty filter drops the constant its batch norm adds,
+    so unlike the other strategies this can change the logits: the test after ``fit`` measures
+    the pruned network.
+
+    Args:
+        atol: a binary weight with ``|w| <= atol`` counts as zero (0 for the exact ``{0, 2 tau}``
+            domain).
+        network, input_size, exclude, min_filters, remove_at_end: see :class:`FilterPruning`.
+
+    Raises:
+        MisconfigurationException: for a negative ``atol``, and as :class:`FilterPruning`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[
+            Binarize(kernel_quantizer="bdg", kernel_quantizer_kwargs={"zero_lower": True}, sparsity=0.3),
+            ZeroFilterPruning(),
+        ])
+    """
+
+    def __init__(
+        self,
+        atol: float = 0.0,
+        network: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+        exclude: Sequence[str] = (),
+        min_filters: int = 1,
+        remove_at_end: bool = True,
+    ) -> None:
+        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end)
+        if not atol >= 0:
+            raise MisconfigurationException(f"`atol` must be >= 0, got {atol!r}")
+        self.atol = float(atol)
+        self.empty_share: Optional[float] = None
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        for gate in self.gates.values():
+            gate.logits.requires_grad_(False)  # decided at the end, never by the optimizer
+
+    @torch.no_grad()
+    def empty_channels(self, pl_module: "pl.LightningModule") -> Dict[str, torch.Tensor]:
+        """``{group: 0/1 keep vector}``: 0 where every producer's binary filter is all zero."""
+        net = self.network_of(pl_module)
+        keep: Dict[str, torch.Tensor] = {}
+        for group in self.analysis.groups:
+            empty = torch.ones(group.size, dtype=torch.bool)
+            fp_channels = torch.zeros(group.size, dtype=torch.bool)
+            for member in group.members:
+                module = net.get_submodule(member.module)
+                if member.role == OUT and not isinstance(module, BinaryConv2d):
+                    fp_channels[list(member.root_idxs)] = True
+            empty &= ~fp_channels
+            for conv, idxs, root_idxs in binary_producers(net, group):
+                kernel = conv.binarized_kernel().flatten(1)
+                filter_empty = (kernel.abs() <= self.atol).all(dim=1).cpu()
+                empty[root_idxs] &= filter_empty[idxs]
+            if int((~empty).sum()) < self.min_filters:  # never empty a layer completely
+                empty[torch.nonzero(empty).flatten()[: self.min_filters - int((~empty).sum())]] = False
+            keep[group.name] = (~empty).float()
+        return keep
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.record is None and self.analysis is not None:
+            for name, keep in self.empty_channels(pl_module).items():
+                self.gates[name].set_mask(keep)
+            self.empty_share = self.pfr()
+            rank_zero_info(f"[{type(self).__name__}] {self.empty_share:.1%} of prunable filters are all zero")
+        super().on_fit_end(trainer, pl_module)
+        if self.summary is not None:
+            self.summary["empty_filter_share"] = self.empty_share
