@@ -1,0 +1,168 @@
+"""CPU latency of a pruned binary network against the unpruned one, measured in the same run.
+
+Builds a binarised timm model, removes a seeded random ``--pfr`` share of every prunable channel
+group with :func:`lightning_bnnprune.pruning.surgery.remove_filters` (exactness-checked), then
+times both models alternately (so load changes on the machine hit both alike) under
+``torch.inference_mode``: ``--warmup`` untimed calls, then the median of ``--repeats`` timed ones,
+per batch size. The measured speedup is printed beside the MAC ratio the compression report
+predicts.
+
+Example::
+
+    python benchmarks/latency.py --model resnet18_cifar --pfr 0.4 --batch-sizes 1 64 \\
+        --out benchmarks/results/latency.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import timm
+import torch
+
+import lightning_bnnprune  # noqa: F401  registers the CIFAR networks
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.pruning.groups import find_channel_groups
+from lightning_bnnprune.pruning.report import compression_report
+from lightning_bnnprune.pruning.surgery import remove_filters
+
+
+def _git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_bnnprune", "benchmarks/latency.py"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _time(model: torch.nn.Module, x: torch.Tensor) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    model(x)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def build(name: str, pfr: float, size: int, seed: int):
+    torch.manual_seed(seed)
+    net = timm.create_model(name, num_classes=10)
+    binarize_model(net)
+    net.eval()
+    baseline = copy.deepcopy(net)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    analysis = find_channel_groups(net, x[:1])
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for group in analysis.groups:
+        keep = torch.ones(group.size, dtype=torch.bool)
+        keep[torch.randperm(group.size, generator=g)[: round(pfr * group.size)]] = False
+        masks[group.name] = keep
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x)
+    return baseline, net, record
+
+
+def measure(models: Dict[str, torch.nn.Module], batch: int, size: int, warmup: int,
+            repeats: int) -> Dict[str, Dict[str, float]]:
+    """``{model: {"wall": median s, "cpu": median s, "cpu_min": min s}}`` per call."""
+    x = torch.randn(batch, 3, size, size)
+    times: Dict[str, List[Tuple[float, float]]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        for _ in range(repeats):
+            for k, m in models.items():  # alternate, so a busy moment on the machine hits both
+                times[k].append(_time(m, x))
+    return {
+        k: {"wall": statistics.median(w for w, _ in v), "cpu": statistics.median(c for _, c in v),
+            "cpu_min": min(c for _, c in v)}
+        for k, v in times.items()
+    }
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18_cifar", help="timm model name (default: resnet18_cifar)")
+    parser.add_argument("--pfr", type=float, default=0.4, help="share of every group's channels removed")
+    parser.add_argument("--size", type=int, default=32, help="input height = width")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="markdown file for the results")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    load = os.getloadavg()
+    baseline, pruned, record = build(args.model, args.pfr, args.size, args.seed)
+    report = compression_report(pruned, record)
+    mac_ratio = report.summary["mac_ratio"]
+    rows = []
+    for batch in args.batch_sizes:
+        t = measure({"unpruned": baseline, "pruned": pruned}, batch, args.size, args.warmup, args.repeats)
+        u, p = t["unpruned"], t["pruned"]
+        row = dict(batch=batch, wall_u=u["wall"] * 1e3, wall_p=p["wall"] * 1e3, wall=u["wall"] / p["wall"],
+                   cpu=u["cpu"] / p["cpu"], cpu_min=u["cpu_min"] / p["cpu_min"])
+        rows.append(row)
+        print(f"batch {batch:>3}: wall {row['wall_u']:8.2f} -> {row['wall_p']:8.2f} ms ({row['wall']:.2f}x) | "
+              f"CPU-time speedup median {row['cpu']:.2f}x, min {row['cpu_min']:.2f}x | MAC ratio {mac_ratio:.2f}x",
+              flush=True)
+    wall = time.perf_counter() - started
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    lines = [
+        f"## {args.model} at {args.size}x{args.size}, {args.pfr:.0%} of every group removed (CPU)",
+        "",
+        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- git commit: {_git_commit()}",
+        f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"load average at start {load[0]:.1f} (other processes share the machine)",
+        f"- torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
+        f"- timing: torch.inference_mode, {args.warmup} warm-up calls, median of {args.repeats}, "
+        "the two models alternating",
+        f"- wall time of the benchmark: {wall:.1f} s",
+        f"- exactness of the removal: max |logit diff| {record.max_abs_diff:.2g}",
+        f"- {report.headline()}",
+        f"- parameters: {params(baseline) / 1e6:.3f}M -> {params(pruned) / 1e6:.3f}M",
+        "",
+        "Wall: median wall-clock time per call. CPU: CPU time of the process per call (all its threads),",
+        "which other processes on a shared machine inflate less; its minimum over the repeats is the",
+        "least disturbed estimate (timeit's advice). Speedup = unpruned / pruned.",
+        "",
+        "| batch | wall unpruned (ms) | wall pruned (ms) | wall speedup | CPU speedup (median) "
+        "| CPU speedup (min) | MAC ratio | best speedup / MAC ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['wall_u']:.1f} | {r['wall_p']:.1f} | {r['wall']:.2f}x | {r['cpu']:.2f}x | "
+        f"{r['cpu_min']:.2f}x | {mac_ratio:.2f}x | {max(r['wall'], r['cpu'], r['cpu_min']) / mac_ratio:.2f} |"
+        for r in rows
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a" if args.append else "w") as f:
+            if args.append and f.tell():
+                f.write("\n")
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
