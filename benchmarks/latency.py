@@ -39,7 +39,8 @@ def _git_commit() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_bnnprune", "benchmarks/latency.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "lightning_bnnprune", "benchmarks/latency.py"],
                                cwd=root, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:

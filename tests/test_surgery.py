@@ -318,3 +318,16 @@ def test_remove_at_end_false_leaves_the_gated_network(tmp_path):
     trainer.fit(module, _loader())
     assert pruning.record is None and gates_of(module.net)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(("pruned", "pruning_report"))]
+
+
+def test_replay_on_an_already_pruned_model_is_a_no_op(tmp_path):
+    from lightning_bnnprune.pruning.record import replay
+
+    net = binary_net("test_resnet")
+    x = inputs()
+    analysis = find_channel_groups(net, x[:1])
+    close_random(net, analysis)
+    record = remove_filters(net, analysis, example_inputs=x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert replay(net, record) is net
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

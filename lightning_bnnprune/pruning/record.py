@@ -218,8 +218,11 @@ def replay(model: nn.Module, record: PruningRecord) -> nn.Module:
 
     The model's shapes are checked against the record's manifest before anything is cut, so a
     model of the wrong architecture, width or binarisation is a ``ValueError`` that names the
-    first mismatching tensors, never a size-mismatch traceback from ``load_state_dict``.
+    first mismatching tensors, never a size-mismatch traceback from ``load_state_dict``. A model
+    that already has the pruned shapes is returned as it is (replaying twice is harmless).
     """
+    if not _diff(model, record.shapes):
+        return model
     _mismatch(model, record.shapes_before, "before the removal")
     for name, dim, kept in record.removed:
         slice_channels(model.get_submodule(name), dim, kept)
@@ -413,7 +416,8 @@ def restore_pruned(
     Args:
         module: a freshly built LightningModule (or the bare network) of the same architecture.
         ckpt_path: a Lightning checkpoint written after the removal (e.g. ``trainer.save_checkpoint``
-            after ``fit``).
+            after ``fit``; not ``weights_only``: Lightning then skips the callbacks'
+            ``on_save_checkpoint``, which is where the record goes in).
         weights_only: passed to ``torch.load`` (``False`` for checkpoints holding pickled objects
             in their hyper-parameters; only for files you trust).
 
