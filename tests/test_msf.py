@@ -221,7 +221,7 @@ def test_epoch_unit_and_scale_to_fit(tmp_path):
         ({"target_pfr": 0.3, "lambda_budget": -0.5}, r"`lambda_budget` must be None \(adaptive\) or a number >= 0"),
         ({"target_pfr": 0.3, "gate_lr": 0.0}, r"`gate_lr` must be a number > 0"),
         ({"target_pfr": 0.3, "temperature": 0}, r"`temperature` must be > 0"),
-        ({"target_pfr": 0.3, "budget_gamma": 1.0}, r"`budget_gamma` must be in \(0, 1\)"),
+        ({"target_pfr": 0.3, "budget_strength": 0}, r"`budget_strength` must be a number > 0, got 0"),
         ({"target_pfr": 0.3, "retrain_lr": 1e-4, "retrain_lr_factor": 0.1}, r"not both"),
         ({"target_pfr": 0.3, "retrain_lr": -1e-4}, r"`retrain_lr` must be None or > 0"),
         ({"target_pfr": 0.3, "layers": []}, r"`layers` must name at least one group"),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_bnnprune.pruning.budget import allocate, budget_term, enforce_keep
+from lightning_bnnprune.pruning.budget import allocate, budget_term, budget_weight, enforce_keep, gradient_spread
 from lightning_bnnprune.pruning.gates import FilterGate
 from lightning_bnnprune.pruning.schedule import DONE, RETRAIN, SELECTOR, WARMUP, LayerwiseSchedule, Phase
 
@@ -126,18 +126,24 @@ def test_floors_saturate_and_the_rest_goes_elsewhere():
         allocate(sizes, 0.5, "x")
 
 
-def test_budget_term_pushes_every_open_gate_down_until_the_share():
+def test_budget_term_pushes_every_open_gate_alike_until_the_share():
     gate = FilterGate(8, init=0.1)
-    loss = torch.tensor(2.0)
-    term = budget_term(gate(), keep=0.5, task_loss=loss, gamma=0.5)
-    # adaptive weight: worth gamma / (1 - gamma) * loss at the start (h = h0 = 1 - keep)
-    assert term.item() == pytest.approx(2.0)
+    weight = budget_weight(grad_spread=0.02, size=8, strength=1.5)
+    term = budget_term(gate(), keep=0.5, weight=weight)
+    assert term.item() == pytest.approx(weight * 0.5)
     term.backward()
-    assert torch.all(gate.logits.grad > 0) and torch.allclose(gate.logits.grad, gate.logits.grad[0])
+    # each logit is pushed by strength * spread (the gate's straight-through slope is 1/2)
+    assert torch.allclose(gate.logits.grad, torch.full((8,), 1.5 * 0.02))
     gate.set_mask(torch.tensor([1, 1, 1, 0, 0, 0, 0, 0]))
-    assert budget_term(gate(), keep=0.5, task_loss=loss).item() == 0.0  # under the share: no push
-    fixed = budget_term(FilterGate(4)(), keep=0.25, task_loss=loss, weight=3.0)
-    assert fixed.item() == pytest.approx(3.0 * 0.75)
+    assert budget_term(gate(), keep=0.5, weight=weight).item() == 0.0  # under the share: no push
+
+
+def test_gradient_spread_ignores_a_uniform_push_and_dead_gates():
+    logits = torch.tensor([0.1, -0.2, 0.3, 5.0])  # the last one is outside the STE's clip
+    grad = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    assert gradient_spread(grad, logits) == pytest.approx(1.0)
+    assert gradient_spread(grad + 7.0, logits) == pytest.approx(1.0)
+    assert gradient_spread(grad[:1], logits[:1]) == 0.0
 
 
 def test_enforce_keep_takes_the_highest_logits_ties_to_the_lower_index():

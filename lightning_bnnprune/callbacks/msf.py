@@ -20,7 +20,9 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from ..pruning.budget import ALLOCATIONS, allocate, budget_term, enforce_keep, macs_per_channel
+from ..pruning.budget import (
+    ALLOCATIONS, allocate, budget_term, budget_weight, enforce_keep, gradient_spread, macs_per_channel,
+)
 from ..pruning.gates import GATE_ATTR
 from ..pruning.groups import OUT
 from ..pruning.schedule import DONE, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase
@@ -125,9 +127,9 @@ class MainSubsidiaryPruning(FilterPruning):
         retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
         lambda_kd: weight of the distillation loss (0: none, and no teacher forward).
         temperature: distillation temperature ``T``.
-        budget_gamma: share of the loss the budget term is worth at the start of a selector
-            phase, in ``(0, 1)`` (adaptive weight).
-        lambda_budget: a fixed budget weight instead of the adaptive one.
+        budget_strength: the adaptive budget's push on each open gate's logit, in units of the
+            spread of the loss gradients over the layer's gates (``beta``).
+        lambda_budget: a fixed budget weight ``lambda`` instead of the adaptive one.
         scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
             cannot hold the schedule (else that is an error).
         network, input_size, exclude, min_filters, remove_at_end: see
@@ -169,7 +171,7 @@ class MainSubsidiaryPruning(FilterPruning):
         retrain_lr_factor: Optional[float] = None,
         lambda_kd: float = 1.0,
         temperature: float = 4.0,
-        budget_gamma: float = 0.5,
+        budget_strength: float = 1.0,
         lambda_budget: Optional[float] = None,
         scale_to_fit: bool = False,
         network: Optional[str] = None,
@@ -195,7 +197,8 @@ class MainSubsidiaryPruning(FilterPruning):
         _check(lambda_budget is None or (_is_number(lambda_budget) and lambda_budget >= 0),
                f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
         _check(_is_number(temperature) and temperature > 0, f"`temperature` must be > 0, got {temperature!r}")
-        _check(_is_number(budget_gamma) and 0 < budget_gamma < 1, f"`budget_gamma` must be in (0, 1), got {budget_gamma!r}")
+        _check(_is_number(budget_strength) and budget_strength > 0,
+               f"`budget_strength` must be a number > 0, got {budget_strength!r}")
         if layers is not None:
             layers = [layers] if isinstance(layers, str) else list(layers)
             _check(bool(layers), "`layers` must name at least one group, or be None for all")
@@ -209,7 +212,7 @@ class MainSubsidiaryPruning(FilterPruning):
         self.retrain_lr_factor = retrain_lr_factor
         self.lambda_kd = float(lambda_kd)
         self.temperature = float(temperature)
-        self.budget_gamma = float(budget_gamma)
+        self.budget_strength = float(budget_strength)
         self.lambda_budget = lambda_budget
         self.scale_to_fit = scale_to_fit
 
@@ -231,6 +234,7 @@ class MainSubsidiaryPruning(FilterPruning):
         self._captured: Optional[Tuple[tuple, dict, Any]] = None
         self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[float]]] = None
         self._origin = 0
+        self._grad_spread: Dict[str, float] = {}
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -407,6 +411,7 @@ class MainSubsidiaryPruning(FilterPruning):
         if phase.name == SELECTOR:
             logits = [self.gates[name].logits for name in phase.groups]
             if fresh:
+                self._grad_spread = {}
                 init = self.gate_init
                 if init is None:
                     init = min(0.5, self.gate_lr * self._selector_steps(trainer) / 4)
@@ -488,21 +493,22 @@ class MainSubsidiaryPruning(FilterPruning):
             kd = distillation_loss(student, self._teacher(net, args, kwargs), self.temperature)
         task = loss + self.lambda_kd * kd
         budget = sum(
-            budget_term(
-                self.gates[name](),
-                1.0 - self.prune_counts[name] / self.gates[name].logits.numel(),
-                task,
-                gamma=self.budget_gamma,
-                weight=self.lambda_budget,
-            )
+            budget_term(self.gates[name](), 1.0 - self.prune_counts[name] / self.gates[name].logits.numel(),
+                        self._budget_weight(name))
             for name in self._phase.groups
-        ) / len(self._phase.groups)
+        )
         total = task + budget
         pl_module.log("msf/kd", kd.detach(), on_step=True, on_epoch=False)
         pl_module.log("msf/budget", budget.detach(), on_step=True, on_epoch=False)
         if isinstance(out, dict):
             return {**out, "loss": total}
         return total
+
+    def _budget_weight(self, name: str) -> float:
+        if self.lambda_budget is not None:
+            return float(self.lambda_budget)
+        # 0 on a phase's first step: the loss alone starts the ranking
+        return budget_weight(self._grad_spread.get(name, 0.0), self.gates[name].logits.numel(), self.budget_strength)
 
     @torch.no_grad()
     def _teacher(self, net: nn.Module, args: tuple, kwargs: dict) -> Tensor:
@@ -521,6 +527,12 @@ class MainSubsidiaryPruning(FilterPruning):
         if self._phase is None:
             return
         if self._gate_optimizer is not None:
+            for name in self._phase.groups:  # the budget's scale: spread of the gradients, averaged
+                logits = self.gates[name].logits
+                if logits.grad is not None:
+                    spread = gradient_spread(logits.grad, logits)
+                    old = self._grad_spread.get(name)
+                    self._grad_spread[name] = spread if old is None else 0.9 * old + 0.1 * spread
             self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
             self._gate_optimizer.zero_grad(set_to_none=True)
         # nothing outside the phase may move: the user's optimizer skips parameters without grad
@@ -587,6 +599,7 @@ class MainSubsidiaryPruning(FilterPruning):
             "prune_counts": dict(self.prune_counts),
             "phase": None if phase is None else {"stage": phase.stage, "name": phase.name, "start": phase.start},
             "gate_optimizer": self._gate_optimizer.state_dict() if self._gate_optimizer is not None else None,
+            "grad_spread": dict(self._grad_spread),
         }
         return state
 
@@ -597,6 +610,7 @@ class MainSubsidiaryPruning(FilterPruning):
         if not state:
             return
         self._loaded = {k: state[k] for k in ("origin", "schedule", "prune_counts", "gate_optimizer")}
+        self._grad_spread = dict(state.get("grad_spread", {}))
         if state["phase"] is not None and state["schedule"] is not None:
             schedule = LayerwiseSchedule(**state["schedule"])
             self._phase = schedule.phase_at(int(state["phase"]["start"]))

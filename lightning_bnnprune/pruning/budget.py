@@ -18,20 +18,29 @@ allow it.
 **Budget term.** Xu et al. (CVPR 2019, eq. 5) add ``lambda_s * ||m_l||_0``; the L0 norm of the
 mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
 ``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
-share of open gates, the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD 2023),
+share of open gates, the form of the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD
+2023),
 
-.. math::  h = \\mathrm{relu}\\big(\\tfrac1n \\textstyle\\sum_k g_k - \\kappa_l\\big), \\qquad
-           B = \\lambda h,
+.. math::  h = \mathrm{relu}\big(\tfrac1n \textstyle\sum_k g_k - \kappa_l\big), \qquad
+           B = \lambda h, \qquad
+           \frac{\partial B}{\partial m_k} = \frac{\lambda}{n} \frac{\partial g_k}{\partial m_k}
+           \ \text{while } h > 0,
 
 differentiable through the gates' straight-through gradient, with ``kappa_l`` the kept share of the
-layer's allocation. BDG's adaptive weight is ``lambda = gamma L / (h (1 - gamma))``; its gradient
-grows like ``1/h`` as the layer nears its share, which with the all-equal initial logits closes
-every gate at once. We normalise by the starting excess ``h_0 = 1 - kappa_l`` instead:
-``lambda = gamma L / (h_0 (1 - gamma))`` (no gradient through ``L``), so ``B`` is worth
-``gamma / (1 - gamma)`` times the task loss at the start of the phase, falls linearly to 0 at the
-share, and gives every gate the same push meanwhile: gates whose loss gradient defends them stay
-open, the rest close, in order of importance. A fixed ``lambda`` may be passed instead.
-The share is then enforced exactly at the end of the phase (:func:`enforce_keep`).
+layer's allocation. Every open gate gets the same push; the loss gradient decides which of them
+give way. The push must be of the size of the loss gradients that tell filters apart: the gate
+optimizer is Adam, which normalises each logit's steps, so a push much larger than the loss
+gradients (BDG's ``lambda = gamma L / (h (1 - gamma))`` is, and it grows like ``1/h``) moves
+every logit down in lock-step and closes the whole layer on one step, whatever the filters are
+worth. The adaptive weight therefore follows the gradients (:func:`budget_weight`):
+
+.. math::  \lambda = \beta \, \frac{n}{\partial g / \partial m} \, \mathrm{std}_k\!\big(\partial L / \partial m_k\big),
+
+so the push on each logit is ``beta`` times the spread of the loss gradients over the layer's
+gates (an average over the past steps, no gradient through it). The spread is taken over gates, so
+the uniform push itself does not enter it, and it is free of the loss's scale. A fixed ``lambda``
+may be passed instead. The share is enforced exactly at the end of the phase
+(:func:`enforce_keep`): the learned logits rank the filters, the budget says how many stay.
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ from torch import Tensor, nn
 
 from .groups import OUT, GroupAnalysis
 
-__all__ = ["ALLOCATIONS", "allocate", "budget_term", "enforce_keep", "macs_per_channel"]
+__all__ = ["ALLOCATIONS", "allocate", "budget_term", "budget_weight", "enforce_keep", "gradient_spread", "macs_per_channel"]
 
 ALLOCATIONS = ("uniform", "size", "macs")
 
@@ -133,27 +142,33 @@ def allocate(
     return counts
 
 
-def budget_term(
-    gates: Tensor,
-    keep: float,
-    task_loss: Tensor,
-    gamma: float = 0.5,
-    weight: Optional[float] = None,
-) -> Tensor:
-    r"""``lambda * relu(mean(gates) - keep)`` (see the module docstring).
+def budget_term(gates: Tensor, keep: float, weight: float) -> Tensor:
+    r"""``weight * relu(mean(gates) - keep)`` (see the module docstring).
 
     Args:
         gates: the layer's 0/1 gates, with their straight-through gradient.
         keep: the share of the layer's filters to keep, ``kappa_l``.
-        task_loss: the loss the budget is weighed against (detached here).
-        gamma: share of the total loss the budget is worth at the start of the phase, in (0, 1).
-        weight: a fixed ``lambda`` instead of the adaptive one.
+        weight: ``lambda``, from :func:`budget_weight` or fixed.
     """
-    h = torch.relu(gates.mean() - keep)
-    if weight is None:
-        excess = max(1.0 - keep, 1e-6)
-        weight = gamma * task_loss.detach().abs() / (excess * (1.0 - gamma))
-    return weight * h
+    return weight * torch.relu(gates.mean() - keep)
+
+
+def budget_weight(grad_spread: float, size: int, strength: float = 1.0, slope: float = 0.5) -> float:
+    r"""The adaptive ``lambda`` that pushes each logit by ``strength * grad_spread``.
+
+    Args:
+        grad_spread: the spread (std over the layer's gates) of ``dL/dm``, averaged over steps.
+        size: the number of gates ``n``.
+        strength: ``beta``, the push in units of the spread.
+        slope: ``dg/dm`` of the gate's straight-through estimator (1/2 for :class:`FilterGate`).
+    """
+    return strength * grad_spread * size / slope
+
+
+def gradient_spread(grad: Tensor, logits: Tensor, clip: float = 1.0) -> float:
+    """``std`` of the gate gradients over the gates whose straight-through gradient is alive."""
+    alive = grad[logits.detach().abs() <= clip]
+    return float(alive.std()) if alive.numel() > 1 else 0.0
 
 
 @torch.no_grad()
