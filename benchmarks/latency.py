@@ -161,6 +161,10 @@ def main(argv: List[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average at start {load[0]:.1f} (other processes share the machine)",
         f"- torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
+        *([f"- **caution**: load average {load[0]:.1f} on {os.cpu_count()} CPUs at the start: other processes "
+           "took CPU time and memory bandwidth during the run, so absolute times are inflated and the "
+           "speedups vary from run to run; compare the two models only within this run"]
+          if load[0] > (os.cpu_count() or 1) else []),
         f"- timing: torch.inference_mode, {args.warmup} warm-up calls, median of {args.repeats}, "
         "the two models alternating",
         f"- wall time of the benchmark: {wall:.1f} s",
