@@ -184,7 +184,9 @@ def test_explicit_keep_sets_on_an_ungated_model_and_gate_minimum(tmp_path):
     owner = analysis.names[0]
     gates[owner].set_mask(torch.zeros(analysis[owner].size))  # every gate closed
     gates[owner].logits.data[3] = -0.1  # ... this one least
+    net.train()
     record = remove_filters(net, analysis, masks={analysis.names[1]: [0, 1]}, example_inputs=x, min_filters=1)
+    assert net.training and all(m.training for m in net.modules())  # the mode is given back
     assert record.groups[owner] == [3]  # the closed channel with the highest logit reopens
     assert record.groups[analysis.names[1]] == [0, 1]
     assert PruningRecord.from_json(record.to_json()) == record
