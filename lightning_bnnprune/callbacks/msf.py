@@ -88,11 +88,13 @@ class MainSubsidiaryPruning(FilterPruning):
 
     Where the paper and its code are silent (*choices*):
 
-    - Budget: the official L0 penalty passes no gradient; a hinge on the share of open gates with
-      an adaptive weight is used instead, then the exact share is enforced (see
+    - Budget: the official L0 penalty passes no gradient; a hinge on the share of open gates is
+      used instead, weighted so that its push on each logit is ``budget_strength`` times the
+      spread of the loss gradients over the layer's gates, then the exact share is enforced (see
       :mod:`lightning_bnnprune.pruning.budget`). The final PFR is the target, up to rounding.
     - Gate start: the stage's logits start at ``+gate_init`` (open) when its selector begins, so
-      gates close one by one as the loss lets them, not all on the first step.
+      that no gate closes before Adam has averaged some steps of gradient, and gates close one
+      by one as the loss lets them.
     - Frozen weights get ``requires_grad=False`` (autograd then stops at the selected layer),
       except under DDP without ``find_unused_parameters``, whose reducer needs every gradient;
       in every case gradients outside the phase are dropped before the user's optimizer steps.
@@ -102,7 +104,7 @@ class MainSubsidiaryPruning(FilterPruning):
       rank; this is checked (``all_gather``) at every phase boundary.
     - Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 3 done),
       ``msf/kd``, ``msf/budget``, ``msf/pfr`` and ``msf/kept/<group>`` go to the logger; the
-      progress bar shows ``msf=selector 3/8``.
+      progress bar shows ``msf=selector 3``.
 
     A :class:`~lightning_bnnprune.Binarize` callback must be in the trainer if the network is not
     binary yet: it is then run first; without it the network has nothing to prune and it is an
@@ -285,7 +287,11 @@ class MainSubsidiaryPruning(FilterPruning):
         # after the checkpoint's training state is restored: global_step / current_epoch are final
         super().on_train_start(trainer, pl_module)
         if self._loaded.get("schedule"):
-            self.schedule = LayerwiseSchedule(**self._loaded["schedule"])
+            saved = LayerwiseSchedule(**self._loaded["schedule"])
+            if saved != self.schedule and not (self.scale_to_fit and saved.stages == self.schedule.stages):
+                rank_zero_warn(f"[{type(self).__name__}] resuming with the checkpoint's schedule {saved!r}, "
+                               f"not {self.schedule!r}")
+            self.schedule = saved
             self.prune_counts = dict(self._loaded["prune_counts"])
             self._origin = int(self._loaded["origin"])
         else:
@@ -303,6 +309,9 @@ class MainSubsidiaryPruning(FilterPruning):
         # DDP without find_unused_parameters expects a gradient for every parameter it wraps
         ddp = trainer.strategy.model
         self._toggle = not (isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters)
+        if not self._toggle:
+            rank_zero_info(f"[{type(self).__name__}] DDP without find_unused_parameters: frozen weights still get "
+                           "(discarded) gradients; DDPStrategy(find_unused_parameters=True) makes selector steps cheaper")
         if self._phase is not None:  # resumed: rebuild the phase we were in, without re-initialising
             self._enter(trainer, pl_module, self._phase, fresh=False)
 
