@@ -140,3 +140,23 @@ def test_weight_clip_bounds_latent_weights(tmp_path):
     for m in module.modules():
         if isinstance(m, BinaryConv2d):
             assert m.weight.abs().max() <= 0.05 + 1e-7
+
+
+@pytest.mark.parametrize("relu, kind", [("identity", nn.Identity), ("hardtanh", nn.Hardtanh), (None, nn.ReLU)])
+def test_relus_before_binary_convs_are_replaced(relu, kind):
+    # sign(relu(x)) == +1 everywhere: with binary inputs a ReLU erases every activation bit
+    net = timm.create_model("resnet18", num_classes=10)
+    binarize_model(net, relu=relu)
+    assert type(net.layer1[0].act1) is kind and type(net.act1) is kind
+    assert not any(isinstance(m, nn.ReLU) for m in net.modules()) or relu is None
+
+
+def test_weight_only_binarisation_keeps_relus():
+    net = timm.create_model("test_resnet", num_classes=10)
+    binarize_model(net, input_quantizer=None)
+    assert isinstance(net.layer1[0].act1, nn.ReLU)
+
+
+def test_unknown_relu_replacement_is_rejected():
+    with pytest.raises(MisconfigurationException, match="Unknown `relu` replacement 'gelu'.*identity, hardtanh"):
+        Binarize(relu="gelu")

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from .. import quantizers
-from ..binarize import binarize_model, binary_layers, find_networks
+from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers, find_networks
 from ..layers import BinaryConv2d
 from ..quantizers import BinaryDomainWeight
 
@@ -40,6 +40,9 @@ class Binarize(Callback):
         networks: attribute paths of the networks to binarise (default: every timm model found
             in the LightningModule, else the whole module).
         weight_clip: bound for the latent weights; ``None`` disables clipping.
+        relu: what replaces the ReLUs outside the full-precision layers when inputs are binary:
+            ``"identity"`` (default, Bi-Real Net's choice), ``"hardtanh"``, or ``None`` to keep
+            them. A ReLU in front of ``sign`` makes every activation ``+1``.
         sparsity: BDG's sparsity constraint (Schiavone et al., ECML-PKDD 2023): the
             target share ``EC`` of weights at the upper value of the ``bdg`` domain. Each step
             adds :math:`\lambda h` with :math:`h = \mathrm{mean}_l\, \mathrm{relu}(s_l - EC)`
@@ -73,6 +76,7 @@ class Binarize(Callback):
         weight_clip: Optional[float] = 1.0,
         sparsity: Optional[float] = None,
         sparsity_gamma: float = 0.5,
+        relu: Optional[str] = "identity",
     ) -> None:
         try:
             quantizers.get(input_quantizer)
@@ -85,6 +89,10 @@ class Binarize(Callback):
             )
         if weight_clip is not None and not weight_clip > 0:
             raise MisconfigurationException(f"`weight_clip` must be > 0 or None, got {weight_clip!r}")
+        if relu is not None and relu not in RELU_REPLACEMENTS:
+            raise MisconfigurationException(
+                f"Unknown `relu` replacement {relu!r}; choose one of: {', '.join(RELU_REPLACEMENTS)} or None"
+            )
         if sparsity is not None:
             if not 0.0 < float(sparsity) < 1.0:
                 raise MisconfigurationException(f"`sparsity` (EC) must be in (0, 1) or None, got {sparsity!r}")
@@ -104,6 +112,7 @@ class Binarize(Callback):
         self.keep_fp = list(keep_fp)
         self.networks = list(networks) if networks else None
         self.weight_clip = weight_clip
+        self.relu = relu
         self.sparsity = None if sparsity is None else float(sparsity)
         self.sparsity_gamma = float(sparsity_gamma)
         self.swapped: Dict[str, List[str]] = {}
@@ -125,6 +134,7 @@ class Binarize(Callback):
                 kernel_quantizer=self.kernel_quantizer,
                 kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
                 keep_fp=self.keep_fp,
+                relu=self.relu,
             )
             rank_zero_info(
                 f"[Binarize] {path or type(pl_module).__name__}: "

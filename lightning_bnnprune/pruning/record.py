@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import quantizers
-from ..binarize import binary_layers
+from ..binarize import REPLACED_RELU_ATTR, binary_layers, replace_relus
 from ..layers import BinaryConv2d
 
 __all__ = [
@@ -272,6 +272,9 @@ def binarize_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
         elif any(spec[k] != v for k, v in this.items()):
             return None
         spec["layers"].append(name)
+    if spec is not None:  # ReLUs that binarize_model replaced (see binarize.RELU_REPLACEMENTS)
+        spec["relus"] = {n: getattr(m, REPLACED_RELU_ATTR) for n, m in model.named_modules()
+                         if hasattr(m, REPLACED_RELU_ATTR)}
     return spec
 
 
@@ -313,6 +316,8 @@ def _binarize_as_recorded(model: nn.Module, spec: Dict[str, Any]) -> None:
             input_quantizer=quantizers.get(spec["input_quantizer"], **spec["input_quantizer_kwargs"]),
             kernel_quantizer=quantizers.get(spec["kernel_quantizer"], **spec["kernel_quantizer_kwargs"]),
         ))
+    for name, replacement in spec.get("relus", {}).items():
+        replace_relus(model, replacement, names=[name])
 
 
 def rebuild(record: PruningRecord, model: Optional[nn.Module] = None) -> nn.Module:
