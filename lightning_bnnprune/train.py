@@ -1,0 +1,353 @@
+"""The ``bnnprune`` app: train, binarise and prune an image classifier from Hydra configs.
+
+``bnnprune`` (or ``python -m lightning_bnnprune.train``) composes ``conf/train.yaml`` with the
+command line, then: seeds everything, builds the datamodule, the model (sized from the
+datamodule's classes), the callbacks (``binarize``, ``prune`` and the ``callbacks`` group), the
+loggers and the Trainer; fits (resuming from ``ckpt_path`` if given); tests the final model; and
+prints a short summary, also written as ``summary.json`` in Hydra's run folder.
+
+Examples::
+
+    bnnprune                                       # the quickstart (digits, binary ResNet-20)
+    bnnprune model=vgg11_cifar trainer.max_epochs=2
+    bnnprune recipe=digits_quick                   # a whole experiment from recipes/
+    bnnprune -m binarize=xnor,bireal               # a sweep, one run folder per job
+    bnnprune --cfg job                             # print the composed config
+
+Configuration mistakes (an unknown recipe, group option or key, a missing value, a bad argument
+to a callback) end with one line ``bnnprune: error: ...`` on stderr and exit status 2; set
+``HYDRA_FULL_ERROR=1`` for Hydra's own report and the traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_bnnprune.config import ConfigError, conf_dir, recipe_names, register_recipes
+
+__all__ = ["Run", "build", "train", "main", "one_line_error"]
+
+CONFIG_NAME = "train"
+GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer", "recipe")
+
+
+# ---------------------------------------------------------------------------------------- build
+def _instantiate_dict(cfg: Optional[DictConfig]) -> List[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, logger)."""
+    if not cfg:
+        return []
+    return [instantiate(node, _convert_="all") for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def _instantiate_one(cfg: Optional[DictConfig]) -> Optional[Any]:
+    """Instantiate a one-object group (binarize, prune); an empty option (``none``) gives None."""
+    if not cfg or "_target_" not in cfg:
+        return None
+    return instantiate(cfg, _convert_="all")
+
+
+def _pruning_summary(callbacks: Sequence[Callback]) -> Optional[Dict[str, Any]]:
+    """The ``summary`` a pruning callback exposes (``pfr``, ``mac_ratio``, ``compression``, ...)."""
+    for callback in callbacks:
+        summary = getattr(callback, "summary", None)
+        if callable(summary):
+            summary = summary()
+        if isinstance(summary, dict) and summary:
+            return {k: _plain(v) for k, v in summary.items()}
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy of a metric (tensors and numpy scalars to Python numbers)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class Run(NamedTuple):
+    """The objects a config describes, ready for ``trainer.fit(model, datamodule)``."""
+
+    datamodule: LightningDataModule
+    model: LightningModule
+    binarize: Optional[Callback]
+    prune: Optional[Callback]
+    callbacks: List[Callback]
+    loggers: List[Logger]
+    trainer: Trainer
+
+
+def build(cfg: DictConfig) -> Run:
+    """Instantiate the datamodule, model (sized from the datamodule), callbacks, loggers, Trainer.
+
+    The model's ``num_classes`` is the datamodule's unless the config sets it. The Trainer gets
+    the ``binarize`` and ``prune`` callbacks first (in that order), then the ``callbacks`` group,
+    less what the rest of the config turns off and Lightning would refuse: ``LearningRateMonitor``
+    without a logger, a progress bar with ``trainer.enable_progress_bar=false``, a checkpoint with
+    ``trainer.enable_checkpointing=false``.
+    """
+    datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
+    num_classes = cfg.model.get("num_classes") or datamodule.num_classes
+    model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    binarize = _instantiate_one(cfg.get("binarize"))
+    prune = _instantiate_one(cfg.get("prune"))
+    loggers: List[Logger] = _instantiate_dict(cfg.get("logger"))
+    callbacks: List[Callback] = [cb for cb in (binarize, prune) if cb is not None]
+    for callback in _instantiate_dict(cfg.get("callbacks")):
+        # Lightning refuses these combinations; `trainer.enable_*=false` or `logger=none` win.
+        if isinstance(callback, LearningRateMonitor) and not loggers:
+            continue
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        if isinstance(callback, ModelCheckpoint) and not cfg.trainer.get("enable_checkpointing", True):
+            continue
+        callbacks.append(callback)
+    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    return Run(datamodule, model, binarize, prune, callbacks, loggers, trainer)
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    """Fit (and test) the run ``cfg`` describes; return its summary.
+
+    Args:
+        cfg: The composed ``train`` config (``data``, ``model``, ``binarize``, ``prune``,
+            ``callbacks``, ``logger``, ``trainer``, ``seed``, ``ckpt_path``, ``test_after_fit``,
+            ``paths.output_dir``).
+
+    Returns:
+        The summary: test metrics, layers binarised, the pruning figures if a pruning callback
+        exposes them, the run folder and the wall time. Rank zero also prints it and writes it
+        to ``<paths.output_dir>/summary.json``.
+    """
+    start = time.perf_counter()
+    seed_everything(cfg.seed, workers=True)
+    run = build(cfg)
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    val_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/")}
+
+    test_metrics: Dict[str, float] = {}
+    if cfg.get("test_after_fit"):
+        # The model as fit left it (pruned, if a strategy pruned it), not a "best" checkpoint.
+        results = run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    summary = _summary(cfg, run, {**val_metrics, **test_metrics}, time.perf_counter() - start)
+    _report(summary, Path(str(cfg.paths.output_dir)))
+    return summary
+
+
+def _summary(cfg: DictConfig, run: Run, metrics: Dict[str, float], wall_time_s: float) -> Dict[str, Any]:
+    checkpoint = next((cb for cb in run.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    summary: Dict[str, Any] = {
+        "test_acc": metrics.get("test/acc"),
+        "test_acc_top5": metrics.get("test/acc_top5"),
+        "test_loss": metrics.get("test/loss"),
+        "val_acc": metrics.get("val/acc"),
+        "binarized_layers": getattr(run.binarize, "num_swapped", 0),
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "epochs": run.trainer.current_epoch,
+        "steps": run.trainer.global_step,
+        "pruning": _pruning_summary(run.callbacks),
+        "model_name": cfg.model.get("model_name"),
+        "choices": {g: choices.get(g) for g in GROUPS if g in choices},
+        "seed": cfg.seed,
+        "output_dir": str(cfg.paths.output_dir),
+        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint is not None else None,
+        "wall_time_s": round(wall_time_s, 1),
+    }
+    return summary
+
+
+@rank_zero_only
+def _report(summary: Dict[str, Any], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"bnnprune summary ({path})"]
+    if summary["test_acc"] is not None:
+        top5 = summary["test_acc_top5"]
+        lines.append(
+            f"  test accuracy    {100 * summary['test_acc']:.2f} %"
+            + (f"  (top-5 {100 * top5:.2f} %)" if top5 is not None else "")
+        )
+    elif summary["val_acc"] is not None:
+        lines.append(f"  val accuracy     {100 * summary['val_acc']:.2f} %  (test_after_fit=false)")
+    lines.append(f"  binarised        {summary['binarized_layers']} conv layers ({summary['model_name']})")
+    pruning = summary["pruning"]
+    if pruning:
+        parts = []
+        if pruning.get("pfr") is not None:
+            parts.append(f"PFR {100 * pruning['pfr']:.1f} %")
+        if pruning.get("mac_ratio") is not None:
+            parts.append(f"MAC reduction {pruning['mac_ratio']:.2f}x")
+        if pruning.get("compression") is not None:
+            parts.append(f"compression {pruning['compression']:.1f}x")
+        lines.append("  pruned           " + (", ".join(parts) or "yes"))
+    lines.append(f"  parameters       {summary['parameters']:,}")
+    lines.append(f"  epochs / steps   {summary['epochs']} / {summary['steps']} in {summary['wall_time_s']:.0f} s")
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------ entry point
+register_recipes()  # before Hydra composes anything: the `recipe` group lives in the ConfigStore
+
+
+_FULL_ERROR = False  # the user's own HYDRA_FULL_ERROR=1: show tracebacks, not one-liners
+
+
+@hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    try:
+        summary = train(cfg)
+    except Exception as err:  # noqa: BLE001
+        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        if message is None:
+            raise
+        raise ConfigError(message) from err
+    return summary["test_acc"]  # what a sweeper optimises
+
+
+def _options(group: str) -> List[str]:
+    """Choices of a config group (the recipe names for ``recipe``)."""
+    if group == "recipe":
+        return recipe_names()
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _cli_overrides() -> List[str]:
+    """The ``key=value`` arguments of the command line (Hydra's flags left out)."""
+    takes_value = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                   "--package", "-p", "--info", "-i", "--experimental-rerun"}
+    out, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in takes_value:
+            skip = arg not in ("--info", "-i")
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
+def _keys_of(parent: str, overrides: Sequence[str], bad_key: str) -> List[str]:
+    """Keys of ``parent`` (``""``: the top level) in the config the other overrides compose."""
+    from hydra import compose, initialize_config_dir
+
+    kept = [o for o in overrides if not re.match(rf"^[+~]*{re.escape(bad_key)}=", o)]
+    GlobalHydra.instance().clear()
+    for attempt in (kept, []):
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose(CONFIG_NAME, overrides=list(attempt))
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+        except Exception:  # noqa: BLE001  (a sweep or the same mistake: fall back to the defaults)
+            GlobalHydra.instance().clear()
+    return []
+
+
+def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The one-line message for a configuration mistake, or None for anything else.
+
+    ``overrides`` (the command line's ``key=value`` arguments) let an unknown key's message list
+    the keys of the config those overrides compose; without them the default config's.
+
+    Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
+    the keys that exist there), override syntax, missing mandatory values, errors raised while
+    building the configured objects, a run folder that already holds results, and Lightning's
+    ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
+    """
+    text = str(err)
+    found = re.search(r"Could not find '([^']*)'", text)
+    if isinstance(err, CompactHydraException) and found:
+        wanted = found.group(1)
+        group, _, name = wanted.rpartition("/")
+        group = group.strip("/")
+        if group:
+            choices = _options(group) or re.findall(r"^\t(\S+)$", text, flags=re.MULTILINE)
+            kind = "recipe" if group == "recipe" else f"{group} option"
+            return f"unknown {kind} '{name}'; choose one of: {', '.join(choices) or '(none)'}"
+        return f"unknown config '{name}'"
+    overridden = re.search(r"Could not (?:override|append to|delete from config)[^']*'([^']+)'", text)
+    if isinstance(err, CompactHydraException) and overridden:
+        key = overridden.group(1)
+        value_match = re.search(r"use \+(\S+)", text)
+        parent, _, leaf = key.rpartition(".")
+        if "not in struct" in text or "Key" in text and "not found" in text or "Could not override" in text:
+            keys = _keys_of(parent, overrides or (), key)
+            where = f"keys of {parent}" if parent else "top-level keys"
+            groups = [g for g in GROUPS if g not in keys] if not parent else []
+            hint = f"; to add a new key use +{value_match.group(1)}" if value_match else ""
+            listed = f"{where}: {', '.join(keys)}" + (f"; config groups: {', '.join(groups)}" if groups else "")
+            return f"unknown key '{key}'; {listed}{hint}"
+    if isinstance(err, InstantiationException):
+        cause = err.__cause__
+        full_key = re.search(r"full_key: (\S+)", text)
+        where = f"{full_key.group(1)}: " if full_key else ""
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else text.splitlines()[0]
+        return _squash(f"{where}{detail}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
+    if isinstance(err, OmegaConfBaseException):
+        first = text.splitlines()[0] if text else type(err).__name__
+        if "Missing mandatory value" in first:
+            key = first.split(":", 1)[-1].strip()
+            return f"{first}; set it on the command line: {key}=..."
+        return _squash(first)
+    if isinstance(err, CompactHydraException):
+        return _squash(text.split("Config search path")[0])
+    if isinstance(err, (MisconfigurationException, FileNotFoundError)):
+        return _squash(f"{type(err).__name__}: {err}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
+    return None
+
+
+def _squash(text: str) -> str:
+    """Join the lines of a message into one."""
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def main() -> None:
+    """Console entry point ``bnnprune``: Hydra's app with one-line configuration errors."""
+    global _FULL_ERROR
+    _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra prints its own multi-line report and exits 1 unless HYDRA_FULL_ERROR is set; with it
+    # set, the exception reaches us and becomes one line (or a full traceback, if not a config error).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except ConfigError as err:
+        sys.stderr.write(f"bnnprune: error: {err.message}\n")
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001
+        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        if message is None:
+            raise
+        sys.stderr.write(f"bnnprune: error: {message}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

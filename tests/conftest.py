@@ -1,0 +1,61 @@
+"""Shared fixtures: the real Hydra configs composed with the ``compose`` API, shrunk for tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from lightning_bnnprune.config import conf_dir, register_recipes
+
+# A run small enough for a test: two tiny batches of each split, no sanity check, no bar.
+TINY = [
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``compose_train(overrides)``: ``conf/train.yaml`` composed as the app does, writing under tmp_path."""
+
+    def _compose(overrides: Sequence[str] = ()) -> DictConfig:
+        register_recipes()
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}", *overrides],
+            )
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def run_app(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_app(*args)``: ``python -m lightning_bnnprune.train *args`` from tmp_path, captured."""
+
+    def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK", "NODE_RANK")}
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_bnnprune.train", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    return _run
+
+
+def stderr_lines(proc: subprocess.CompletedProcess) -> List[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]

@@ -1,0 +1,109 @@
+"""The real ``bnnprune`` app in a subprocess: a tiny run and its outputs, resume, a sweep, the
+one-line errors, and the config lookup of an installed (wheel-layout) package."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_bnnprune
+from lightning_bnnprune.config import conf_dir, recipes_dir
+
+from conftest import TINY, stderr_lines
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(*TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bnnprune summary" in proc.stdout and "test accuracy" in proc.stdout
+    summary = _summary(run_dir)
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["binarized_layers"] == 20  # resnet20_cifar: every conv but the stem
+    assert summary["choices"]["data"] == "digits" and summary["choices"]["binarize"] == "xnor"
+    assert summary["epochs"] == 1 and summary["steps"] == 2
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert Path(summary["last_checkpoint"]) == last and last.is_file()
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    # The folder now holds results: a new run there is refused, in one line ...
+    refused = run_app(*TINY, f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 2
+    assert stderr_lines(refused) == [
+        f"bnnprune: error: hydra.run.dir={run_dir} already holds results; choose a new folder, "
+        "or resume from it with ckpt_path=<a checkpoint in it>"
+    ]
+    # ... unless it resumes from a checkpoint in it: one more epoch on top of the first.
+    resumed = run_app(*[o for o in TINY if "max_epochs" not in o], "trainer.max_epochs=2",
+                      f"hydra.run.dir={run_dir}", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["epochs"] == 2 and summary["steps"] == 4
+    assert (run_dir / "csv" / "version_1" / "metrics.csv").is_file()  # the first run's log is kept
+
+
+def test_sweep_runs_every_job(run_app, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_app("-m", "binarize=xnor,bireal", *TINY, "callbacks=none", "logger=none",
+                   "trainer.enable_checkpointing=false", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {_summary(sweep_dir / str(i))["choices"]["binarize"] for i in (0, 1)}
+    assert jobs == {"xnor", "bireal"}
+    assert proc.stdout.count("bnnprune summary") == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["recipe=nope"], "bnnprune: error: unknown recipe 'nope'; choose one of: "),
+        (["foo=1"], "bnnprune: error: unknown key 'foo'; top-level keys: binarize, callbacks, ckpt_path, data, "),
+        (["-m", "binarize=xnor,nope"], "bnnprune: error: unknown binarize option 'nope'; choose one of: bireal, "),
+    ],
+    ids=["recipe", "key", "sweep-option"],
+)
+def test_mistakes_are_one_line_errors(run_app, args, message):
+    proc = run_app(*args)
+    assert proc.returncode == 2
+    lines = stderr_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(message), lines[0]
+    if args == ["recipe=nope"]:
+        assert "digits_quick" in lines[0]
+
+
+def test_installed_layout_finds_conf_and_recipes_from_any_folder(tmp_path):
+    """A wheel carries conf/ and recipes/ inside the package: copy the package that way and run
+    ``--cfg job`` from an unrelated folder, with no checkout on the path."""
+    site = tmp_path / "site"
+    package = Path(lightning_bnnprune.__file__).parent
+    shutil.copytree(package, site / "lightning_bnnprune", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(conf_dir(), site / "lightning_bnnprune" / "conf")
+    shutil.copytree(recipes_dir(), site / "lightning_bnnprune" / "recipes")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = str(site)
+    code = (
+        "import sys, lightning_bnnprune.config as c, lightning_bnnprune.train as t;"
+        "print(c.conf_dir(), c.recipes_dir());"
+        "sys.argv = ['bnnprune', 'recipe=digits_quick', 'trainer.max_epochs=3', '--cfg', 'job'];"
+        "t.main()"
+    )
+    # -P (Python 3.11+) / -I-like isolation: the checkout must not be importable from cwd.
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0].split()
+    assert first == [str(site / "lightning_bnnprune" / "conf"), str(site / "lightning_bnnprune" / "recipes")]
+    assert "max_epochs: 3" in proc.stdout and "DigitsDataModule" in proc.stdout
+    assert not (elsewhere / "outputs").exists()  # --cfg runs nothing

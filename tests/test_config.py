@@ -1,0 +1,249 @@
+"""The Hydra configs: every group option and recipe composes and builds real objects; mistakes
+are one-line errors that list the choices; run folders with results are never overwritten."""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_class
+from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+
+from lightning_bnnprune import Binarize, ImageClassifier
+from lightning_bnnprune.config import (
+    OutputDirExistsError,
+    RefuseExistingOutputDir,
+    conf_dir,
+    recipe_names,
+    recipes_dir,
+    register_recipes,
+)
+from lightning_bnnprune.data import ImageDataModule
+from lightning_bnnprune.train import build, one_line_error
+
+GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer")
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((conf_dir() / group).glob("*.yaml"))]
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "npz": 10, "imagefolder": 2, "fake": 10}
+
+
+def _imagefolder(root: Path) -> Path:
+    """Two classes, two 40x40 PNGs each, in train/ and val/."""
+    for split in ("train", "val"):
+        for label in ("ants", "bees"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 40), color=(40 * i, 100, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def test_resource_folders_hold_the_configs():
+    assert (conf_dir() / "train.yaml").is_file()
+    assert {"data", "model", "binarize", "prune", "callbacks", "logger", "trainer"} <= {
+        p.name for p in conf_dir().iterdir() if p.is_dir()
+    }
+    assert "digits_quick" in recipe_names()
+    assert (recipes_dir() / "digits_quick.yaml").is_file()
+
+
+def test_defaults_are_the_quickstart(compose_train):
+    cfg = compose_train()
+    assert cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.model.model_name == "resnet20_cifar"
+    assert cfg.binarize.kernel_quantizer == "xnor" and cfg.binarize.input_quantizer == "ste_sign"
+    assert cfg.seed == 0 and cfg.ckpt_path is None and cfg.test_after_fit is True
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(compose_train, tmp_path, group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "timm"):
+        overrides.append("model.model_name=test_resnet")
+    if (group, option) == ("data", "imagefolder"):
+        overrides += [f"data.root={_imagefolder(tmp_path / 'imgs')}", "data.image_size=32", "data.num_workers=0"]
+    if (group, option) == ("logger", "tensorboard"):
+        pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard package")
+    cfg = compose_train(overrides)
+    assert OmegaConf.select(cfg, f"{group}") is not None
+
+    if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
+        with pytest.raises(InstantiationException, match="No supported gpu backend found") as info:
+            build(cfg)
+        assert one_line_error(info.value).startswith("trainer: MisconfigurationException: No supported gpu backend")
+        return
+    run = build(cfg)
+    assert isinstance(run.trainer, Trainer)
+    assert isinstance(run.datamodule, ImageDataModule)
+    assert isinstance(run.model, ImageClassifier)
+    assert run.model.hparams.num_classes == run.datamodule.num_classes
+    out = run.model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, run.datamodule.num_classes)
+
+    if group == "data":
+        assert run.datamodule.num_classes == NUM_CLASSES[option]
+        for key in ("root", "data_dir"):  # real datasets live under paths.data_dir
+            if key in cfg.data and option != "imagefolder":
+                assert str(cfg.data[key]).startswith(str(tmp_path / "data"))
+        if option in ("digits", "fake"):
+            run.datamodule.setup("fit")
+            x, y = next(iter(run.datamodule.train_dataloader()))
+            assert x.shape[1:] == (3, 32, 32) and y.max() < run.datamodule.num_classes
+    elif group == "model":
+        expected = "test_resnet" if option == "timm" else option
+        assert run.model.hparams.model_name == expected
+    elif group == "binarize":
+        if option == "none":
+            assert run.binarize is None and not any(isinstance(c, Binarize) for c in run.trainer.callbacks)
+        else:
+            assert run.trainer.callbacks[0] is run.binarize
+            assert run.binarize.input_quantizer == {"xnor": "ste_sign", "bireal": "approx_sign"}[option]
+            run.binarize.setup(run.trainer, run.model, "fit")
+            # resnet20_cifar: 19 3x3 convs + 2 projection shortcuts, the stem stays full precision
+            assert run.binarize.num_swapped == 20
+    elif group == "prune":
+        if option == "none":
+            assert run.prune is None
+        else:
+            assert run.trainer.callbacks[1] is run.prune
+            assert 0 <= run.prune.target_pfr < 1
+    elif group == "callbacks":
+        kinds = {type(c) for c in run.trainer.callbacks}
+        if option == "default":
+            assert {ModelCheckpoint, LearningRateMonitor, TQDMProgressBar} <= kinds
+            assert run.trainer.checkpoint_callback.dirpath == str(tmp_path / "run" / "checkpoints")
+            assert run.trainer.checkpoint_callback.save_last
+        else:  # only Lightning's own defaults: a progress bar and a checkpoint in the logger's folder
+            assert LearningRateMonitor not in kinds
+            assert run.trainer.checkpoint_callback.dirpath is None
+    elif group == "logger":
+        if option == "none":
+            assert run.loggers == [] and run.trainer.logger is None
+            assert not any(isinstance(c, LearningRateMonitor) for c in run.trainer.callbacks)
+        else:
+            assert len(run.loggers) == 1
+            assert Path(run.loggers[0].save_dir) == tmp_path / "run"
+            if option == "csv":
+                assert isinstance(run.trainer.logger, CSVLogger)
+    elif group == "trainer":
+        assert run.trainer.max_epochs == cfg.trainer.max_epochs
+        if option == "ddp":
+            assert isinstance(run.trainer.strategy, DDPStrategy) and run.trainer.num_devices == 2
+        else:
+            assert run.trainer.num_devices == 1
+
+
+SINGLE_TARGET = [(g, o) for g, o in OPTIONS if g in ("data", "model", "binarize", "prune")]
+
+
+@pytest.mark.parametrize("group,option", SINGLE_TARGET, ids=[f"{g}={o}" for g, o in SINGLE_TARGET])
+def test_every_argument_is_in_the_yaml(group, option):
+    """One YAML per choice lists every argument of its target (none left to a hidden default)."""
+    node = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+    if "_target_" not in node:
+        assert not node, f"{group}/{option}.yaml has values but no _target_"
+        return
+    target = get_class(node._target_)
+    params = [n for n, p in inspect.signature(target.__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    keys = [k for k in node if k != "_target_"]
+    assert sorted(keys) == sorted(params)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_composes_and_builds(compose_train, name):
+    overrides = [f"recipe={name}"]
+    cfg = compose_train(overrides)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        # A GPU recipe is built here with a one-CPU trainer; everything else as written.
+        cfg = compose_train(overrides + ["trainer=cpu"])
+    run = build(cfg)
+    assert isinstance(run.trainer, Trainer) and isinstance(run.model, ImageClassifier)
+    assert run.model.hparams.num_classes == run.datamodule.num_classes
+
+
+def test_recipe_overrides_groups_and_command_line_wins(compose_train):
+    cfg = compose_train(["recipe=digits_quick", "trainer.max_epochs=2", "model=vgg11_cifar"])
+    assert cfg.data._target_.endswith("DigitsDataModule")  # from the recipe's defaults
+    assert cfg.trainer.max_epochs == 2  # the command line beats the recipe's value
+    assert cfg.model.model_name == "vgg11_cifar"  # and its group choice
+
+
+def test_recipe_without_global_package_is_refused(tmp_path):
+    (tmp_path / "bad.yaml").write_text("defaults:\n  - override /data: fake\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml must start with '# @package _global_'"):
+        register_recipes(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override,exception,message",
+    [
+        ("recipe=nope", ConfigCompositionException, r"^unknown recipe 'nope'; choose one of: .*digits_quick"),
+        ("model=nope", ConfigCompositionException,
+         r"^unknown model option 'nope'; choose one of: nin_cifar, resnet18_cifar, resnet20_cifar, timm, vgg11_cifar$"),
+        ("data=nope", ConfigCompositionException, r"^unknown data option 'nope'; choose one of: cifar10, cifar100, digits"),
+        ("foo=1", ConfigCompositionException,
+         r"^unknown key 'foo'; top-level keys: .*ckpt_path.*seed.*trainer.*; to add a new key use \+foo=1$"),
+        ("trainer.max_epoch=3", ConfigCompositionException,
+         r"^unknown key 'trainer.max_epoch'; keys of trainer: .*max_epochs.*; to add a new key use"),
+        ("seed", OverrideParseException, r"^Error parsing override 'seed'"),
+    ],
+)
+def test_mistakes_become_one_line_errors_with_choices(compose_train, override, exception, message):
+    with pytest.raises(exception) as info:
+        compose_train([override])
+    line = one_line_error(info.value, [override])
+    assert line is not None and "\n" not in line
+    assert re.search(message, line), line
+
+
+def test_missing_timm_name_is_one_line(compose_train):
+    cfg = compose_train(["model=timm"])
+    with pytest.raises(MissingMandatoryValue) as info:
+        build(cfg)
+    assert one_line_error(info.value) == (
+        "Missing mandatory value: model.model_name; set it on the command line: model.model_name=..."
+    )
+
+
+def test_bad_argument_to_a_callback_is_one_line(compose_train):
+    cfg = compose_train(["binarize.kernel_quantizer=nope"])
+    with pytest.raises(Exception) as info:
+        build(cfg)
+    line = one_line_error(info.value)
+    assert line.startswith("binarize: MisconfigurationException: Unknown quantizer 'nope'; registered quantizers: ")
+    assert "xnor" in line and "\n" not in line
+
+
+def _run_config(run_dir: Path, ckpt_path=None):
+    return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}}, "ckpt_path": ckpt_path})
+
+
+def test_refuse_existing_output_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    guard = RefuseExistingOutputDir()
+    guard.on_run_start(_run_config(tmp_path / "new"))  # missing: fine
+    (tmp_path / "empty").mkdir()
+    guard.on_run_start(_run_config(tmp_path / "empty"))  # empty: fine
+    used = tmp_path / "used"
+    (used / "checkpoints").mkdir(parents=True)
+    (used / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(OutputDirExistsError, match=r"hydra.run.dir=.*used already holds results"):
+        guard.on_run_start(_run_config(used))
+    guard.on_run_start(_run_config(used, str(used / "checkpoints" / "last.ckpt")))  # resume in place
+    with pytest.raises(OutputDirExistsError, match="already holds results"):
+        guard.on_run_start(_run_config(used, str(tmp_path / "elsewhere.ckpt")))
+    sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(used)}}})
+    with pytest.raises(OutputDirExistsError, match=r"hydra.sweep.dir=.*used already holds results"):
+        guard.on_multirun_start(sweep)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank Lightning started in rank zero's folder
+    guard.on_run_start(_run_config(used))
