@@ -6,7 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
@@ -230,10 +231,13 @@ class Classifier(LightningModule):
 
 
 class RandomClosing(FilterPruning):
-    """The smallest strategy: close a fixed seeded random share of every group when training starts."""
+    """The smallest strategy: close a fixed seeded random share of every group once the gates exist
+    (in ``setup``, before DDP wraps the module: the gates never train, so DDP must not wait for
+    their gradients)."""
 
     @override
-    def on_train_start(self, trainer, pl_module):
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
         g = torch.Generator().manual_seed(0)
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)
@@ -333,3 +337,35 @@ def test_replay_on_an_already_pruned_model_is_a_no_op(tmp_path):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert replay(net, record) is net
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class SaveRecordPerRank(Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, FilterPruning))
+        torch.save({"record": pruning.record.to_dict(), "summary": pruning.summary},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def test_ddp_spawn_every_rank_cuts_the_same_network_and_rank_zero_writes(tmp_path):
+    # A spawn launcher hands rank zero's state dict back to the main process's (uncut) module, so
+    # the workers cut a copy and the pruned model is the file; the main process must not fail.
+    seed_everything(0)
+    module = Classifier()
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
+        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[Binarize(), RandomClosing(target_pfr=0.4, input_size=(3, 32, 32)), SaveRecordPerRank(str(tmp_path))],
+    )
+    trainer.fit(module, _loader())
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    diffs = [r["record"].pop("max_abs_diff") for r in (r0, r1)]  # float noise may differ per process
+    assert max(diffs) <= 1e-4
+    assert r0["record"] == r1["record"] and r0["summary"] == r1["summary"]
+    files = sorted(f for f in os.listdir(tmp_path) if f.startswith(("pruned", "pruning_report")))
+    assert files == ["pruned.pt", "pruning_report.csv", "pruning_report.md", "pruning_report.png"]
+    loaded = load_pruned(tmp_path / "pruned.pt")
+    assert sum(p.numel() for p in loaded.parameters()) == r0["record"]["params_after"]

@@ -6,23 +6,25 @@ so every strategy is measured through the same machinery.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from ..binarize import binary_layers, find_networks
-from ..pruning.gates import FilterGate, attach_gates
+from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, example_input_for, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
-from ..pruning.surgery import default_inputs, remove_filters
+from ..pruning.surgery import default_inputs, remove_filters, resolve_keep
 from .binarize import Binarize
 
 __all__ = ["FilterPruning"]
@@ -87,6 +89,7 @@ class FilterPruning(Callback):
         self.summary: Dict[str, Any] = {}
         self.pruned_path: Optional[str] = None
         self.report_paths: Dict[str, str] = {}
+        self._pruned_in_place = False
 
     # ------------------------------------------------------------------ set-up
     def network_of(self, pl_module: "pl.LightningModule") -> nn.Module:
@@ -189,13 +192,23 @@ class FilterPruning(Callback):
         if not self.remove_at_end or self.analysis is None or self.record is not None:
             return
         net = self.network_of(pl_module)
-        # Every rank cuts its own copy (same gates under DDP, so the same module everywhere);
+        keep = resolve_keep(net, self.analysis, min_filters=self.min_filters)
+        spawned = isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+        if spawned:
+            # A spawn/fork launcher loads rank zero's final state dict back into the main process's
+            # module, which was never binarised nor cut: a pruned state dict would fail there on
+            # sizes. So the workers' modules stay as they are and the removal works on a copy;
+            # the pruned model is the file written below.
+            net = copy.deepcopy(net)
+            detach_gates(net)
+        # Every rank cuts its own network (same gates under DDP, so the same module everywhere);
         # the seeded check batch is the same on every rank too.
         self.record = remove_filters(
-            net, self.analysis,
+            net, self.analysis, masks=keep,
             example_inputs=default_inputs(net, self._input_shape(pl_module, net)),
             min_filters=self.min_filters, network_path=self.network_path,
         )
+        self._pruned_in_place = not spawned
         self.report = compression_report(net, self.record)
         self.summary = dict(self.report.summary)
         directory = self._output_dir(trainer)
@@ -208,12 +221,17 @@ class FilterPruning(Callback):
         rank_zero_info(f"[{type(self).__name__}] removed the pruned filters (max |logit diff| "
                        f"{self.record.max_abs_diff:.2g}):\n{self.report}\n"
                        f"pruned model: {self.pruned_path}; report: {self.report_paths['md']}")
+        if spawned:
+            rank_zero_warn(
+                f"[{type(self).__name__}] with a spawn/fork launcher the main process's module cannot be "
+                f"replaced by the pruned one: load it with lightning_bnnprune.load_pruned({self.pruned_path!r})"
+            )
 
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: Dict[str, Any]) -> None:
         # After the removal the module tree is the pruned one: the record rebuilds it on load.
-        if self.record is None:
+        if self.record is None or not self._pruned_in_place:
             return
         checkpoint[CHECKPOINT_KEY] = self.record.to_dict()
         current = {id(p) for p in pl_module.parameters()}
