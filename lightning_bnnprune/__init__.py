@@ -14,6 +14,10 @@ from .data import (
 )
 from .layers import BinaryConv2d
 from .module import ImageClassifier
+from .pruning.export import export_packed, load_packed
+from .pruning.record import PruningRecord, load_pruned, restore_pruned, save_pruned
+from .pruning.report import compression_report
+from .pruning.surgery import remove_filters
 
 __version__ = "0.1.0"
 
@@ -29,9 +33,17 @@ __all__ = [
     "ImageClassifier",
     "ImageFolderDataModule",
     "NpzDataModule",
+    "PruningRecord",
     "ZeroFilterPruning",
     "binarize_model",
+    "compression_report",
     "create_datamodule",
+    "export_packed",
+    "load_packed",
+    "load_pruned",
     "quantizers",
+    "remove_filters",
+    "restore_pruned",
+    "save_pruned",
     "__version__",
 ]
