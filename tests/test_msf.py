@@ -29,11 +29,16 @@ def one_thread():
 
 
 class Classifier(L.LightningModule):
-    """A user's own module: a timm network in an attribute and a plain training_step."""
+    """A user's own module: a timm network in an attribute and a plain training_step.
+
+    ``zero_init_last=False``: timm zero-initialises the last norm of every residual block, which
+    cuts the gradient to the gates inside the blocks until the block has trained; the tests want
+    a network like the trained ones the callback is for.
+    """
 
     def __init__(self, name: str = "test_resnet", returns_dict: bool = False, lr: float = 1e-2) -> None:
         super().__init__()
-        self.net = timm.create_model(name, num_classes=10)
+        self.net = timm.create_model(name, num_classes=10, zero_init_last=False)
         self.returns_dict = returns_dict
         self.lr = lr
 
@@ -80,6 +85,7 @@ class Recorder(Callback):
         self.snapshots: List[Tuple[Dict, Dict]] = []
         self.bar: List[str] = []
         self.backwards = 0
+        self.learned: Dict[str, torch.Tensor] = {}  # each selector's logits before the share is enforced
 
     def _snap(self, pl_module) -> None:
         self.snapshots.append((main_params(pl_module), gate_logits(pl_module)))
@@ -95,6 +101,11 @@ class Recorder(Callback):
 
     def on_after_backward(self, trainer, pl_module):
         self.backwards += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.msf._phase.name == "selector":
+            for name in self.msf._phase.groups:
+                self.learned[name] = self.msf.gates[name].logits.detach().clone()
 
     def on_train_end(self, trainer, pl_module):
         self._snap(pl_module)
@@ -119,6 +130,8 @@ def test_phases_in_order_selector_moves_only_gates_retrain_only_weights(tmp_path
     expected += [(len(layers), "done", ())]
     assert rec.phases == expected
     assert rec.backwards == steps  # one backward per step, teacher included
+    for group in layers:  # the loss gradient reached every selector's gates: they no longer tie
+        assert rec.learned[group].unique().numel() > 1, group
     for (stage, phase, groups), (w0, g0), (w1, g1) in zip(rec.phases, rec.snapshots, rec.snapshots[1:]):
         if phase == "selector":
             assert all(torch.equal(w0[n], w1[n]) for n in w0), "main weights moved in a selector phase"
@@ -203,6 +216,28 @@ def test_epoch_unit_and_scale_to_fit(tmp_path):
     assert [p[1] for p in rec.phases] == ["selector", "retrain"]
     assert t.global_step == 4
     assert msf.kept_filters()["conv1.6"] == 32 - msf.prune_counts["conv1.6"]
+
+
+def test_teacher_is_the_network_with_the_stage_gates_open_and_leaves_bn_statistics(tmp_path):
+    L.seed_everything(0)
+    module = Classifier("test_resnet")
+    msf = MainSubsidiaryPruning(target_pfr=0.5, selector=1, retrain=1, layers=["conv1.6"], remove_at_end=False)
+    trainer(tmp_path, [Binarize(), msf], max_steps=2).fit(module, loader())
+    net, gate = module.net, msf.gates["conv1.6"]
+    assert 0 < gate.num_open < 32  # the selector closed its share
+    x = torch.randn(4, 3, 32, 32)
+    net.train()
+    msf._phase = msf.schedule.phase_at(0)  # inside the selector of conv1.6
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    teacher = msf._teacher(net, (x,), {})
+    assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())  # statistics untouched
+    closed = gate.mask().clone()
+    with torch.no_grad():
+        student = net(x)
+        gate.set_mask(torch.ones(32))
+        opened = net(x)
+    assert torch.equal(teacher, opened) and not torch.allclose(student, opened)
+    gate.set_mask(closed)
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -20,7 +20,7 @@ LAYERS = ["conv1.6", "layer2.0.conv1"]
 class Classifier(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = timm.create_model("test_resnet", num_classes=10)
+        self.net = timm.create_model("test_resnet", num_classes=10, zero_init_last=False)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -499,7 +499,9 @@ class MainSubsidiaryPruning(FilterPruning):
                     "or `network=` the module that returns logits"
                 )
             args, kwargs, student = self._captured
-            kd = distillation_loss(student, self._teacher(net, args, kwargs), self.temperature)
+            if any(self.gates[name].num_open < self.gates[name].logits.numel() for name in self._phase.groups):
+                kd = distillation_loss(student, self._teacher(net, args, kwargs), self.temperature)
+            # else the student is the teacher: the loss and its gradient are 0, skip the forward
         task = loss + self.lambda_kd * kd
         budget = sum(
             budget_term(self.gates[name](), 1.0 - self.prune_counts[name] / self.gates[name].logits.numel(),
