@@ -2,7 +2,7 @@
 from . import models  # registers the CIFAR networks in timm's registry
 from . import quantizers
 from .binarize import binarize_model
-from .callbacks import Binarize, FilterPruning, GreedyFilterPruning, ZeroFilterPruning
+from .callbacks import Binarize, FilterPruning, GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning
 from .data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -32,6 +32,7 @@ __all__ = [
     "GreedyFilterPruning",
     "ImageClassifier",
     "ImageFolderDataModule",
+    "MainSubsidiaryPruning",
     "NpzDataModule",
     "PruningRecord",
     "ZeroFilterPruning",

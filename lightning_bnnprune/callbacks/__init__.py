@@ -3,5 +3,6 @@ from .base import FilterPruning
 from .bdg import ZeroFilterPruning
 from .binarize import Binarize
 from .greedy import GreedyFilterPruning
+from .msf import MainSubsidiaryPruning
 
-__all__ = ["Binarize", "FilterPruning", "GreedyFilterPruning", "ZeroFilterPruning"]
+__all__ = ["Binarize", "FilterPruning", "GreedyFilterPruning", "MainSubsidiaryPruning", "ZeroFilterPruning"]
