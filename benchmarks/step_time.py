@@ -1,18 +1,24 @@
 """Training-step time of MainSubsidiaryPruning's phases against plain binary training, in one run.
 
-Three kinds of step on the same binarised model and the same batch, each in a real
-``lightning.Trainer`` with the product's :class:`~lightning_bnnprune.module.ImageClassifier`:
+Two real ``lightning.Trainer`` runs of the product's :class:`~lightning_bnnprune.module.ImageClassifier`
+on the same binarised model and the same batch, each in its own thread, take turns step by step
+(a baton passed at every batch end), so every pruning step is timed right after a plain step,
+under the same machine load:
 
-- *plain*: ``Binarize`` only, the binary network trained as the user would without pruning;
-- *selector*: ``MainSubsidiaryPruning`` in a selector phase (gates of one layer train, the main
-  weights are frozen, plus the distillation teacher's forward and the budget term), timed on the
-  first prunable layer (the deepest backward) and on the last one;
-- *retrain*: the main network trains with the gates fixed (gate masks in every forward).
+- *plain*: ``Binarize`` only, the binary network trained as a user would without pruning;
+- *pruning*: ``Binarize`` + ``MainSubsidiaryPruning`` on two layers, the first prunable one (the
+  deepest backward in its selector) and the last one, each with a *selector* phase (gates train,
+  main weights frozen, the distillation teacher's forward, the budget term) and a *retrain* phase
+  (the main network trains with the gates fixed, gate masks in every forward).
 
-A step is timed from one ``on_train_batch_start`` to the next, so the callbacks' own hooks count.
-The first ``--warmup`` steps of each phase are dropped; the table gives the median of the next
-``--steps``, as wall time and as CPU time of the process (which other processes on a shared machine
-do not inflate). Goal (issue 3): selector <= 1.4x and retrain <= 1.05x the plain step.
+The selector starts its gates at 0 (``gate_init=0``), so that gates close from the first step on
+and the teacher's forward runs on every timed selector step (with the default start, the first
+steps of a phase skip it: the student is the teacher while every gate is open).
+
+A step is timed from the first callback's ``on_train_batch_start`` to the last callback's
+``on_train_batch_end``, as wall time and as CPU time of the thread. The first ``--warmup`` steps of
+each phase are dropped. Ratio = pruning step / the plain step just before it; the table gives the
+median of those ratios and of the times. Goal (issue 3): selector <= 1.4x, retrain <= 1.05x.
 
 Example::
 
@@ -28,8 +34,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import timm
@@ -45,26 +52,58 @@ from lightning_bnnprune.module import ImageClassifier
 from lightning_bnnprune.pruning.groups import find_channel_groups
 
 
-class StepTimer(Callback):
-    """(label, wall s, CPU s) of every step, from one batch start to the next."""
+class Baton:
+    """Turn-taking between runs: run ``i`` steps only when it holds the baton."""
 
-    def __init__(self, label) -> None:
-        self.label = label  # a string, or a function of the trainer
-        self.steps: List[Tuple[str, float, float]] = []
-        self._last: Tuple[str, float, float] = ("", 0.0, 0.0)
+    def __init__(self, runs: int) -> None:
+        self.cond = threading.Condition()
+        self.turn, self.runs, self.finished = 0, runs, set()
 
-    def _mark(self, trainer) -> None:
-        now = (time.perf_counter(), time.process_time())
-        if self._last[0]:
-            self.steps.append((self._last[0], now[0] - self._last[1], now[1] - self._last[2]))
-        label = self.label(trainer) if callable(self.label) else self.label
-        self._last = (label, *now)
+    def wait(self, i: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def give(self, i: int) -> None:
+        with self.cond:
+            alive = [r for r in range(self.runs) if r not in self.finished]
+            if alive:
+                later = [r for r in alive if r > i]
+                self.turn = later[0] if later else alive[0]
+            self.cond.notify_all()
+
+    def finish(self, i: int) -> None:
+        with self.cond:
+            self.finished.add(i)
+        self.give(i)
+
+
+class StartTimer(Callback):
+    """First in the callback list: waits for the baton, starts the clock."""
+
+    def __init__(self, baton: Baton, run: int) -> None:
+        self.baton, self.run, self.started = baton, run, (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._mark(trainer)
+        self.baton.wait(self.run)
+        self.started = (time.perf_counter(), time.thread_time())
+
+
+class StopTimer(Callback):
+    """Last in the callback list: stops the clock, labels the step, passes the baton."""
+
+    def __init__(self, start: StartTimer, label: Callable[[], str], count: Callable[[], int] = lambda: 0) -> None:
+        self.start, self.label, self.count = start, label, count
+        self.steps: List[Tuple[str, float, float]] = []
+        self.counts: List[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        wall, cpu = time.perf_counter() - self.start.started[0], time.thread_time() - self.start.started[1]
+        self.steps.append((self.label(), wall, cpu))
+        self.counts.append(self.count())
+        self.start.baton.give(self.start.run)
 
     def on_train_end(self, trainer, pl_module):
-        self._mark(trainer)
+        self.start.baton.finish(self.start.run)
 
 
 def _git_commit() -> str:
@@ -80,30 +119,36 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _fit(args, callbacks, steps: int) -> None:
-    torch.manual_seed(args.seed)
-    x = torch.randn(args.batch_size, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch_size,))
-    # the same batch every step, one epoch for the whole run
-    data = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=args.batch_size)
-    model = ImageClassifier(args.model, num_classes=10, optimizer="sgd", lr=0.01, scheduler=None)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.tmp,
-        num_sanity_val_steps=0, callbacks=callbacks,
-    )
-    trainer.fit(model, data)
+def _fit(args, callbacks, steps: int, errors: List[BaseException]) -> None:
+    try:
+        torch.manual_seed(args.seed)
+        x = torch.randn(args.batch_size, 3, args.size, args.size)
+        y = torch.randint(0, 10, (args.batch_size,))
+        # the same batch every step, one epoch for the whole run
+        data = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=args.batch_size)
+        # timm zero-inits the last norm of each residual block: no gradient would reach the gates
+        # inside the blocks, as it does in the trained networks the callback is for
+        model = ImageClassifier(args.model, num_classes=10, optimizer="sgd", lr=0.01, scheduler=None,
+                                model_kwargs={"zero_init_last": False})
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.tmp,
+            num_sanity_val_steps=0, callbacks=callbacks,
+        )
+        trainer.fit(model, data)
+    except BaseException as err:  # noqa: BLE001  reported by the main thread
+        errors.append(err)
+        callbacks[0].baton.finish(callbacks[0].run)
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18_cifar")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=32, help="input height = width")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per phase")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per phase")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each phase")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating (plain, pruning) runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", default="/tmp/bnnprune_step_time")
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -119,41 +164,59 @@ def main(argv=None) -> None:
     groups = find_channel_groups(probe, torch.randn(1, 3, args.size, args.size)).names
     first, last = groups[0], groups[-1]
 
-    # Rounds of (plain run, pruning run) alternate, so that load changes on a shared machine hit
-    # every kind of step alike; steps are pooled by kind over the rounds.
-    pooled: Dict[str, List[Tuple[float, float]]] = {}
-    per_round: Dict[str, List[float]] = {}
-    for _ in range(args.rounds):
-        plain = StepTimer("plain")
-        _fit(args, [Binarize(), plain], per_phase)
-        msf = MainSubsidiaryPruning(target_pfr=0.4, selector=per_phase, retrain=per_phase, layers=[first, last],
-                                    remove_at_end=False)
+    baton = Baton(2)
+    plain_start = StartTimer(baton, 0)
+    plain = StopTimer(plain_start, lambda: "plain")
+    msf = MainSubsidiaryPruning(target_pfr=0.4, selector=per_phase, retrain=per_phase, layers=[first, last],
+                                gate_init=0.0, remove_at_end=False)
+    teacher_calls = [0]
+    teacher = msf._teacher
 
-        def label(trainer, msf=msf) -> str:
-            phase = msf._phase
-            return f"{phase.name} ({phase.groups[0]})" if phase.groups else phase.name
+    def counted_teacher(*a, **k):
+        teacher_calls[0] += 1
+        return teacher(*a, **k)
 
-        timed = StepTimer(label)
-        _fit(args, [Binarize(), msf, timed], 4 * per_phase)
-        for timer in (plain, timed):
-            for lab in dict.fromkeys(lab for lab, _, _ in timer.steps):
-                steps = [s[1:] for s in timer.steps if s[0] == lab][args.warmup:]
-                pooled.setdefault(lab, []).extend(steps)
-                per_round.setdefault(lab, []).append(statistics.median(s[1] for s in steps))
-    rows = {lab: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for lab, v in pooled.items()}
-    order = ["plain", f"selector ({first})", f"selector ({last})", f"retrain ({first})", f"retrain ({last})"]
-    base_wall, base_cpu = rows["plain"]
-    goals = {"plain": "", "selector": "<= 1.40x", "retrain": "<= 1.05x"}
-    lines = [
-        "| step | wall (ms) | CPU (ms) | wall ratio | CPU ratio | CPU ratio per round | goal |",
-        "|---|---:|---:|---:|---:|---|---|",
+    msf._teacher = counted_teacher
+    msf_start = StartTimer(baton, 1)
+    pruning = StopTimer(msf_start, lambda: f"{msf._phase.name} ({msf._phase.groups[0]})", lambda: teacher_calls[0])
+    errors: List[BaseException] = []
+    runs = [
+        threading.Thread(target=_fit, args=(args, [plain_start, Binarize(), plain], 4 * per_phase, errors)),
+        threading.Thread(target=_fit, args=(args, [msf_start, Binarize(), msf, pruning], 4 * per_phase, errors)),
     ]
-    for lab in order:
-        wall, cpu = rows[lab]
-        rounds = ", ".join(f"{c / b:.2f}" for c, b in zip(per_round[lab], per_round["plain"]))
-        lines.append(f"| {lab} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {wall / base_wall:.2f}x | "
-                     f"{cpu / base_cpu:.2f}x | {rounds} | {goals[lab.split(' ')[0]]} |")
-    table = "\n".join(lines)
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    if errors:
+        raise errors[0]
+
+    # pair each pruning step with the plain step timed just before it
+    rows: Dict[str, List[Tuple[float, float, float, float]]] = {}
+    teachers: Dict[str, int] = {}
+    for index, (label, wall, cpu) in enumerate(pruning.steps):
+        if index % per_phase < args.warmup:
+            continue
+        _, plain_wall, plain_cpu = plain.steps[index]
+        rows.setdefault(label, []).append((wall, cpu, wall / plain_wall, cpu / plain_cpu))
+        teachers[label] = teachers.get(label, 0) + pruning.counts[index] - (pruning.counts[index - 1] if index else 0)
+    plain_rows = [s for i, s in enumerate(plain.steps) if i % per_phase >= args.warmup]
+    med = statistics.median
+    lines = [
+        "| step | wall (ms) | CPU (ms) | wall ratio | CPU ratio | CPU ratio range | teacher forwards | goal |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
+        f"| plain | {med(s[1] for s in plain_rows) * 1e3:.1f} | {med(s[2] for s in plain_rows) * 1e3:.1f} "
+        "| 1.00x | 1.00x | | | |",
+    ]
+    goals = {"selector": "<= 1.40x", "retrain": "<= 1.05x"}
+    for label in (f"selector ({first})", f"selector ({last})", f"retrain ({first})", f"retrain ({last})"):
+        r = rows[label]
+        lines.append(
+            f"| {label} | {med(s[0] for s in r) * 1e3:.1f} | {med(s[1] for s in r) * 1e3:.1f} | "
+            f"{med(s[2] for s in r):.2f}x | {med(s[3] for s in r):.2f}x | "
+            f"{min(s[3] for s in r):.2f}-{max(s[3] for s in r):.2f} | {teachers[label]}/{len(r)} | "
+            f"{goals[label.split(' ')[0]]} |"
+        )
     command = "python benchmarks/step_time.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = "\n".join([
         f"## MainSubsidiaryPruning step time: {args.model}, batch {args.batch_size} at {args.size}x{args.size} (CPU)",
@@ -162,17 +225,18 @@ def main(argv=None) -> None:
         f"- git commit: {_git_commit()}",
         f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}, load average at start {load:.1f} (other processes share the machine)",
-        f"- torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}, python {platform.python_version()}",
-        f"- timing: a real Trainer with ImageClassifier (SGD), the same batch every step, one batch start to the "
-        f"next; {args.rounds} rounds of (plain run, pruning run), {args.warmup} untimed steps per phase and "
-        f"round, median of the {args.rounds * args.steps} timed steps of each kind",
-        f"- selector timed on the first prunable layer ({first}: backward down to the input side) and the last ({last})",
+        f"- torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}, "
+        f"python {platform.python_version()}",
+        "- timing: two real Trainers (ImageClassifier, SGD, the same batch every step) taking turns step by step; "
+        f"{args.warmup} untimed steps per phase, then {args.steps} timed, each against the plain step just before it",
+        f"- selector on the first prunable layer ({first}: backward down to the input side) and the last ({last}), "
+        "gates starting at 0 so the teacher's forward runs on every timed step (checked: `teacher forwards` below)",
         f"- wall time of the benchmark: {time.perf_counter() - started:.1f} s",
         "",
-        "Wall: median wall-clock time per step. CPU: median CPU time of the process per step (all its threads).",
-        "Ratios are against the plain binary step.",
+        "Wall: median wall-clock time per step. CPU: median CPU time of the training thread per step.",
+        "Ratios: median over steps of (pruning step / plain step timed just before it); range: min-max.",
         "",
-        table,
+        "\n".join(lines),
         "",
     ])
     print(report)
