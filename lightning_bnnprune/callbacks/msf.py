@@ -590,8 +590,11 @@ class MainSubsidiaryPruning(FilterPruning):
                     "the stages after "
                     f"{self._phase.describe(self.schedule.num_stages) if self._phase else 'the start'} did not run"
                 )
-            rank_zero_info(f"[{type(self).__name__}] final PFR {self.pfr():.4f} (target {self.target_pfr:.4f}); "
-                           f"kept filters {self.kept_filters()}")
+            kept = self.kept_filters()
+            chosen = sum(self.gates[name].logits.numel() for name in self.prune_counts)
+            pruned = sum(self.gates[name].logits.numel() - kept[name] for name in self.prune_counts)
+            rank_zero_info(f"[{type(self).__name__}] final PFR {pruned / max(chosen, 1):.4f} of the pruned layers "
+                           f"(target {self.target_pfr:.4f}), {self.pfr():.4f} overall; kept filters {kept}")
         super().on_fit_end(trainer, pl_module)
 
     @override
