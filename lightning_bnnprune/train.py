@@ -303,7 +303,8 @@ def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None
             where = f"keys of {parent}" if parent else "top-level keys"
             groups = [g for g in GROUPS if g not in keys] if not parent else []
             hint = f"; to add a new key use +{value_match.group(1)}" if value_match else ""
-            listed = f"{where}: {', '.join(keys)}" + (f"; config groups: {', '.join(groups)}" if groups else "")
+            listed = f"{where}: {', '.join(keys)}" if keys else f"{parent or 'the config'} has no keys here"
+            listed += f"; config groups: {', '.join(groups)}" if groups else ""
             return f"unknown key '{key}'; {listed}{hint}"
     if isinstance(err, InstantiationException):
         cause = err.__cause__

@@ -14,11 +14,13 @@ from omegaconf import DictConfig
 
 from lightning_bnnprune.config import conf_dir, register_recipes
 
-# A run small enough for a test: two tiny batches of each split, no sanity check, no bar.
+# A run small enough for a test: six tiny training batches (the fewest that hold the default
+# pruning schedule once scaled to fit: 3 stages x (1 selector + 1 retrain step)), one of each
+# evaluation split, no bar.
 TINY = [
     "data.batch_size=8",
     "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
+    "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.enable_progress_bar=false",

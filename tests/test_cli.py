@@ -30,7 +30,13 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, tmp_path):
     assert 0.0 <= summary["test_acc"] <= 1.0
     assert summary["binarized_layers"] == 20  # resnet20_cifar: every conv but the stem
     assert summary["choices"]["data"] == "digits" and summary["choices"]["binarize"] == "xnor"
-    assert summary["epochs"] == 1 and summary["steps"] == 2
+    assert summary["epochs"] == 1 and summary["steps"] == 6
+    pruning = summary["pruning"]  # the quickstart prunes (prune=msf) and removes the filters
+    assert abs(pruning["pfr"] - 0.4) <= 0.01 and pruning["mac_ratio"] > 1 and pruning["compression"] > 1
+    assert summary["parameters"] == pruning["params_after"] < pruning["params_before"]
+    assert "pruned           PFR 40.0 %" in proc.stdout
+    assert (run_dir / "checkpoints" / "pruned.pt").is_file()
+    assert (run_dir / "checkpoints" / "pruning_report.md").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"
     assert Path(summary["last_checkpoint"]) == last and last.is_file()
     assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
@@ -48,17 +54,19 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, tmp_path):
                       f"hydra.run.dir={run_dir}", f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _summary(run_dir)
-    assert summary["epochs"] == 2 and summary["steps"] == 4
+    assert summary["epochs"] == 2 and summary["steps"] == 12
     assert (run_dir / "csv" / "version_1" / "metrics.csv").is_file()  # the first run's log is kept
 
 
 def test_sweep_runs_every_job(run_app, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_app("-m", "binarize=xnor,bireal", *TINY, "callbacks=none", "logger=none",
-                   "trainer.enable_checkpointing=false", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_app("-m", "prune=none,msf", *TINY, "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = {_summary(sweep_dir / str(i))["choices"]["binarize"] for i in (0, 1)}
-    assert jobs == {"xnor", "bireal"}
+    jobs = {_summary(sweep_dir / str(i))["choices"]["prune"]: _summary(sweep_dir / str(i)) for i in (0, 1)}
+    assert set(jobs) == {"none", "msf"}
+    assert jobs["none"]["pruning"] is None
+    assert abs(jobs["msf"]["pruning"]["pfr"] - 0.4) <= 0.01
+    assert jobs["msf"]["parameters"] < jobs["none"]["parameters"]
     assert proc.stdout.count("bnnprune summary") == 2
 
 
@@ -107,3 +115,34 @@ def test_installed_layout_finds_conf_and_recipes_from_any_folder(tmp_path):
     assert first == [str(site / "lightning_bnnprune" / "conf"), str(site / "lightning_bnnprune" / "recipes")]
     assert "max_epochs: 3" in proc.stdout and "DigitsDataModule" in proc.stdout
     assert not (elsewhere / "outputs").exists()  # --cfg runs nothing
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in README.md."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def test_readme_callback_snippet_runs_and_prunes(tmp_path, monkeypatch):
+    """The README's "callbacks in your own Trainer" snippet, verbatim but for a shorter run."""
+    code = _readme_block("### 1. Callbacks in your own Trainer")
+    shorter = {
+        "max_epochs=6,": "max_epochs=1, limit_train_batches=6, limit_val_batches=1, logger=False, "
+                         "enable_progress_bar=False, enable_model_summary=False,",
+        "warmup=60, selector=5, retrain=15,": "warmup=0, selector=1, retrain=1,",
+        "print(model.backbone)": "",
+    }
+    for old, new in shorter.items():
+        assert old in code, f"README snippet changed: {old!r} not found"
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model, trainer = namespace["model"], namespace["trainer"]
+    pruner = trainer.callbacks[1]
+    assert abs(pruner.summary["pfr"] - 0.4) <= 0.01
+    assert sum(p.numel() for p in model.backbone.parameters()) == pruner.summary["params_after"]
+    assert pruner.summary["params_after"] < pruner.summary["params_before"]
+    assert Path(pruner.pruned_path).is_file()

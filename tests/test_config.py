@@ -247,3 +247,20 @@ def test_refuse_existing_output_dir(tmp_path, monkeypatch):
         guard.on_multirun_start(sweep)
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank Lightning started in rank zero's folder
     guard.on_run_start(_run_config(used))
+
+
+def test_timm_backbone_from_a_local_weights_file(compose_train, tmp_path):
+    """README way 3: model=timm with model.pretrained_file loads the file (no download)."""
+    import timm
+
+    source = timm.create_model("test_resnet", num_classes=7)
+    weights = tmp_path / "test_resnet.pth"
+    torch.save(source.state_dict(), weights)
+    cfg = compose_train(["model=timm", "model.model_name=test_resnet", f"model.pretrained_file={weights}",
+                         "data=fake"])
+    run = build(cfg)
+    loaded = run.model.net.state_dict()
+    classifier = source.pretrained_cfg["classifier"]
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith(classifier + ".")}
+    assert kept and all(torch.equal(loaded[k], v) for k, v in kept.items())
+    assert run.model.net.get_classifier().out_features == 10  # re-initialised for the data's classes
