@@ -172,6 +172,7 @@ def _summary(cfg: DictConfig, run: Run, metrics: Dict[str, float], wall_time_s: 
         "epochs": run.trainer.current_epoch,
         "steps": run.trainer.global_step,
         "pruning": _pruning_summary(run.callbacks),
+        "pruned_model": getattr(run.prune, "pruned_path", None),
         "model_name": cfg.model.get("model_name"),
         "choices": {g: choices.get(g) for g in GROUPS if g in choices},
         "seed": cfg.seed,
@@ -208,6 +209,8 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
             parts.append(f"compression {pruning['compression']:.1f}x")
         lines.append("  pruned           " + (", ".join(parts) or "yes"))
     lines.append(f"  parameters       {summary['parameters']:,}")
+    if summary.get("pruned_model"):
+        lines.append(f"  pruned model     {summary['pruned_model']}")
     lines.append(f"  epochs / steps   {summary['epochs']} / {summary['steps']} in {summary['wall_time_s']:.0f} s")
     print("\n".join(lines), flush=True)
 
@@ -265,7 +268,7 @@ def _keys_of(parent: str, overrides: Sequence[str], bad_key: str) -> List[str]:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = compose(CONFIG_NAME, overrides=list(attempt))
             node = OmegaConf.select(cfg, parent) if parent else cfg
-            return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+            return sorted(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else []
         except Exception:  # noqa: BLE001  (a sweep or the same mistake: fall back to the defaults)
             GlobalHydra.instance().clear()
     return []

@@ -35,6 +35,7 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, tmp_path):
     assert abs(pruning["pfr"] - 0.4) <= 0.01 and pruning["mac_ratio"] > 1 and pruning["compression"] > 1
     assert summary["parameters"] == pruning["params_after"] < pruning["params_before"]
     assert "pruned           PFR 40.0 %" in proc.stdout
+    assert Path(summary["pruned_model"]) == run_dir / "checkpoints" / "pruned.pt"
     assert (run_dir / "checkpoints" / "pruned.pt").is_file()
     assert (run_dir / "checkpoints" / "pruning_report.md").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -264,3 +264,16 @@ def test_timm_backbone_from_a_local_weights_file(compose_train, tmp_path):
     kept = {k: v for k, v in source.state_dict().items() if not k.startswith(classifier + ".")}
     assert kept and all(torch.equal(loaded[k], v) for k, v in kept.items())
     assert run.model.net.get_classifier().out_features == 10  # re-initialised for the data's classes
+
+
+def test_readme_error_examples_are_what_the_app_says(compose_train):
+    """Every `$ bnnprune ARGS` / `bnnprune: error: ...` pair in the README, checked in process."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    pairs = [(lines[i][len("$ bnnprune "):].split(), lines[i + 1][len("bnnprune: error: "):])
+             for i in range(len(lines) - 1)
+             if lines[i].startswith("$ bnnprune ") and lines[i + 1].startswith("bnnprune: error: ")]
+    assert len(pairs) >= 2
+    for args, expected in pairs:
+        with pytest.raises(ConfigCompositionException) as info:
+            compose_train(args)
+        assert one_line_error(info.value, args) == expected
