@@ -59,5 +59,28 @@ def run_app(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     return _run
 
 
+@pytest.fixture
+def call_main(monkeypatch, capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """``call_main(*args)``: the app's ``main()`` in this process, with ``sys.argv`` = args; for
+    runs that end before training (errors), where a new interpreter would only add start-up time."""
+    from lightning_bnnprune.train import main
+
+    def _call(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["bnnprune", *args])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            os.environ.pop("HYDRA_FULL_ERROR", None)  # main() sets it for its own process
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["bnnprune", *args], code, out.out, out.err)
+
+    return _call
+
+
 def stderr_lines(proc: subprocess.CompletedProcess) -> List[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
