@@ -21,7 +21,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, tmp_path):
+def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, call_main, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_app(*TINY, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
