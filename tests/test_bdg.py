@@ -102,3 +102,11 @@ def test_bad_sparsity_arguments(kwargs, match):
 def test_negative_atol_is_rejected():
     with pytest.raises(MisconfigurationException, match="`atol` must be >= 0"):
         ZeroFilterPruning(atol=-1)
+
+
+def test_xnor_weights_warn_that_nothing_can_be_emptied(tmp_path):
+    """prune=bdg with binarize=xnor is a mistake worth a warning: +-alpha is never zero."""
+    pruning = ZeroFilterPruning()
+    with pytest.warns(UserWarning, match=r"no binary layer has the sparse \{0, 2 tau\} domain"):
+        _fit([Binarize(), pruning], steps=1, tmp_path=tmp_path)
+    assert pruning.summary["empty_filter_share"] == 0.0

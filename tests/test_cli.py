@@ -60,15 +60,21 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, call_main, tm
 
 
 def test_sweep_runs_every_job(run_app, tmp_path):
+    """A sweep over strategies at tiny size: one run folder per job, each on the shared schedule."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_app("-m", "prune=none,msf", *TINY, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_app("-m", "prune=none,msf,stq", "schedule.warmup=2", *TINY, "logger=none",
+                   f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = {_summary(sweep_dir / str(i))["choices"]["prune"]: _summary(sweep_dir / str(i)) for i in (0, 1)}
-    assert set(jobs) == {"none", "msf"}
+    jobs = {_summary(sweep_dir / str(i))["choices"]["prune"]: _summary(sweep_dir / str(i)) for i in (0, 1, 2)}
+    assert set(jobs) == {"none", "msf", "stq"}
     assert jobs["none"]["pruning"] is None
-    assert abs(jobs["msf"]["pruning"]["pfr"] - 0.4) <= 0.01
-    assert jobs["msf"]["parameters"] < jobs["none"]["parameters"]
-    assert proc.stdout.count("bnnprune summary") == 2
+    for strategy in ("msf", "stq"):
+        assert abs(jobs[strategy]["pruning"]["pfr"] - 0.4) <= 0.01
+        assert jobs[strategy]["parameters"] < jobs["none"]["parameters"]
+        assert jobs[strategy]["steps"] == jobs["none"]["steps"] == 6  # one budget for every job
+    # uniform allocation: both strategies remove the same number of filters per group
+    assert jobs["msf"]["parameters"] == jobs["stq"]["parameters"]
+    assert proc.stdout.count("bnnprune summary") == 3
 
 
 @pytest.mark.parametrize(
@@ -77,7 +83,7 @@ def test_sweep_runs_every_job(run_app, tmp_path):
         (["recipe=nope"], "bnnprune: error: unknown recipe 'nope'; choose one of: "),
         (["model=nope"], "bnnprune: error: unknown model option 'nope'; choose one of: nin_cifar, resnet18_cifar, "),
         (["foo=1"], "bnnprune: error: unknown key 'foo'; top-level keys: binarize, callbacks, ckpt_path, data, "),
-        (["-m", "binarize=xnor,nope"], "bnnprune: error: unknown binarize option 'nope'; choose one of: bireal, "),
+        (["-m", "binarize=xnor,nope"], "bnnprune: error: unknown binarize option 'nope'; choose one of: bdg, bireal, none, xnor"),
     ],
     ids=["recipe", "option", "key", "sweep-option"],
 )

@@ -3,6 +3,7 @@ are one-line errors that list the choices; run folders with results are never ov
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -27,11 +28,16 @@ from lightning_bnnprune.config import (
     recipes_dir,
     register_recipes,
 )
+from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.data import ImageDataModule
+from lightning_bnnprune.pruning.groups import example_input_for, find_channel_groups
 from lightning_bnnprune.train import build, one_line_error
 
 GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((conf_dir() / group).glob("*.yaml"))]
+PRUNE_CLASSES = {"msf": "MainSubsidiaryPruning", "greedy_l1": "GreedyFilterPruning", "stq": "GreedyFilterPruning",
+                 "random": "GreedyFilterPruning", "bdg": "ZeroFilterPruning"}
+CRITERIA = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "npz": 10, "imagefolder": 2, "fake": 10}
 
 
@@ -105,7 +111,8 @@ def test_every_option_composes_and_builds(compose_train, tmp_path, group, option
             assert run.binarize is None and not any(isinstance(c, Binarize) for c in run.trainer.callbacks)
         else:
             assert run.trainer.callbacks[0] is run.binarize
-            assert run.binarize.input_quantizer == {"xnor": "ste_sign", "bireal": "approx_sign"}[option]
+            assert run.binarize.input_quantizer == {"xnor": "ste_sign", "bireal": "approx_sign", "bdg": "ste_sign"}[option]
+            assert run.binarize.kernel_quantizer == ("bdg" if option == "bdg" else "xnor")
             run.binarize.setup(run.trainer, run.model, "fit")
             # resnet20_cifar: 19 3x3 convs + 2 projection shortcuts, the stem stays full precision
             assert run.binarize.num_swapped == 20
@@ -114,7 +121,15 @@ def test_every_option_composes_and_builds(compose_train, tmp_path, group, option
             assert run.prune is None
         else:
             assert run.trainer.callbacks[1] is run.prune
-            assert 0 <= run.prune.target_pfr < 1
+            assert type(run.prune).__name__ == PRUNE_CLASSES[option]
+            if option == "bdg":  # the sparse {0, 2 tau} domain comes with it
+                assert cfg.binarize.kernel_quantizer == "bdg" and cfg.binarize.kernel_quantizer_kwargs.zero_lower
+                assert 0 < cfg.binarize.sparsity < 1
+            else:  # the shared schedule node
+                assert run.prune.target_pfr == cfg.schedule.target_pfr == 0.4
+                assert run.prune.warmup == cfg.schedule.warmup and run.prune.unit == cfg.schedule.unit
+            if option in CRITERIA:
+                assert run.prune.criterion_name == CRITERIA[option]
     elif group == "callbacks":
         kinds = {type(c) for c in run.trainer.callbacks}
         if option == "default":
@@ -154,7 +169,7 @@ def test_every_argument_is_in_the_yaml(group, option):
     target = get_class(node._target_)
     params = [n for n, p in inspect.signature(target.__init__).parameters.items()
               if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    keys = [k for k in node if k != "_target_"]
+    keys = [k for k in node if k not in ("_target_", "defaults")]
     assert sorted(keys) == sorted(params)
 
 
@@ -168,6 +183,34 @@ def test_every_recipe_composes_and_builds(compose_train, name):
     run = build(cfg)
     assert isinstance(run.trainer, Trainer) and isinstance(run.model, ImageClassifier)
     assert run.model.hparams.num_classes == run.datamodule.num_classes
+    if name.startswith("cifar10_"):
+        assert run.model.hparams.model_name == cfg.model.model_name and run.datamodule.num_classes == 10
+        expected = {"msf": "MainSubsidiaryPruning", "stq": "binarization_error", "greedy": "l1"}
+        strategy = name.split("_")[2] if name.count("_") == 2 else "msf"  # the base recipes default to msf
+        assert expected[strategy] in (type(run.prune).__name__, getattr(run.prune, "criterion_name", None))
+
+
+PAPER_MODELS = sorted({n.split("_")[1] for n in recipe_names() if n.startswith("cifar10_")})
+
+
+@pytest.mark.parametrize("profile", ["", "_cpu_budget"], ids=["gpu", "cpu_budget"])
+@pytest.mark.parametrize("model", PAPER_MODELS)
+def test_paper_recipes_give_every_strategy_the_same_budget(compose_train, model, profile):
+    """A sweep over strategies compares them fairly: one trainer length, one warm-up, one target;
+    and msf's layer-by-layer schedule fits the trainer as written (no silent scaling)."""
+    overrides = [f"recipe=cifar10_{model}{profile}", "trainer.accelerator=cpu"]  # builds without a GPU
+    runs = {p: build(compose_train(overrides + [f"prune={p}"])) for p in ("msf", "greedy_l1", "stq", "random")}
+    lengths = {p: (r.trainer.max_epochs, r.trainer.max_steps) for p, r in runs.items()}
+    assert len(set(lengths.values())) == 1, lengths
+    assert len({(r.prune.warmup, r.prune.unit, r.prune.target_pfr) for r in runs.values()}) == 1
+    msf = runs["msf"].prune
+    net = runs["msf"].model.net
+    binarize_model(net)
+    groups = len(find_channel_groups(net, example_input_for(net)).groups)
+    needed = msf.warmup + math.ceil(groups / msf.layers_per_stage) * (msf.selector + msf.retrain)
+    max_epochs, max_steps = lengths["msf"]
+    available = max_steps if msf.unit == "steps" else max_epochs
+    assert needed <= available <= needed + 10, (needed, available)
 
 
 def test_recipe_overrides_groups_and_command_line_wins(compose_train):

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -69,6 +69,15 @@ class ZeroFilterPruning(FilterPruning):
         super().setup(trainer, pl_module, stage)
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)  # decided at the end, never by the optimizer
+        if self.atol == 0 and not any(
+            getattr(m.kernel_quantizer, "zero_lower", False)
+            for m in self.network_of(pl_module).modules() if isinstance(m, BinaryConv2d)
+        ):
+            # XNOR's +-alpha (or a {phi - tau, phi + tau} domain) is never exactly zero: nothing to remove.
+            rank_zero_warn(
+                f"[{type(self).__name__}] no binary layer has the sparse {{0, 2 tau}} domain, so no filter "
+                "can end all zero; use Binarize(kernel_quantizer='bdg', kernel_quantizer_kwargs={'zero_lower': True})"
+            )
 
     @torch.no_grad()
     def empty_channels(self, pl_module: "pl.LightningModule") -> Dict[str, torch.Tensor]:

@@ -68,7 +68,7 @@ class MainSubsidiaryPruning(FilterPruning):
 
        - *selector*: only the stage's gate logits train, with Adam (``gate_lr``) in an optimizer
          of the callback's own; every main weight is frozen (bit-identical) and the user's
-         optimizer state is left untouched. The loss is (Xu et al., eq. 5)
+         optimizer state is left untouched. The loss is (Xu et al.'s selector loss, METHOD.md section 2)
 
          .. math:: L = L_{user} + \lambda_{kd}\, T^2\, \mathrm{KL}(\sigma(t/T) \| \sigma(s/T)) + B,
 

@@ -15,7 +15,7 @@ zero) and the weight ``w_l``:
 Counts are rounded by largest remainder, so the global count is met exactly whenever the floors
 allow it.
 
-**Budget term.** Xu et al. (CVPR 2019, eq. 5) add ``lambda_s * ||m_l||_0``; the L0 norm of the
+**Budget term.** Xu et al. (CVPR 2019) add ``lambda_s * ||m_l||_0`` to the selector loss; the L0 norm of the
 mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
 ``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
 share of open gates, the form of the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD

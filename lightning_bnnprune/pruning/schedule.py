@@ -1,4 +1,4 @@
-"""The layer-wise, bottom-up schedule of Xu et al., "Main/Subsidiary Network" (CVPR 2019), sec. 3.3.
+"""The layer-wise, bottom-up schedule of Xu et al., "Main/Subsidiary Network" (CVPR 2019).
 
 An optional *warm-up* of the main binary network, then for each stage (one or a few prunable
 layers, from the input side) a *selector* phase, in which only that stage's gates learn, and a
