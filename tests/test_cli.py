@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lightning_bnnprune
@@ -154,3 +155,23 @@ def test_readme_callback_snippet_runs_and_prunes(tmp_path, monkeypatch):
     assert sum(p.numel() for p in model.backbone.parameters()) == pruner.summary["params_after"]
     assert pruner.summary["params_after"] < pruner.summary["params_before"]
     assert Path(pruner.pruned_path).is_file()
+
+
+def test_cpu_budget_recipe_runs_on_npz_files(run_app, tmp_path):
+    """A paper recipe end to end through the npz data module, on arrays written here (shortened)."""
+    data = tmp_path / "data" / "cifar10"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 64), ("test", 16)):
+        np.savez(data / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, n, dtype=np.int64))
+    run_dir = tmp_path / "run"
+    proc = run_app("recipe=cifar10_vgg11_cpu_budget", "prune=stq", f"paths.data_dir={tmp_path / 'data'}",
+                   "data.val_split=16", "data.batch_size=8", "trainer.max_steps=4", "schedule.warmup=2",
+                   "trainer.limit_val_batches=1", "logger=none", "trainer.enable_progress_bar=false",
+                   "trainer.enable_model_summary=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["choices"]["recipe"] == "cifar10_vgg11_cpu_budget" and summary["choices"]["prune"] == "stq"
+    assert summary["model_name"] == "vgg11_cifar" and summary["steps"] == 4
+    assert abs(summary["pruning"]["pfr"] - 0.4) <= 0.01
