@@ -72,11 +72,19 @@ CRITERIA = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
 LABELS = {
     "baseline": "unpruned binary (same budget)",
     "msf": "Main/Subsidiary (learned selector)",
-    "greedy_l1": "greedy L1 (one-shot)",
-    "stq": "STQ binarisation error (one-shot)",
-    "random": "random (one-shot, seeded)",
+    "greedy_l1": "greedy L1",
+    "stq": "STQ binarisation error",
+    "random": "random (seeded)",
     "bdg": "BDG {0, 2tau} + zero-filter removal",
 }
+
+
+def label(args: argparse.Namespace, strategy: str) -> str:
+    """The table / legend name of a strategy; the greedy rules say how they were scheduled."""
+    mode = {"oneshot": "one-shot", "layerwise": "layer-wise"}[args.greedy_mode]
+    return f"{LABELS[strategy]}, {mode}" if strategy in CRITERIA else LABELS[strategy]
+
+
 MARKERS = {"msf": "o", "greedy_l1": "s", "stq": "^", "random": "x", "bdg": "D"}
 # Relative cost of one step against a plain training step, for the estimate only: a selector
 # step adds the teacher's forward (~1/3 of a step) and selector phases are ~1/3 of MSF's steps.
@@ -108,6 +116,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--msf-selector-share", type=float, default=1 / 3,
                    help="share of each group's slot of R spent in its selector phase (code default 200:400)")
     p.add_argument("--msf-layers-per-stage", type=int, default=1, help="groups per selector stage (paper: 1)")
+    p.add_argument("--greedy-mode", default="oneshot", choices=("oneshot", "layerwise"),
+                   help="greedy rules: cut every group at step 0 and retrain for all of R (oneshot), or cut "
+                        "group i when msf fixes its gates, at selector + i x (selector + retrain) (layerwise)")
     p.add_argument("--bdg-ec", type=float, default=0.3, help="BDG's target share EC of upper-value weights")
     p.add_argument("--bdg-gamma", type=float, default=0.5, help="BDG's sparsity_gamma")
     p.add_argument("--warm-start", default=None, help="reuse this warm-start checkpoint instead of training one")
@@ -135,6 +146,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"{label} must be >= 1, got {value}")
     if any(not 0.0 < x < 1.0 for x in args.pfrs):
         p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
+    if args.greedy_mode == "layerwise" and args.msf_layers_per_stage != 1:
+        p.error("--greedy-mode layerwise follows msf one group at a time: it needs --msf-layers-per-stage 1")
     if not 0.0 < args.msf_selector_share < 1.0:
         p.error(f"--msf-selector-share must lie in (0, 1), got {args.msf_selector_share}")
     return args
@@ -222,8 +235,13 @@ def pruning_callbacks(args: argparse.Namespace, plan: Plan, strategy: str, pfr: 
         return [Binarize(), MainSubsidiaryPruning(
             target_pfr=pfr, selector=plan.msf_selector, retrain=plan.msf_retrain, warmup=0, unit=plan.unit,
             layers_per_stage=args.msf_layers_per_stage, retrain_lr_factor=1.0)]
-    return [Binarize(), GreedyFilterPruning(criterion=CRITERIA[strategy], target_pfr=pfr, mode="oneshot",
-                                            warmup=0, unit=plan.unit, seed=args.seed)]
+    if args.greedy_mode == "layerwise":  # msf's schedule: group i is cut when msf would fix its gates
+        stage = plan.msf_selector + plan.msf_retrain
+        schedule = dict(mode="layerwise", warmup=plan.msf_selector, retrain=stage)
+    else:
+        schedule = dict(mode="oneshot", warmup=0)
+    return [Binarize(), GreedyFilterPruning(criterion=CRITERIA[strategy], target_pfr=pfr, unit=plan.unit,
+                                            seed=args.seed, **schedule)]
 
 
 def evaluate(args: argparse.Namespace, module: pl.LightningModule, dm: NpzDataModule) -> Dict[str, float]:
@@ -472,9 +490,14 @@ def write_markdown(path: str, args: argparse.Namespace, plan: Plan, meta: Dict[s
         f"{plan.msf_selector} {unit} of selector (gates only, Adam lr 1e-3, distillation from the open network, "
         f"budget term) then {plan.msf_retrain} {unit} of retraining per group"
         + (f" ({args.msf_layers_per_stage} groups per stage)" if args.msf_layers_per_stage > 1 else "")
-        + "; the greedy rules (`greedy_l1`, `stq`, `random`) rank and cut one-shot at step 0 with the same "
-        "per-layer counts (uniform allocation) and retrain for all of R (the papers' greedy baseline). "
-        "At fit end the pruned filters are removed physically (exactness-checked) and the pruned model is tested.",
+        + ("; the greedy rules (`greedy_l1`, `stq`, `random`) rank and cut one-shot at step 0 with the same "
+           "per-layer counts (uniform allocation) and retrain for all of R (the papers' greedy baseline). "
+           if args.greedy_mode == "oneshot" else
+           f"; the greedy rules (`greedy_l1`, `stq`, `random`) follow msf's schedule layer by layer "
+           f"(`mode=\"layerwise\"`): group i is cut, with the same per-layer counts (uniform allocation), "
+           f"at step {plan.msf_selector} + i x {plan.msf_selector + plan.msf_retrain}, when msf fixes "
+           "its gates, and the weights train throughout (msf's freeze during its selector phases). ")
+        + "At fit end the pruned filters are removed physically (exactness-checked) and the pruned model is tested.",
         f"3. The unpruned binary network also trains the same R {unit}: drops are measured against it.",
         f"4. BDG: the same start, `Binarize(kernel_quantizer='bdg', zero_lower=True, sparsity={args.bdg_ec}, "
         f"sparsity_gamma={args.bdg_gamma})` for R {unit}, then `ZeroFilterPruning` removes all-zero filters "
@@ -497,12 +520,12 @@ def write_markdown(path: str, args: argparse.Namespace, plan: Plan, meta: Dict[s
         target = _fmt(r["target_pfr"], ".0%", "-")
         if r.get("status") != "ok":
             error = str(r.get("error", "?")).replace("|", "/")
-            lines.append(f"| {LABELS[r['strategy']]} | {target} | **failed**: {error} "
+            lines.append(f"| {label(args, r['strategy'])} | {target} | **failed**: {error} "
                          f"| | | | | | {_fmt(r.get('wall_s', 0) / 60, '.1f')} |")
             continue
         drop = base["test_acc"] - r["test_acc"] if base is not None and r["strategy"] != "baseline" else None
         lines.append(
-            f"| {LABELS[r['strategy']]} | {target} | {r['test_acc']:.2f} | {_fmt(drop, '+.2f')} | "
+            f"| {label(args, r['strategy'])} | {target} | {r['test_acc']:.2f} | {_fmt(drop, '+.2f')} | "
             f"{_fmt(r.get('pfr'), '.3f')} | {_fmt(r.get('mac_ratio'), '.2f')}x | "
             f"{_fmt(r.get('compression'), '.1f')}x | "
             f"{_fmt(r.get('inner_compression'), '.1f', '-')}{'x' if r.get('inner_compression') else ''} | "
@@ -568,7 +591,7 @@ def write_plot(path: str, args: argparse.Namespace, plan: Plan, results: List[Di
         if points:
             xs, ys = zip(*points)
             ax.plot([100 * x for x in xs], ys, marker=MARKERS[strategy], ls="-" if len(xs) > 1 else "",
-                    label=LABELS[strategy])
+                    label=label(args, strategy))
     ax.set_xlabel("achieved PFR (% of prunable filters removed)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(f"CIFAR-10, binary {args.model}: W={plan.warmup} + R={plan.length} {plan.unit}", fontsize=10)
