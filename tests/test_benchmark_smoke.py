@@ -67,7 +67,7 @@ def test_tiny_run_writes_everything_and_records_a_failure(bench, tmp_path):
     assert "python benchmarks/cifar10_cpu.py --data-dir" in md
     assert report["meta"]["git"]["commit"] in md
     assert "| Main/Subsidiary (learned selector) | 40% | **failed**" in md
-    assert "| STQ binarisation error (one-shot) | 40% |" in md
+    assert "| STQ binarisation error, one-shot | 40% |" in md
     assert "0.33 pt" in md and "89x" in md and "1-2 pt" in md
     assert "no comparison" in md  # msf failed: the verdict says so instead of inventing one
     assert (out / "cifar10_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,6 +81,7 @@ def test_tiny_run_writes_everything_and_records_a_failure(bench, tmp_path):
         (["--steps", "0"], r"--steps must be >= 1, got 0"),
         (["--msf-selector-share", "1"], r"--msf-selector-share must lie in \(0, 1\), got 1.0"),
         (["--strategies", "magic"], r"invalid choice: 'magic'"),
+        (["--greedy-mode", "layerwise", "--msf-layers-per-stage", "2"], r"needs --msf-layers-per-stage 1"),
     ],
 )
 def test_bad_arguments_are_refused(bench, capsys, argv, message):
