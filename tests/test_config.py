@@ -160,9 +160,12 @@ SINGLE_TARGET = [(g, o) for g, o in OPTIONS if g in ("data", "model", "binarize"
 
 
 @pytest.mark.parametrize("group,option", SINGLE_TARGET, ids=[f"{g}={o}" for g, o in SINGLE_TARGET])
-def test_every_argument_is_in_the_yaml(group, option):
-    """One YAML per choice lists every argument of its target (none left to a hidden default)."""
+def test_every_argument_is_in_the_yaml(compose_train, group, option):
+    """One YAML per choice (with the option it inherits from) lists every argument of its target
+    (none left to a hidden default)."""
     node = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+    if "defaults" in node:  # the option as composed, with what its defaults list brings
+        node = compose_train([f"{group}={option}"])[group]
     if "_target_" not in node:
         assert not node, f"{group}/{option}.yaml has values but no _target_"
         return
