@@ -7,6 +7,8 @@ so every strategy is measured through the same machinery.
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -16,10 +18,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from ..binarize import binary_layers, find_networks
+from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, example_input_for, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
@@ -54,6 +57,11 @@ class FilterPruning(Callback):
             (never overwriting: ``-v1``, ``-v2``... suffixes). Checkpoints saved afterwards
             (``trainer.save_checkpoint``) carry the record under ``"bnnprune_record"`` and reload
             with :func:`~lightning_bnnprune.pruning.record.restore_pruned`.
+        distill: weight of a distillation loss from the network as the fit found it (the warm
+            start, frozen, see :mod:`~lightning_bnnprune.pruning.distill`) added to the user's loss
+            while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
+            runs no teacher. Offered to every strategy so that comparisons stay equal.
+        distill_temperature: its temperature ``T``.
 
     Attributes set at fit end: ``record`` (:class:`~lightning_bnnprune.pruning.record.PruningRecord`),
     ``report`` (:class:`~lightning_bnnprune.pruning.report.CompressionReport`), ``summary``
@@ -68,7 +76,14 @@ class FilterPruning(Callback):
         exclude: Sequence[str] = (),
         min_filters: int = 1,
         remove_at_end: bool = True,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
     ) -> None:
+        for label, value, low in (("distill", distill, 0.0), ("distill_temperature", distill_temperature, None)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value < low if low is not None else value <= 0):
+                bound = ">= 0" if low is not None else "> 0"
+                raise MisconfigurationException(f"`{label}` must be a number {bound}, got {value!r}")
         if not isinstance(target_pfr, (int, float)) or not 0.0 <= float(target_pfr) < 1.0:
             raise MisconfigurationException(f"`target_pfr` must be in [0, 1), got {target_pfr!r}")
         if not isinstance(min_filters, int) or min_filters < 1:
@@ -90,6 +105,13 @@ class FilterPruning(Callback):
         self.pruned_path: Optional[str] = None
         self.report_paths: Dict[str, str] = {}
         self._pruned_in_place = False
+        self.distill = float(distill)
+        self.distill_temperature = float(distill_temperature)
+        self.teacher: Optional[FrozenTeacher] = None
+        self._teacher_state: Optional[Dict[str, Any]] = None
+        self._distill_undo: Optional[Any] = None
+        self._distill_captured: Optional[Any] = None
+        self._distill_capturing = False
 
     # ------------------------------------------------------------------ set-up
     def network_of(self, pl_module: "pl.LightningModule") -> nn.Module:
@@ -158,6 +180,90 @@ class FilterPruning(Callback):
             return {name: len(kept) for name, kept in self.record.groups.items()}
         return {name: gate.num_open for name, gate in self.gates.items()}
 
+    # ------------------------------------------------------------------ distillation
+    def distilling(self) -> bool:
+        """Whether this step retrains a pruned network (then ``distill`` applies): once a gate
+        is closed. Subclasses with phases of their own say more precisely."""
+        return any(g.num_open < g.logits.numel() for g in self.gates.values())
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.distill <= 0 or self.analysis is None:
+            return
+        net = self.network_of(pl_module)
+        # After a checkpoint's weights are restored: a resumed fit takes its teacher from the
+        # checkpoint (the first sitting's start), not from the network it resumes.
+        self.teacher = FrozenTeacher(net)
+        if self._teacher_state is not None:
+            self.teacher.load_state_dict(self._teacher_state)
+            self._teacher_state = None
+        self.teacher.to(pl_module.device)
+        self._install_distill(pl_module, net)
+
+    def _install_distill(self, pl_module: "pl.LightningModule", net: nn.Module) -> None:
+        """Wrap ``training_step`` to add the loss; read the student's output with a forward hook."""
+        step = pl_module.training_step
+        had, old = "training_step" in pl_module.__dict__, pl_module.__dict__.get("training_step")
+
+        def capture(module, args, kwargs, output):
+            if self._distill_capturing and self._distill_captured is None:
+                self._distill_captured = (args, kwargs, output)
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any):
+            if not self.distilling():
+                return step(*args, **kwargs)
+            self._distill_captured, self._distill_capturing = None, True
+            try:
+                out = step(*args, **kwargs)
+            finally:
+                self._distill_capturing = False
+            captured, self._distill_captured = self._distill_captured, None
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if not isinstance(loss, Tensor):
+                return out  # the user skipped this batch
+            if captured is None or not isinstance(captured[2], Tensor):
+                raise MisconfigurationException(
+                    f"{type(self).__name__}(distill=...) needs the network's output as a tensor, but "
+                    f"`training_step` did not call `{self.network_path or 'forward'}` or it returned "
+                    f"{type(captured[2]).__name__ if captured else 'nothing'}; pass distill=0 or `network=` "
+                    "the module that returns logits"
+                )
+            s_args, s_kwargs, student = captured
+            kd = distillation_loss(student, self.teacher(*s_args, **s_kwargs), self.distill_temperature)
+            pl_module.log("prune/distill", kd.detach(), on_step=True, on_epoch=False)
+            total = loss + self.distill * kd
+            return {**out, "loss": total} if isinstance(out, dict) else total
+
+        pl_module.training_step = training_step
+        handle = net.register_forward_hook(capture, with_kwargs=True)
+
+        def undo() -> None:
+            handle.remove()
+            if had:
+                pl_module.training_step = old
+            else:
+                pl_module.__dict__.pop("training_step", None)
+
+        self._distill_undo = undo
+
+    def _uninstall_distill(self) -> None:
+        if self._distill_undo is not None:
+            self._distill_undo()
+            self._distill_undo = None
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._uninstall_distill()
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {"distill_teacher": self.teacher.state_dict()} if self.teacher is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._teacher_state = state_dict.get("distill_teacher")
+
     # ------------------------------------------------------------------ removal
     def _input_shape(self, pl_module: "pl.LightningModule", net: nn.Module) -> Sequence[int]:
         if self.input_size is not None:
@@ -189,6 +295,7 @@ class FilterPruning(Callback):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._uninstall_distill()
         if not self.remove_at_end or self.analysis is None or self.record is not None:
             return
         net = self.network_of(pl_module)

@@ -101,6 +101,8 @@ class GreedyFilterPruning(FilterPruning):
         seed: seed of the ``"random"`` criterion.
         min_filters: the fewest channels any group keeps.
         network, input_size, exclude, remove_at_end, **kwargs: see :class:`FilterPruning`.
+        distill, distill_temperature: distillation from the unpruned start network once filters
+            are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
 
     Raises:
         MisconfigurationException: on an unknown criterion, mode, allocation or unit; a
@@ -137,6 +139,8 @@ class GreedyFilterPruning(FilterPruning):
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         remove_at_end: bool = True,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -146,6 +150,8 @@ class GreedyFilterPruning(FilterPruning):
             exclude=exclude,
             min_filters=min_filters,
             remove_at_end=remove_at_end,
+            distill=distill,
+            distill_temperature=distill_temperature,
             **kwargs,
         )
         if not _is_int(seed):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -20,17 +19,24 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from ..pruning import criteria
 from ..pruning.budget import (
-    ALLOCATIONS, allocate, budget_term, budget_weight, enforce_keep, gradient_spread, macs_per_channel,
+    ALLOCATIONS, allocate, budget_term, budget_weight, enforce_keep, enforce_keep_across, gradient_spread,
+    macs_per_channel, rank_logits,
 )
+from ..pruning.criteria import Criterion, scores_for
+from ..pruning.distill import distillation_loss
 from ..pruning.gates import GATE_ATTR
 from ..pruning.groups import OUT
-from ..pruning.schedule import DONE, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase
+from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase
 from .base import FilterPruning
 
-__all__ = ["MainSubsidiaryPruning"]
+__all__ = ["MainSubsidiaryPruning", "MSF_ALLOCATIONS", "distillation_loss"]
 
 _DEFAULT_RETRAIN_LR = 1e-4
+#: The fixed shares of :func:`~lightning_bnnprune.pruning.budget.allocate`, plus counts learned
+#: over each stage's groups together.
+MSF_ALLOCATIONS = ALLOCATIONS + ("learned",)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -44,14 +50,6 @@ def _is_int(value: Any, least: int) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    r"""Hinton et al.'s soft-target loss, :math:`T^2 \, \mathrm{KL}(\sigma(t/T) \,\|\, \sigma(s/T))`,
-    classes along dim 1, averaged over every other position (samples, pixels)."""
-    log_s = F.log_softmax(student / temperature, dim=1)
-    log_t = F.log_softmax(teacher.detach().to(student.dtype) / temperature, dim=1)
-    return (log_t.exp() * (log_t - log_s)).sum(1).mean() * temperature**2
 
 
 class MainSubsidiaryPruning(FilterPruning):
@@ -80,7 +78,10 @@ class MainSubsidiaryPruning(FilterPruning):
        - *retrain*: the main network trains with the gates fixed, at ``retrain_lr`` (or
          ``retrain_lr_factor`` times the user's learning rate), set on the user's optimizer for
          each step and put back after it, so the user's schedulers never see it.
-    3. *done*: after the schedule the user's training goes on with the gates fixed.
+    3. *final* (optional, ``final_retrain``): the whole network retrains with every gate fixed,
+       its learning rate on a cosine restarted from the user's initial one (this project's
+       addition; the greedy rules retrain for their whole run after one cut);
+    4. *done*: after the schedule the user's training goes on with the gates fixed.
 
     The user's LightningModule is not changed: its ``training_step`` (returning a loss or a dict
     with ``"loss"``) is wrapped for the fit, and the network's output, the student, is read by a
@@ -94,7 +95,16 @@ class MainSubsidiaryPruning(FilterPruning):
       :mod:`lightning_bnnprune.pruning.budget`). The final PFR is the target, up to rounding.
     - Gate start: the stage's logits start at ``+gate_init`` (open) when its selector begins, so
       that no gate closes before Adam has averaged some steps of gradient, and gates close one
-      by one as the loss lets them.
+      by one as the loss lets them. With ``gate_init_criterion`` they start from a greedy rule's
+      ranking instead (:func:`~lightning_bnnprune.pruning.budget.rank_logits`): the rule's
+      choice is the starting selection, and with ``gate_lr=0`` the selection *is* the rule's.
+    - Learned counts (``allocation="learned"``): the groups of a stage share one keep budget
+      (the budget term over their gates together, then the highest logits across them stay,
+      each group keeping ``max(min_filters, ceil(layer_floor * n))``); a stage's budget is the
+      global target minus what earlier stages closed and later stages are planned to close
+      (uniform plan), so the global PFR is met. With one group per stage they equal the uniform
+      counts: the counts are learned only across the groups of a stage (e.g. one stage of all
+      groups, ``layers_per_stage`` >= the number of groups).
     - Frozen weights get ``requires_grad=False`` (autograd then stops at the selected layer),
       except under DDP without ``find_unused_parameters``, whose reducer needs every gradient;
       in every case gradients outside the phase are dropped before the user's optimizer steps.
@@ -121,10 +131,12 @@ class MainSubsidiaryPruning(FilterPruning):
             group's channels), default all; ``target_pfr`` is then the PFR of these groups, the
             others stay whole.
         allocation: how ``target_pfr`` is shared out over layers: ``"uniform"``, ``"size"`` or
-            ``"macs"`` (see :func:`~lightning_bnnprune.pruning.budget.allocate`).
-        gate_lr: Adam learning rate of the gates in a selector phase.
+            ``"macs"`` (see :func:`~lightning_bnnprune.pruning.budget.allocate`), or
+            ``"learned"`` (see above).
+        gate_lr: Adam learning rate of the gates in a selector phase (0: the gates do not learn).
         gate_init: starting logit of a stage's gates (``None``: ``gate_lr`` times a quarter of the
-            selector phase's steps, at most 0.5).
+            selector phase's steps, at most 0.5); with ``gate_init_criterion`` the spread of the
+            ranked logits (``None``: the same value, at least 0.01).
         retrain_lr: learning rate of a retrain phase (default ``1e-4``).
         retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
         lambda_kd: weight of the distillation loss (0: none, and no teacher forward).
@@ -134,8 +146,15 @@ class MainSubsidiaryPruning(FilterPruning):
         lambda_budget: a fixed budget weight ``lambda`` instead of the adaptive one.
         scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
             cannot hold the schedule (else that is an error).
-        network, input_size, exclude, min_filters, remove_at_end: see
-            :class:`~lightning_bnnprune.callbacks.base.FilterPruning`.
+        final_retrain: length of the final retrain after the last stage, in ``unit`` (0: none).
+        gate_init_criterion: start each selector from this criterion's ranking (a name from
+            :func:`~lightning_bnnprune.pruning.criteria.available`, e.g. ``"l1"``, or a callable);
+            ``None``: all gates open (the paper).
+        layer_floor: ``allocation="learned"`` only: the share of each group's filters it keeps
+            at least (on top of ``min_filters``).
+        network, input_size, exclude, min_filters, remove_at_end, distill, distill_temperature:
+            see :class:`~lightning_bnnprune.callbacks.base.FilterPruning` (``distill`` applies in
+            the retrain, final and done phases; the selector has its own ``lambda_kd``).
 
     Raises:
         MisconfigurationException: ``target_pfr`` outside ``[0, 1)``, a phase of length 0, an
@@ -176,19 +195,33 @@ class MainSubsidiaryPruning(FilterPruning):
         budget_strength: float = 1.0,
         lambda_budget: Optional[float] = None,
         scale_to_fit: bool = False,
+        final_retrain: int = 0,
+        gate_init_criterion: Optional[Union[str, Criterion]] = None,
+        layer_floor: float = 0.0,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
         remove_at_end: bool = True,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
     ) -> None:
-        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end)
+        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end,
+                         distill=distill, distill_temperature=distill_temperature)
         _check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
-        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
+        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0),
+                                    ("final_retrain", final_retrain, 0)):
             _check(_is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
         _check(_is_int(layers_per_stage, 1), f"`layers_per_stage` must be an int >= 1, got {layers_per_stage!r}")
-        _check(allocation in ALLOCATIONS, f"`allocation` must be one of {ALLOCATIONS}, got {allocation!r}")
-        _check(_is_number(gate_lr) and gate_lr > 0, f"`gate_lr` must be a number > 0, got {gate_lr!r}")
+        _check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
+        _check(_is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
+        _check(_is_number(layer_floor) and 0 <= layer_floor < 1, f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
+        _check(layer_floor == 0 or allocation == "learned",
+               f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
+        try:
+            self.gate_init_criterion = None if gate_init_criterion is None else criteria.get(gate_init_criterion)
+        except (ValueError, TypeError) as err:
+            raise MisconfigurationException(f"`gate_init_criterion`: {err}") from None
         _check(gate_init is None or (_is_number(gate_init) and 0 <= gate_init <= 1),
                f"`gate_init` must be None or in [0, 1], got {gate_init!r}")
         for label, value in (("retrain_lr", retrain_lr), ("retrain_lr_factor", retrain_lr_factor)):
@@ -217,6 +250,8 @@ class MainSubsidiaryPruning(FilterPruning):
         self.budget_strength = float(budget_strength)
         self.lambda_budget = lambda_budget
         self.scale_to_fit = scale_to_fit
+        self.final_retrain = final_retrain
+        self.layer_floor = float(layer_floor)
 
         self.schedule: Optional[LayerwiseSchedule] = None
         self.prune_counts: Dict[str, int] = {}
@@ -237,6 +272,10 @@ class MainSubsidiaryPruning(FilterPruning):
         self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[float]]] = None
         self._origin = 0
         self._grad_spread: Dict[str, float] = {}
+        self._stage_prune: Dict[int, int] = {}  # learned counts: filters each stage closes (resumed)
+        self._goal = 0
+        self._base_lrs: Dict[int, float] = {}
+        self._lr_hooks: List[Any] = []
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -250,16 +289,29 @@ class MainSubsidiaryPruning(FilterPruning):
         if self.allocation == "macs":
             net = self.network_of(pl_module)
             macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
+        learned = self.allocation == "learned"
         try:
+            # learned: the uniform counts are the plan the stages' budgets start from
             self.prune_counts = allocate(
-                sizes, self.target_pfr, self.allocation, self.min_filters,
+                sizes, self.target_pfr, "uniform" if learned else self.allocation, self.min_filters,
                 macs_per_channel=macs,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        self._goal = sum(self.prune_counts.values())  # round(target_pfr * filters of the pruned groups)
+        if learned:
+            room = sum(n - self._floor(name) for name, n in sizes.items())
+            _check(sum(self.prune_counts.values()) <= room,
+                   f"target_pfr={self.target_pfr} needs {sum(self.prune_counts.values())} filters pruned, but "
+                   f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
         self.schedule = LayerwiseSchedule.from_groups(
-            names, self.selector, self.retrain, self.warmup, self.layers_per_stage, self.unit
+            names, self.selector, self.retrain, self.warmup, self.layers_per_stage, self.unit, self.final_retrain
         )
+
+    def _floor(self, name: str) -> int:
+        """The fewest filters group ``name`` keeps under learned counts."""
+        n = self.analysis[name].size
+        return min(n, max(self.min_filters, math.ceil(self.layer_floor * n)))
 
     def _resolve_layers(self) -> List[str]:
         """The groups to prune, in forward order; a producer's name stands for its group."""
@@ -294,12 +346,19 @@ class MainSubsidiaryPruning(FilterPruning):
             self.schedule = saved
             self.prune_counts = dict(self._loaded["prune_counts"])
             self._origin = int(self._loaded["origin"])
+            self._stage_prune = {int(k): int(v) for k, v in (self._loaded.get("stage_prune") or {}).items()}
         else:
             # a fit resumed from a checkpoint of plain training starts the schedule where it is
             self._origin = trainer.global_step if self.unit == "steps" else trainer.current_epoch
         self._fit_schedule(trainer)
         rank_zero_info(f"[{type(self).__name__}] target PFR {self.target_pfr:.3f} "
                        f"({self.allocation}: prune {self.prune_counts})\n{self.schedule}")
+        # the final retrain restarts the user's schedule from its initial rate (torch's schedulers
+        # keep it as "initial_lr"; without a scheduler the rate is constant anyway)
+        self._base_lrs = {id(g): g["lr"] for opt in trainer.optimizers for g in opt.param_groups}
+        # A phase's rate is put back right after the optimizer's step: Lightning steps the user's
+        # schedulers before on_train_batch_end, and they must see (and update) their own rate.
+        self._lr_hooks = [opt.register_step_post_hook(lambda *_: self._restore_lr()) for opt in trainer.optimizers]
         self._main, self._requires_grad = [], {}
         gate_params = {id(g.logits) for g in self.gates.values()}
         for name, p in pl_module.named_parameters():
@@ -375,6 +434,9 @@ class MainSubsidiaryPruning(FilterPruning):
             self._hook.remove()
             self._hook = None
         self._restore_lr()
+        for handle in self._lr_hooks:
+            handle.remove()
+        self._lr_hooks = []
         for name, p in pl_module.named_parameters():
             if name in self._requires_grad:
                 p.requires_grad_(self._requires_grad[name])
@@ -385,11 +447,15 @@ class MainSubsidiaryPruning(FilterPruning):
         now = trainer.global_step if self.unit == "steps" else trainer.current_epoch
         return now - self._origin
 
-    def _selector_steps(self, trainer: "pl.Trainer") -> int:
+    def _steps(self, trainer: "pl.Trainer", length: int) -> int:
+        """``length`` in the schedule's unit, in optimizer steps."""
         if self.unit == "steps":
-            return self.schedule.selector
+            return length
         per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
-        return self.schedule.selector * (max(1, math.ceil(per_epoch)) if math.isfinite(per_epoch) else 1)
+        return length * (max(1, math.ceil(per_epoch)) if math.isfinite(per_epoch) else 1)
+
+    def _selector_steps(self, trainer: "pl.Trainer") -> int:
+        return self._steps(trainer, self.schedule.selector)
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -409,9 +475,18 @@ class MainSubsidiaryPruning(FilterPruning):
         if old is None:
             return
         if old.name == SELECTOR:
-            for name in old.groups:
-                gate = self.gates[name]
-                gate.set_mask(enforce_keep(gate.logits, gate.logits.numel() - self.prune_counts[name]))
+            if self.allocation == "learned":
+                logits = {name: self.gates[name].logits for name in old.groups}
+                keep = sum(t.numel() for t in logits.values()) - self._stage_prune[old.stage]
+                masks = enforce_keep_across(logits, keep, {name: self._floor(name) for name in old.groups})
+                for name, mask in masks.items():
+                    self.prune_counts[name] = int((~mask).sum())
+            else:
+                masks = {name: enforce_keep(self.gates[name].logits,
+                                            self.gates[name].logits.numel() - self.prune_counts[name])
+                         for name in old.groups}
+            for name, mask in masks.items():
+                self.gates[name].set_mask(mask)
             self._gate_optimizer = None
         self._check_ranks(trainer, f"end of {old.describe(self.schedule.num_stages)}")
 
@@ -424,9 +499,9 @@ class MainSubsidiaryPruning(FilterPruning):
                 init = self.gate_init
                 if init is None:
                     init = min(0.5, self.gate_lr * self._selector_steps(trainer) / 4)
-                with torch.no_grad():
-                    for t in logits:
-                        t.fill_(init)
+                if self.allocation == "learned":
+                    self._stage_prune[phase.stage] = self._stage_budget(phase)
+                self._init_gates(pl_module, phase, init)
             self._gate_optimizer = torch.optim.Adam(logits, lr=self.gate_lr)
             if not fresh and self._loaded.get("gate_optimizer") is not None:
                 self._gate_optimizer.load_state_dict(self._loaded["gate_optimizer"])
@@ -446,6 +521,32 @@ class MainSubsidiaryPruning(FilterPruning):
             rank_zero_info(f"[{type(self).__name__}] {self._position(trainer)} {self.unit}: "
                            f"{phase.describe(self.schedule.num_stages)}, PFR now {self.pfr():.3f}")
 
+    def _stage_budget(self, phase: Phase) -> int:
+        """Learned counts: the filters this stage closes, so that the global target is met: the
+        total minus what earlier stages closed and later stages are planned to close (clamped
+        to what this stage's floors allow)."""
+        stages = self.schedule.stages
+        goal = self._goal
+        earlier = sum(self.prune_counts[n] for s in stages[: phase.stage] for n in s)
+        later = sum(self.prune_counts[n] for s in stages[phase.stage + 1 :] for n in s)
+        room = sum(self.analysis[n].size - self._floor(n) for n in phase.groups)
+        return max(0, min(room, goal - earlier - later))
+
+    @torch.no_grad()
+    def _init_gates(self, pl_module: "pl.LightningModule", phase: Phase, init: float) -> None:
+        """Open at ``+init`` (the paper), or ranked by ``gate_init_criterion`` around each
+        group's cut (all groups scored before any gate moves, as the greedy rule does)."""
+        if self.gate_init_criterion is None:
+            for name in phase.groups:
+                self.gates[name].logits.fill_(init)
+            return
+        net = self.network_of(pl_module)
+        scores = {name: scores_for(self.gate_init_criterion, net, self.analysis[name]) for name in phase.groups}
+        spread = self.gate_init if self.gate_init else max(init, 0.01)
+        for name in phase.groups:
+            logits = self.gates[name].logits
+            logits.copy_(rank_logits(scores[name], self.prune_counts[name], spread).to(logits))
+
     def _check_ranks(self, trainer: "pl.Trainer", when: str) -> None:
         """Gates must agree on every rank (DDP averages their gradients, so they should)."""
         if trainer.world_size <= 1:
@@ -458,7 +559,12 @@ class MainSubsidiaryPruning(FilterPruning):
 
     @staticmethod
     def _short(phase: Phase) -> str:
-        return phase.name if phase.stage < 0 or phase.name == DONE else f"{phase.name} {phase.stage + 1}"
+        return phase.name if phase.stage < 0 or phase.name in (DONE, FINAL) else f"{phase.name} {phase.stage + 1}"
+
+    @override
+    def distilling(self) -> bool:
+        # the selector distils with its own teacher (lambda_kd); retraining phases from the warm start
+        return self._phase is not None and self._phase.name in (RETRAIN, FINAL, DONE) and super().distilling()
 
     # ------------------------------------------------------------------ selector loss
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -504,9 +610,8 @@ class MainSubsidiaryPruning(FilterPruning):
             # else the student is the teacher: the loss and its gradient are 0, skip the forward
         task = loss + self.lambda_kd * kd
         budget = sum(
-            budget_term(self.gates[name](), 1.0 - self.prune_counts[name] / self.gates[name].logits.numel(),
-                        self._budget_weight(name))
-            for name in self._phase.groups
+            budget_term(torch.cat([self.gates[n]() for n in names]), 1.0 - prune / size, self._budget_weight(key, size))
+            for key, names, prune, size in self._budget_units()
         )
         total = task + budget
         pl_module.log("msf/kd", kd.detach(), on_step=True, on_epoch=False)
@@ -515,11 +620,19 @@ class MainSubsidiaryPruning(FilterPruning):
             return {**out, "loss": total}
         return total
 
-    def _budget_weight(self, name: str) -> float:
+    def _budget_units(self) -> List[Tuple[str, List[str], int, int]]:
+        """``(key, groups, filters to close, filters)`` of each budget term of the selector: one
+        per group, or one per stage with learned counts (its groups share the budget)."""
+        phase = self._phase
+        units = ([(f"stage{phase.stage}", list(phase.groups), self._stage_prune[phase.stage])]
+                 if self.allocation == "learned" else [(n, [n], self.prune_counts[n]) for n in phase.groups])
+        return [(key, names, prune, sum(self.gates[n].logits.numel() for n in names)) for key, names, prune in units]
+
+    def _budget_weight(self, key: str, size: int) -> float:
         if self.lambda_budget is not None:
             return float(self.lambda_budget)
         # 0 on a phase's first step: the loss alone starts the ranking
-        return budget_weight(self._grad_spread.get(name, 0.0), self.gates[name].logits.numel(), self.budget_strength)
+        return budget_weight(self._grad_spread.get(key, 0.0), size, self.budget_strength)
 
     @torch.no_grad()
     def _teacher(self, net: nn.Module, args: tuple, kwargs: dict) -> Tensor:
@@ -538,24 +651,32 @@ class MainSubsidiaryPruning(FilterPruning):
         if self._phase is None:
             return
         if self._gate_optimizer is not None:
-            for name in self._phase.groups:  # the budget's scale: spread of the gradients, averaged
-                logits = self.gates[name].logits
-                if logits.grad is not None:
-                    spread = gradient_spread(logits.grad, logits)
-                    old = self._grad_spread.get(name)
-                    self._grad_spread[name] = spread if old is None else 0.9 * old + 0.1 * spread
-            self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
+            for key, names, _, _ in self._budget_units():  # the budget's scale: spread of the gradients, averaged
+                logits = [self.gates[n].logits for n in names]
+                if all(t.grad is not None for t in logits):
+                    spread = gradient_spread(torch.cat([t.grad for t in logits]), torch.cat([t.detach() for t in logits]))
+                    old = self._grad_spread.get(key)
+                    self._grad_spread[key] = spread if old is None else 0.9 * old + 0.1 * spread
+            if self.gate_lr > 0:
+                self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
             self._gate_optimizer.zero_grad(set_to_none=True)
         # nothing outside the phase may move: the user's optimizer skips parameters without grad
         for p in self._frozen:
             p.grad = None
-        if self._phase.name == RETRAIN:  # put back in on_train_batch_end, after the step
+        if self._phase.name == RETRAIN:  # put back right after the step (see on_train_start)
             self._saved_lrs = (optimizer, [group["lr"] for group in optimizer.param_groups])
             for group in optimizer.param_groups:
                 group["lr"] = (
                     group["lr"] * self.retrain_lr_factor if self.retrain_lr_factor is not None
                     else self.retrain_lr if self.retrain_lr is not None else _DEFAULT_RETRAIN_LR
                 )
+        elif self._phase.name == FINAL:  # a cosine restarted from the initial rate, to 0 over the phase
+            start = self._steps(trainer, self._origin + self._phase.start)
+            length = max(1, self._steps(trainer, self.schedule.final))
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (trainer.global_step - start) / length)))
+            self._saved_lrs = (optimizer, [group["lr"] for group in optimizer.param_groups])
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", self._base_lrs.get(id(group), group["lr"])) * factor
 
     def _restore_lr(self) -> None:
         if self._saved_lrs is not None:
@@ -614,6 +735,7 @@ class MainSubsidiaryPruning(FilterPruning):
             "phase": None if phase is None else {"stage": phase.stage, "name": phase.name, "start": phase.start},
             "gate_optimizer": self._gate_optimizer.state_dict() if self._gate_optimizer is not None else None,
             "grad_spread": dict(self._grad_spread),
+            "stage_prune": dict(self._stage_prune),
         }
         return state
 
@@ -624,6 +746,7 @@ class MainSubsidiaryPruning(FilterPruning):
         if not state:
             return
         self._loaded = {k: state[k] for k in ("origin", "schedule", "prune_counts", "gate_optimizer")}
+        self._loaded["stage_prune"] = state.get("stage_prune")
         self._grad_spread = dict(state.get("grad_spread", {}))
         if state["phase"] is not None and state["schedule"] is not None:
             schedule = LayerwiseSchedule(**state["schedule"])

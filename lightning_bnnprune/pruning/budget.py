@@ -52,7 +52,10 @@ from torch import Tensor, nn
 
 from .groups import OUT, GroupAnalysis
 
-__all__ = ["ALLOCATIONS", "allocate", "budget_term", "budget_weight", "enforce_keep", "gradient_spread", "macs_per_channel"]
+__all__ = [
+    "ALLOCATIONS", "allocate", "budget_term", "budget_weight", "enforce_keep", "enforce_keep_across",
+    "gradient_spread", "macs_per_channel", "rank_logits",
+]
 
 ALLOCATIONS = ("uniform", "size", "macs")
 
@@ -185,6 +188,48 @@ def enforce_keep(logits: Tensor, keep: int) -> Tensor:
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:keep]] = True
     return mask.to(logits.device)
+
+
+@torch.no_grad()
+def enforce_keep_across(logits: Mapping[str, Tensor], keep: int, floors: Mapping[str, int]) -> Dict[str, Tensor]:
+    """0/1 masks keeping the ``keep`` highest logits over all the groups together, each group
+    keeping at least ``floors[group]`` (its own highest logits first).
+
+    The learned per-layer counts: one keep budget over several groups' logits, which compare
+    because every group's gates start alike and move under the same optimizer and budget term.
+    Ties go to the earlier group, then the lower index (deterministic on every rank).
+
+    Raises:
+        ValueError: if the floors alone exceed ``keep`` or ``keep`` exceeds the filters.
+    """
+    sizes = {g: t.numel() for g, t in logits.items()}
+    floors = {g: min(int(floors.get(g, 0)), n) for g, n in sizes.items()}
+    if not sum(floors.values()) <= keep <= sum(sizes.values()):
+        raise ValueError(f"keep={keep} must lie in [{sum(floors.values())} (the floors), {sum(sizes.values())}]")
+    masks = {g: enforce_keep(t, floors[g]) for g, t in logits.items()}
+    rest = [
+        (-float(v), order, i, g)
+        for order, (g, t) in enumerate(logits.items())
+        for i, v in enumerate(t.detach().flatten().cpu().tolist())
+        if not masks[g][i]
+    ]
+    for _, _, i, g in sorted(rest)[: keep - sum(floors.values())]:
+        masks[g][i] = True
+    return masks
+
+
+@torch.no_grad()
+def rank_logits(scores: Tensor, prune: int, spread: float) -> Tensor:
+    r"""Gate logits that encode a criterion's ranking: the filter of rank ``r`` (0 = lowest score,
+    stable order as the greedy rule sorts) gets :math:`\mathrm{spread}\,(r + 1/2 - p)/n`, so the
+    ``p = prune`` lowest are closed (negative), the others open, and :func:`enforce_keep` with
+    ``n - p`` kept returns exactly the greedy rule's selection. The small spread lets the loss
+    reorder neighbours in a few gate steps and far ranks only with a consistent gradient.
+    """
+    n = scores.numel()
+    ranks = torch.empty(n, dtype=torch.float32)
+    ranks[torch.argsort(scores.detach().float().cpu().flatten(), stable=True)] = torch.arange(n, dtype=torch.float32)
+    return spread * (ranks + 0.5 - prune) / max(n, 1)
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ An optional *warm-up* of the main binary network, then for each stage (one or a 
 layers, from the input side) a *selector* phase, in which only that stage's gates learn, and a
 *retrain* phase, in which the main network adapts to the closed filters. Training one layer's
 selector at a time is the paper's answer to the gradient mismatch of the straight-through gate.
+An optional *final* retrain of the whole network closes the schedule (this project's addition: the
+greedy rules retrain for a whole schedule after their one cut, the last stages here otherwise get
+only one short retrain phase).
 
 The schedule is a plain value: it knows nothing of Lightning, can be printed, compared, scaled to
 a budget and asked which phase a step (or an epoch) falls in, so it is tested on its own.
@@ -14,11 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-__all__ = ["Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "DONE", "PHASE_CODES", "UNITS"]
+__all__ = ["Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES", "UNITS"]
 
 WARMUP, SELECTOR, RETRAIN, DONE = "warmup", "selector", "retrain", "done"
-#: Numbers for loggers and progress bars, which take numbers only.
-PHASE_CODES = {WARMUP: 0, SELECTOR: 1, RETRAIN: 2, DONE: 3}
+FINAL = "final"
+#: Numbers for loggers and progress bars, which take numbers only (``final`` came later: 4).
+PHASE_CODES = {WARMUP: 0, SELECTOR: 1, RETRAIN: 2, DONE: 3, FINAL: 4}
 UNITS = ("steps", "epochs")
 
 
@@ -42,6 +46,8 @@ class Phase:
             return "warm-up of the main network"
         if self.name == DONE:
             return "schedule done, gates fixed"
+        if self.name == FINAL:
+            return "final retrain of the whole network, gates fixed"
         return f"stage {self.stage + 1}/{num_stages} {self.name}: {', '.join(self.groups)}"
 
 
@@ -54,6 +60,8 @@ class LayerwiseSchedule:
         retrain: length of every retrain phase.
         warmup: length of the warm-up of the main network (0: none).
         unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
+        final: length of the final retrain after the last stage (0: none); its phase has
+            ``stage = num_stages`` like ``DONE``.
 
     Raises:
         ValueError: no stage, an empty or repeated group, a non-positive selector / retrain
@@ -75,10 +83,12 @@ class LayerwiseSchedule:
         retrain: int,
         warmup: int = 0,
         unit: str = "steps",
+        final: int = 0,
     ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
+        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0),
+                                    ("final", final, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{label} length must be an int >= {least} {unit}, got {value!r}")
         self.stages: Tuple[Tuple[str, ...], ...] = tuple(tuple(s) for s in stages)
@@ -88,6 +98,7 @@ class LayerwiseSchedule:
         if len(set(flat)) != len(flat):
             raise ValueError(f"a group appears in two stages: {flat}")
         self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
+        self.final = final
         self.phases: List[Phase] = []
         t = 0
         if warmup:
@@ -97,6 +108,9 @@ class LayerwiseSchedule:
             self.phases.append(Phase(i, SELECTOR, groups, t, t + selector))
             self.phases.append(Phase(i, RETRAIN, groups, t + selector, t + selector + retrain))
             t += selector + retrain
+        if final:
+            self.phases.append(Phase(len(self.stages), FINAL, (), t, t + final))
+            t += final
         self._done = Phase(len(self.stages), DONE, (), t, math.inf)
 
     @classmethod
@@ -108,13 +122,14 @@ class LayerwiseSchedule:
         warmup: int = 0,
         layers_per_stage: int = 1,
         unit: str = "steps",
+        final: int = 0,
     ) -> "LayerwiseSchedule":
         """``groups`` (in forward order) cut into stages of ``layers_per_stage`` consecutive groups."""
         if not isinstance(layers_per_stage, int) or layers_per_stage < 1:
             raise ValueError(f"layers_per_stage must be an int >= 1, got {layers_per_stage!r}")
         groups = list(groups)
         stages = [groups[i : i + layers_per_stage] for i in range(0, len(groups), layers_per_stage)]
-        return cls(stages, selector, retrain, warmup, unit)
+        return cls(stages, selector, retrain, warmup, unit, final)
 
     @property
     def total(self) -> int:
@@ -154,7 +169,8 @@ class LayerwiseSchedule:
         retrain = max(1, int(self.retrain * factor))
         spare = available - self.num_stages * (selector + retrain)
         warmup = max(0, min(int(self.warmup * factor), spare))
-        return LayerwiseSchedule(self.stages, selector, retrain, warmup, self.unit)
+        final = max(0, min(int(self.final * factor), spare - warmup))
+        return LayerwiseSchedule(self.stages, selector, retrain, warmup, self.unit, final)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LayerwiseSchedule) and self.state() == other.state()
@@ -167,12 +183,14 @@ class LayerwiseSchedule:
             "retrain": self.retrain,
             "warmup": self.warmup,
             "unit": self.unit,
+            "final": self.final,
         }
 
     def __repr__(self) -> str:
         return (
             f"LayerwiseSchedule({self.num_stages} stages, warmup={self.warmup}, selector={self.selector}, "
-            f"retrain={self.retrain}, unit={self.unit!r}, total={self.total})"
+            f"retrain={self.retrain}, {f'final={self.final}, ' if self.final else ''}unit={self.unit!r}, "
+            f"total={self.total})"
         )
 
     def __str__(self) -> str:
