@@ -81,6 +81,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop this sitting when the global step reaches this value, as if killed (tests)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for flag in ("epochs", "batch_size", "ckpt_every", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -160,7 +161,7 @@ class Manifest(Callback):
         self.sittings: List[Dict[str, Any]] = []
         self.start = time.time()
         self.sitting = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "command": command_line(), "commit": git_commit()}
+                        "command": command_line(args.argv), "commit": git_commit()}
 
     def wall(self) -> float:
         return self.wall_before + time.time() - self.start
@@ -212,8 +213,9 @@ class Manifest(Callback):
         }
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv) if sys.argv else ""
+def command_line(argv: List[str]) -> str:
+    script = os.path.relpath(os.path.abspath(__file__), ROOT)
+    return " ".join(shlex.quote(a) for a in ["python", script, *argv])
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:

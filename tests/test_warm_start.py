@@ -1,0 +1,97 @@
+"""``benchmarks/warm_start.py`` on a tiny npz: a run stopped mid-epoch and at an epoch's end and
+run again with the same command ends bit-identical to an uninterrupted one; manifest, log and
+final weights are written; a rerun with other settings is refused."""
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.data import StepSeededLoader, TensorImageDataset
+from lightning_bnnprune.layers import BinaryConv2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def warm():
+    spec = importlib.util.spec_from_file_location("warm_start", os.path.join(ROOT, "benchmarks", "warm_start.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the script sets its own
+
+
+def _tiny_npz(directory, n_train=40, n_test=16):
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        np.savez(directory / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n, dtype=np.int64) % 10)
+
+
+def _args(data, out, *extra):
+    # 40 images, batch 16: 3 steps per epoch (the last batch smaller), 2 epochs
+    return ["--data-dir", str(data), "--out", str(out), "--assets", str(out / "assets"), "--epochs", "2",
+            "--batch-size", "16", "--ckpt-every", "1", "--threads", "1", *extra]
+
+
+def test_resumed_run_equals_uninterrupted(warm, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_npz(data)
+    full = warm.main(_args(data, tmp_path / "full"))
+    for stop in ("2", "3"):  # mid-epoch, then exactly at the first epoch's end
+        with pytest.raises(warm.Interrupted):
+            warm.main(_args(data, tmp_path / "split", "--stop-after", stop))
+    split = warm.main(_args(data, tmp_path / "split"))
+
+    a = torch.load(tmp_path / "full" / "assets" / "resnet20_cifar_binary.pt")
+    b = torch.load(tmp_path / "split" / "assets" / "resnet20_cifar_binary.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert split["epochs_done"] == full["epochs_done"] == 2 and split["global_step"] == 6
+    assert split["test_acc"] == full["test_acc"]
+    assert len(split["sittings"]) == 3 and "--stop-after 2" in split["sittings"][0]["command"]
+    with open(split["checkpoint"], "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == split["checkpoint_sha256"]
+    rows = (tmp_path / "split" / "accuracy.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,test_acc") and [r.split(",")[:2] for r in rows[1:]] == [["1", "3"], ["2", "6"]]
+    final = json.loads((tmp_path / "split" / "assets" / "resnet20_cifar_binary.json").read_text())
+    assert final["binarize"]["keep_fp"] == ["*.downsample.*"] and final["weights_sha256"]
+    # the script's Binarize keeps the two 1x1 downsample shortcuts full precision, and only them
+    net = warm.ImageClassifier("resnet20_cifar").net
+    swapped = binarize_model(net, keep_fp=warm.binarize(warm.parse_args(_args(data, tmp_path))).keep_fp)
+    assert len(swapped) == 18 and not any("downsample" in n for n in swapped)
+    assert not isinstance(net.get_submodule("layer2.0.downsample.0"), BinaryConv2d)
+
+    with pytest.raises(SystemExit, match="other settings"):
+        warm.main(_args(data, tmp_path / "split", "--lr", "0.01"))
+
+
+def test_step_seeded_loader_is_a_function_of_the_step():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    data = TensorImageDataset(x, torch.arange(10))
+    step = {"now": 0}
+    loader = StepSeededLoader(data, batch_size=4, seed=1, step=lambda: step["now"])
+    assert len(loader) == 3
+    epoch0 = [y for _, y in loader]
+    assert sorted(torch.cat(epoch0).tolist()) == list(range(10))  # a permutation
+    step["now"] = 3
+    epoch1 = [y for _, y in loader]
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))  # a new order each epoch
+    step["now"] = 4  # one step into epoch 1: the rest of that epoch, the same batches
+    assert all(torch.equal(a, b) for a, b in zip([y for _, y in loader], epoch1[1:]))
+    with pytest.raises(ValueError, match="batch_size"):
+        StepSeededLoader(data, batch_size=0, seed=0, step=lambda: 0)
