@@ -1,0 +1,297 @@
+"""CIFAR-10 pruning benchmark, protocol v2: every strategy from the kept warm start, a grid of
+(strategy, PFR, seed) cells filled over as many sittings as it takes.
+
+Protocol (issue 9):
+
+* *Start*: the committed warm start (``benchmarks/assets/resnet20_cifar_binary.pt``, written by
+  ``benchmarks/warm_start.py``), binarised exactly as it was trained (its manifest's ``binarize``).
+* *Cells*: the unpruned network (``baseline``) and each strategy (``greedy_l1``, ``stq``,
+  ``random``, and Main/Subsidiary in one or more named configurations ``msf:<name>``, see
+  :data:`MSF_CONFIGS`) at each PFR, for each seed, train exactly ``--steps`` (R) steps from the
+  start: Adam at ``--lr``, cosine to 0 over R, batch 128, crop + flip, all 50 000 training images.
+  The seed changes the data order (and, for ``random``, the selection). The greedy rules cut
+  one-shot at step 0 and retrain for R; ``msf`` runs its stages and, where its configuration says
+  so, a final retrain inside the same R. At the end the pruned filters are removed physically and
+  the pruned model is tested on the 10 000 test images.
+* *Resumable*: each cell is written to ``<work-dir>/cells/<cell>.json`` when it ends; a cell
+  whose file exists is skipped, so rerunning the same command continues the grid. The summary
+  (``<out>/<name>.{md,json}``) is rewritten after every cell from all finished cells: mean +- std
+  over seeds per (strategy, PFR), and msf (best configuration) minus the best greedy rule with the
+  standard error of that difference.
+
+Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
+
+    python benchmarks/cifar10_cpu_v2.py --data-dir ../shared/data/cifar10 --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_bnnprune import Binarize, GreedyFilterPruning, ImageClassifier, NpzDataModule
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
+from lightning_bnnprune.pruning.groups import example_input_for, find_channel_groups
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
+#: Main/Subsidiary configurations for the ablation. ``paper`` (Xu et al.'s layer-wise schedule,
+#: gates from open, uniform shares) stays the default until the grid has measured the others.
+#: ``final_share``: share of R given to the final retrain; ``layers_per_stage`` 0 = all groups.
+MSF_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    "final": {"final_share": 0.5},
+    "final_l1init": {"final_share": 0.5, "gate_init_criterion": "l1"},
+    "final_learned": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0, "layer_floor": 0.25},
+    "final_distill": {"final_share": 0.5, "distill": 1.0},
+}
+DEFAULT_STRATEGIES = ["baseline", "msf:paper", "greedy_l1", "stq", "random"]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "cifar10"))
+    p.add_argument("--warm-start", default=os.path.join(ROOT, "benchmarks", "assets", "resnet20_cifar_binary.pt"),
+                   help="weights from benchmarks/warm_start.py (its .json manifest beside it)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="where <name>.md/.json go")
+    p.add_argument("--name", default="cifar10_cpu_v2")
+    p.add_argument("--work-dir", default=os.path.join(ROOT, "lightning_logs", "cifar10_cpu_v2"),
+                   help="finished cells (cells/*.json) and their logs")
+    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
+                   help=f"baseline, {', '.join(GREEDY)}, msf:<config> with config in {', '.join(MSF_CONFIGS)}")
+    p.add_argument("--pfrs", type=float, nargs="+", default=[0.4, 0.25])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=700, help="R: steps every cell trains (about 2 epochs)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="distillation weight from the start network for every pruning strategy (msf configs may set their own)")
+    p.add_argument("--msf-selector-share", type=float, default=1 / 3, help="share of a stage's slot in its selector")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--subset-train", type=int, default=None, help="tests")
+    p.add_argument("--subset-test", type=int, default=None, help="tests")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for s in args.strategies:
+        name, _, config = s.partition(":")
+        if not (s == "baseline" or s in GREEDY or (name == "msf" and config in MSF_CONFIGS)):
+            p.error(f"unknown strategy {s!r}: choose baseline, {', '.join(GREEDY)} or msf:<{'|'.join(MSF_CONFIGS)}>")
+    if any(not 0.0 < x < 1.0 for x in args.pfrs):
+        p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if not os.path.isfile(args.warm_start):
+        p.error(f"--warm-start {args.warm_start} does not exist: run benchmarks/warm_start.py to the end first")
+    return args
+
+
+def cells(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    out = []
+    for strategy in args.strategies:
+        for pfr in [None] if strategy == "baseline" else args.pfrs:
+            for seed in args.seeds:
+                tag = strategy.replace(":", "-") + ("" if pfr is None else f"_pfr{round(100 * pfr):02d}")
+                out.append({"strategy": strategy, "target_pfr": pfr, "seed": seed, "key": f"{tag}_seed{seed}"})
+    return out
+
+
+class ReseedAtTrainStart(Callback):
+    """The cell's seed, after every callback's setup: data order and augmentation per seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        lightning.seed_everything(self.seed, verbose=False)
+
+
+def load_start(args: argparse.Namespace) -> tuple:
+    state = torch.load(args.warm_start, map_location="cpu", weights_only=True)
+    manifest_path = args.warm_start[: -len(".pt")] + ".json"
+    manifest = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
+    binarize = manifest.get("binarize", {"input_quantizer": "ste_sign", "kernel_quantizer": "xnor", "keep_fp": []})
+    model = manifest.get("settings", {}).get("model", "resnet20_cifar")
+    return state, binarize, model, manifest
+
+
+def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: float, groups: int) -> MainSubsidiaryPruning:
+    config = dict(config)
+    share = config.pop("final_share", 0.0)
+    per_stage = config.pop("layers_per_stage", 1) or groups
+    stages = math.ceil(groups / per_stage)
+    final = round(args.steps * share)
+    slot = (args.steps - final) // stages
+    if slot < 2:
+        raise ValueError(f"R={args.steps} steps cannot hold {stages} stages of a selector and a retrain step")
+    selector = max(1, round(slot * args.msf_selector_share))
+    retrain = slot - selector
+    if share:
+        final = args.steps - stages * slot  # the remainder goes to the final retrain
+    config.setdefault("distill", args.distill)
+    return MainSubsidiaryPruning(target_pfr=pfr, selector=selector, retrain=retrain, warmup=0, unit="steps",
+                                 layers_per_stage=per_stage, retrain_lr_factor=1.0, final_retrain=final, **config)
+
+
+def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, start: tuple) -> Dict[str, Any]:
+    state, binarize_cfg, model, _ = start
+    strategy, pfr, seed = cell["strategy"], cell["target_pfr"], cell["seed"]
+    run_dir = os.path.join(args.work_dir, cell["key"])
+    lightning.seed_everything(seed, verbose=False)
+    module = ImageClassifier(model, num_classes=10, optimizer="adam", lr=args.lr, scheduler="cosine")
+    module.net.load_state_dict(state, strict=True)  # latent weights into the tree Binarize swaps
+    binarize = Binarize(**binarize_cfg)
+    if strategy == "baseline":
+        pruner = None
+    elif strategy in GREEDY:
+        pruner = GreedyFilterPruning(criterion=GREEDY[strategy], target_pfr=pfr, mode="oneshot", warmup=0,
+                                     seed=seed, distill=args.distill)
+    else:
+        probe = copy.deepcopy(module.net)
+        binarize_model(probe, **{k: v for k, v in binarize_cfg.items() if k in ("input_quantizer", "kernel_quantizer",
+                                                                                "keep_fp")})
+        groups = len(find_channel_groups(probe, example_input_for(probe)).groups)
+        pruner = msf_callback(args, MSF_CONFIGS[strategy.split(":", 1)[1]], pfr, groups)
+    callbacks = [binarize] + ([pruner] if pruner else []) + [ReseedAtTrainStart(seed)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, callbacks=callbacks,
+                         logger=CSVLogger(run_dir, name="", version=""), log_every_n_steps=25,
+                         default_root_dir=run_dir, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    began = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - began
+    tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    out = tester.test(module, datamodule=dm, verbose=False)[0]
+    result = {**cell, "status": "ok", "test_acc": 100.0 * float(out["test/acc"]), "global_step": trainer.global_step,
+              "fit_s": fit_s, "wall_s": time.perf_counter() - began,
+              "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if pruner is not None:
+        result.update(pfr=pruner.pfr(), kept_filters=pruner.kept_filters(),
+                      mac_ratio=pruner.summary.get("mac_ratio"), compression=pruner.summary.get("compression"))
+    return result
+
+
+def write_json(path: str, payload: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def mean_std(values: List[float]) -> tuple:
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
+
+
+def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Dict[str, Any],
+              sitting_s: float) -> Dict[str, Any]:
+    by: Dict[tuple, List[float]] = {}
+    for r in done:
+        if r.get("status") == "ok":
+            by.setdefault((r["strategy"], r["target_pfr"]), []).append(r["test_acc"])
+    rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p)
+            for (s, p), v in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0]))}
+    base = by.get(("baseline", None))
+    comparisons = []
+    for pfr in args.pfrs:
+        msf = {s: v for (s, p), v in by.items() if p == pfr and s.startswith("msf")}
+        greedy = {s: v for (s, p), v in by.items() if p == pfr and s in GREEDY}
+        if not msf or not greedy:
+            continue
+        best_msf = max(msf, key=lambda s: statistics.fmean(msf[s]))
+        best_greedy = max(greedy, key=lambda s: statistics.fmean(greedy[s]))
+        a, b = msf[best_msf], greedy[best_greedy]
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else math.nan)
+                       + (statistics.variance(b) / len(b) if len(b) > 1 else math.nan))
+        comparisons.append({"target_pfr": pfr, "msf": best_msf, "greedy": best_greedy, "diff": diff, "se": se,
+                            "n": [len(a), len(b)], "drop_vs_unpruned": (statistics.fmean(base) - statistics.fmean(a))
+                            if base else None})
+    return {"command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv]),
+            "warm_start": {"path": os.path.relpath(args.warm_start, ROOT), "test_acc": manifest.get("test_acc"),
+                           "sha256": manifest.get("weights_sha256")},
+            "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "distill": args.distill,
+            "msf_configs": MSF_CONFIGS, "rows": rows, "comparisons": comparisons,
+            "cells_done": len(done), "cells_wall_s": sum(r.get("wall_s", 0.0) for r in done),
+            "sitting_wall_s": sitting_s, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "commit": os.popen(f"git -C {shlex.quote(ROOT)} rev-parse HEAD").read().strip()}
+
+
+def markdown(summary: Dict[str, Any]) -> str:
+    def num(x, spec=".2f"):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    lines = [f"# CIFAR-10 pruning benchmark, protocol v2 ({summary['cells_done']} cells)", "",
+             f"Command: `{summary['command']}`  ", f"Commit: `{summary['commit']}`; torch {summary['torch']}, "
+             f"{summary['threads']} threads on {summary['cpus']} CPUs; load average {summary['load_average']}  ",
+             f"Warm start: `{summary['warm_start']['path']}` (test top-1 {num(summary['warm_start']['test_acc'], '.4f')}); "
+             f"R = {summary['steps']} steps per cell, Adam lr {summary['lr']}, cosine, batch {summary['batch_size']}  ",
+             f"Wall time of the finished cells: {summary['cells_wall_s'] / 60:.1f} min", "",
+             "| strategy | target PFR | test top-1 (%) mean | std | seeds |", "|---|---|---|---|---|"]
+    for row in summary["rows"].values():
+        pfr = "-" if row["target_pfr"] is None else f"{row['target_pfr']:.2f}"
+        lines.append(f"| {row['strategy']} | {pfr} | {num(row['mean'])} | {num(row['std'])} | {row['n']} |")
+    lines += ["", "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) |",
+              "|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(f"| {c['target_pfr']:.2f} | {c['msf']} | {c['greedy']} | {num(c['diff'])} | {num(c['se'])} | "
+                     f"{num(c['drop_vs_unpruned'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    cell_dir = os.path.join(args.work_dir, "cells")
+    os.makedirs(cell_dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    start = load_start(args)
+    dm = NpzDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_split=0, seed=0, augment=True,
+                       subset_train=args.subset_train, subset_test=args.subset_test)
+    grid = cells(args)
+    ran = skipped = 0
+    for cell in grid:
+        path = os.path.join(cell_dir, cell["key"] + ".json")
+        if os.path.isfile(path):
+            skipped += 1
+            continue
+        try:
+            result = run_cell(args, cell, dm, start)
+        except Exception as err:  # noqa: BLE001  one failed cell must not stop the grid; it is retried next time
+            traceback.print_exc()
+            print(f"[v2] {cell['key']}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        write_json(path, result)
+        ran += 1
+        print(f"[v2] {cell['key']}: test top-1 {result['test_acc']:.2f}% ({result['wall_s']:.0f} s)", flush=True)
+        done = [json.load(open(os.path.join(cell_dir, c["key"] + ".json"))) for c in grid
+                if os.path.isfile(os.path.join(cell_dir, c["key"] + ".json"))]
+        summary = summarise(args, done, start[3], time.perf_counter() - began)
+        write_json(os.path.join(args.out, args.name + ".json"), {**summary, "cells": done})
+        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
+            f.write(markdown(summary))
+    print(f"[v2] {ran} cells run, {skipped} skipped (finished before), {len(grid) - ran - skipped} failed", flush=True)
+    return {"ran": ran, "skipped": skipped, "grid": len(grid)}
+
+
+if __name__ == "__main__":
+    main()

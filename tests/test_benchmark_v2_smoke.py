@@ -1,0 +1,67 @@
+"""``benchmarks/cifar10_cpu_v2.py`` end to end on a tiny npz, from a warm start that
+``benchmarks/warm_start.py`` itself wrote: cells written as they end, skipped when rerun, the
+summary's mean +- std per strategy and msf - best greedy with its standard error."""
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 48), ("test", 16)):
+        np.savez(data / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n, dtype=np.int64) % 10)
+    warm = _load("warm_start")
+    warm.main(["--data-dir", str(data), "--out", str(tmp_path / "warm"), "--assets", str(tmp_path / "assets"),
+               "--epochs", "1", "--batch-size", "16", "--threads", "1"])
+    bench = _load("cifar10_cpu_v2")
+    argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
+            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--steps", "26",
+            "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0", "1",
+            "--strategies", "baseline", "greedy_l1", "msf:final_learned"]
+    first = bench.main(argv)
+    assert first == {"ran": 6, "skipped": 0, "grid": 6}
+    cells = sorted(os.listdir(tmp_path / "work" / "cells"))
+    assert cells == sorted(f"{s}_seed{k}.json" for s in ("baseline", "greedy_l1_pfr40", "msf-final_learned_pfr40")
+                           for k in (0, 1))
+    cell = json.loads((tmp_path / "work" / "cells" / "msf-final_learned_pfr40_seed1.json").read_text())
+    assert cell["global_step"] == 26 and abs(cell["pfr"] - 0.4) <= 0.01 and cell["seed"] == 1
+    summary = json.loads((tmp_path / "results" / "cifar10_cpu_v2.json").read_text())
+    row = summary["rows"]["greedy_l1@0.4"]
+    accs = [c["test_acc"] for c in summary["cells"] if c["strategy"] == "greedy_l1"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(sum(accs) / 2)
+    (comparison,) = summary["comparisons"]
+    assert comparison["msf"] == "msf:final_learned" and comparison["greedy"] == "greedy_l1"
+    assert comparison["se"] >= 0 and comparison["drop_vs_unpruned"] is not None
+    assert "| greedy_l1 | 0.40 |" in (tmp_path / "results" / "cifar10_cpu_v2.md").read_text()
+
+    assert bench.main(argv) == {"ran": 0, "skipped": 6, "grid": 6}  # a rerun only skips
+    os.remove(tmp_path / "work" / "cells" / "baseline_seed1.json")
+    assert bench.main(argv) == {"ran": 1, "skipped": 5, "grid": 6}  # and fills what is missing
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv + ["--strategies", "msf:nope"])
