@@ -40,7 +40,7 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
                "--epochs", "1", "--batch-size", "16", "--threads", "1"])
     bench = _load("cifar10_cpu_v2")
     argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
-            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--steps", "26",
+            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--steps", "8",
             "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0", "1",
             "--strategies", "baseline", "greedy_l1", "msf:final_learned"]
     first = bench.main(argv)
@@ -49,7 +49,7 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     assert cells == sorted(f"{s}_seed{k}.json" for s in ("baseline", "greedy_l1_pfr40", "msf-final_learned_pfr40")
                            for k in (0, 1))
     cell = json.loads((tmp_path / "work" / "cells" / "msf-final_learned_pfr40_seed1.json").read_text())
-    assert cell["global_step"] == 26 and abs(cell["pfr"] - 0.4) <= 0.01 and cell["seed"] == 1
+    assert cell["global_step"] == 8 and abs(cell["pfr"] - 0.4) <= 0.01 and cell["seed"] == 1
     summary = json.loads((tmp_path / "results" / "cifar10_cpu_v2.json").read_text())
     row = summary["rows"]["greedy_l1@0.4"]
     accs = [c["test_acc"] for c in summary["cells"] if c["strategy"] == "greedy_l1"]

@@ -180,3 +180,29 @@ def test_greedy_distils_from_the_unpruned_start(tmp_path):
     with pytest.raises(Exception, match="distill"):
         GreedyFilterPruning(distill=-1.0)
     assert teacher(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"final_retrain": -1}, r"`final_retrain` must be an int >= 0"),
+        ({"layer_floor": 0.2}, r"`layer_floor` is for allocation='learned'"),
+        ({"allocation": "learned", "layer_floor": 1.0}, r"`layer_floor` must be in \[0, 1\)"),
+        ({"gate_init_criterion": "nope"}, r"`gate_init_criterion`: Unknown criterion 'nope'; registered criteria: "),
+        ({"distill": -0.5}, r"`distill` must be a number >= 0"),
+        ({"distill_temperature": 0}, r"`distill_temperature` must be a number > 0"),
+    ],
+)
+def test_bad_option_values(kwargs, match):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match):
+        MainSubsidiaryPruning(target_pfr=0.3, **kwargs)
+
+
+def test_learned_floors_that_leave_no_room_are_refused(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    msf = MainSubsidiaryPruning(target_pfr=0.6, allocation="learned", layer_floor=0.5, layers_per_stage=100)
+    with pytest.raises(MisconfigurationException, match=r"layer_floor=0.5 and min_filters=1 allow at most"):
+        trainer(tmp_path, [Binarize(), msf], max_steps=700).fit(Classifier("test_resnet"), loader())
