@@ -206,3 +206,18 @@ def test_learned_floors_that_leave_no_room_are_refused(tmp_path):
     msf = MainSubsidiaryPruning(target_pfr=0.6, allocation="learned", layer_floor=0.5, layers_per_stage=100)
     with pytest.raises(MisconfigurationException, match=r"layer_floor=0.5 and min_filters=1 allow at most"):
         trainer(tmp_path, [Binarize(), msf], max_steps=700).fit(Classifier("test_resnet"), loader())
+
+
+def test_retrain_phases_follow_the_users_schedule(tmp_path):
+    """Lightning steps the user's scheduler before on_train_batch_end: a phase's rate must be put
+    back right after the optimizer step, or the scheduler freezes (it did before issue 9)."""
+    L.seed_everything(0)
+    total = 12
+    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=3, layers=["conv1.6", "layer1.0.conv1"],
+                                retrain_lr_factor=1.0, remove_at_end=False)
+    log = StepLog(msf)
+    trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
+        CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
+    assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain", "retrain"] * 2 + ["done"] * 4
+    cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+    assert [lr for _, _, lr in log.rows] == pytest.approx(cosine, rel=1e-6)
