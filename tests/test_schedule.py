@@ -152,3 +152,37 @@ def test_enforce_keep_takes_the_highest_logits_ties_to_the_lower_index():
     assert enforce_keep(logits, 0).sum() == 0 and enforce_keep(logits, 6).all()
     with pytest.raises(ValueError, match=r"keep must be in \[0, 6\], got 7"):
         enforce_keep(logits, 7)
+
+
+def test_enforce_keep_across_shares_one_budget_and_keeps_the_floors():
+    from lightning_bnnprune.pruning.budget import enforce_keep_across
+
+    logits = {"a": torch.tensor([0.9, 0.8, 0.7, 0.6]), "b": torch.tensor([-0.5, -0.4, 0.1, -0.3])}
+    masks = enforce_keep_across(logits, keep=5, floors={"a": 1, "b": 2})
+    assert masks["b"].tolist() == [False, False, True, True]  # its floor: its own two highest
+    assert masks["a"].tolist() == [True, True, True, False]  # then the highest logits anywhere
+    with pytest.raises(ValueError, match=r"keep=2 must lie in \[3"):
+        enforce_keep_across(logits, keep=2, floors={"a": 1, "b": 2})
+
+
+def test_rank_logits_put_the_greedy_cut_at_zero():
+    from lightning_bnnprune.pruning.budget import enforce_keep, rank_logits
+
+    scores = torch.tensor([0.3, 0.1, 0.3, 0.9, 0.2])
+    logits = rank_logits(scores, prune=2, spread=0.1)
+    assert (logits < 0).tolist() == [False, True, False, False, True]  # the two lowest scores closed
+    greedy_keep = torch.ones(5, dtype=torch.bool)
+    greedy_keep[torch.argsort(scores, stable=True)[:2]] = False
+    assert torch.equal(enforce_keep(logits, 3), greedy_keep)
+    assert float(logits.max() - logits.min()) < 0.1
+
+
+def test_final_retrain_closes_the_schedule_and_scales():
+    s = LayerwiseSchedule.from_groups(["a", "b"], selector=2, retrain=3, final=5)
+    assert s.total == 15 and s.phase_at(10).name == "final" and s.phase_at(14).stage == 2
+    assert s.phase_at(15).name == DONE and LayerwiseSchedule(**s.state()) == s
+    assert "final retrain" in str(s) and "final=5" in repr(s)
+    small = s.scaled(8)
+    assert small.total <= 8 and small.final >= 0 and small.selector >= 1
+    with pytest.raises(ValueError, match="final length must be an int >= 0"):
+        LayerwiseSchedule([["a"]], 1, 1, final=-1)
