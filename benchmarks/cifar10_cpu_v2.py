@@ -82,7 +82,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--distill", type=float, default=0.0,
-                   help="distillation weight from the start network for every pruning strategy (msf configs may set their own)")
+                   help="distillation weight from the start network for every pruning strategy "
+                        "(msf configs may set their own)")
     p.add_argument("--msf-selector-share", type=float, default=1 / 3, help="share of a stage's slot in its selector")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--subset-train", type=int, default=None, help="tests")
@@ -242,7 +243,8 @@ def markdown(summary: Dict[str, Any]) -> str:
     lines = [f"# CIFAR-10 pruning benchmark, protocol v2 ({summary['cells_done']} cells)", "",
              f"Command: `{summary['command']}`  ", f"Commit: `{summary['commit']}`; torch {summary['torch']}, "
              f"{summary['threads']} threads on {summary['cpus']} CPUs; load average {summary['load_average']}  ",
-             f"Warm start: `{summary['warm_start']['path']}` (test top-1 {num(summary['warm_start']['test_acc'], '.4f')}); "
+             f"Warm start: `{summary['warm_start']['path']}` "
+             f"(test top-1 {num(summary['warm_start']['test_acc'], '.4f')}); "
              f"R = {summary['steps']} steps per cell, Adam lr {summary['lr']}, cosine, batch {summary['batch_size']}  ",
              f"Wall time of the finished cells: {summary['cells_wall_s'] / 60:.1f} min", "",
              "| strategy | target PFR | test top-1 (%) mean | std | seeds |", "|---|---|---|---|---|"]

@@ -842,7 +842,9 @@ class StepSeededLoader:
         ValueError: If ``batch_size`` is not a positive int or the dataset is empty.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, step: Callable[[], int]) -> None:
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, step: Callable[[], int]
+    ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
         if len(dataset) == 0:  # type: ignore[arg-type]
@@ -882,4 +884,7 @@ class StepSeededLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the checkpoint's data order used seed={state['seed']}, this loader seed={self.seed}")
+            raise ValueError(
+                f"the checkpoint's data order used seed={state['seed']}, this loader"
+                f" seed={self.seed}"
+            )

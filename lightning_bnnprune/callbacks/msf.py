@@ -215,7 +215,8 @@ class MainSubsidiaryPruning(FilterPruning):
         _check(_is_int(layers_per_stage, 1), f"`layers_per_stage` must be an int >= 1, got {layers_per_stage!r}")
         _check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
         _check(_is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
-        _check(_is_number(layer_floor) and 0 <= layer_floor < 1, f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
+        _check(_is_number(layer_floor) and 0 <= layer_floor < 1,
+               f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
         _check(layer_floor == 0 or allocation == "learned",
                f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
         try:
@@ -654,7 +655,8 @@ class MainSubsidiaryPruning(FilterPruning):
             for key, names, _, _ in self._budget_units():  # the budget's scale: spread of the gradients, averaged
                 logits = [self.gates[n].logits for n in names]
                 if all(t.grad is not None for t in logits):
-                    spread = gradient_spread(torch.cat([t.grad for t in logits]), torch.cat([t.detach() for t in logits]))
+                    grads, values = torch.cat([t.grad for t in logits]), torch.cat([t.detach() for t in logits])
+                    spread = gradient_spread(grads, values)
                     old = self._grad_spread.get(key)
                     self._grad_spread[key] = spread if old is None else 0.9 * old + 0.1 * spread
             if self.gate_lr > 0:
