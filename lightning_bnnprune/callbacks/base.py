@@ -54,6 +54,9 @@ class FilterPruning(Callback):
             (never overwriting: ``-v1``, ``-v2``... suffixes). Checkpoints saved afterwards
             (``trainer.save_checkpoint``) carry the record under ``"bnnprune_record"`` and reload
             with :func:`~lightning_bnnprune.pruning.record.restore_pruned`.
+        round_to: every group keeps a multiple of this many filters, or all of them (32 suits
+            Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
+            target (:func:`~lightning_bnnprune.pruning.budget.round_counts`); 1: no rounding.
 
     Attributes set at fit end: ``record`` (:class:`~lightning_bnnprune.pruning.record.PruningRecord`),
     ``report`` (:class:`~lightning_bnnprune.pruning.report.CompressionReport`), ``summary``
@@ -68,7 +71,10 @@ class FilterPruning(Callback):
         exclude: Sequence[str] = (),
         min_filters: int = 1,
         remove_at_end: bool = True,
+        round_to: int = 1,
     ) -> None:
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise MisconfigurationException(f"`round_to` must be an int >= 1, got {round_to!r}")
         if not isinstance(target_pfr, (int, float)) or not 0.0 <= float(target_pfr) < 1.0:
             raise MisconfigurationException(f"`target_pfr` must be in [0, 1), got {target_pfr!r}")
         if not isinstance(min_filters, int) or min_filters < 1:
@@ -81,6 +87,7 @@ class FilterPruning(Callback):
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         self.min_filters = min_filters
         self.remove_at_end = remove_at_end
+        self.round_to = round_to
         self.analysis: Optional[GroupAnalysis] = None
         self.gates: Dict[str, FilterGate] = {}
         self.network_path: str = ""

@@ -230,7 +230,7 @@ class GreedyFilterPruning(FilterPruning):
         try:
             return budget.allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+                total_filters=self.analysis.num_filters, macs_per_channel=macs, round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
@@ -303,7 +303,13 @@ class GreedyFilterPruning(FilterPruning):
         if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
-            self.counts = global_counts(scores, self.num_to_close, self.min_filters)
+            counts = global_counts(scores, self.num_to_close, self.min_filters)
+            try:
+                self.counts = budget.round_counts(
+                    {n: self.analysis[n].size for n in everything}, counts, self.round_to,
+                    self.min_filters, self.num_to_close, self.analysis.num_filters)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from None
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:

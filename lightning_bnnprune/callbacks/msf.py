@@ -134,7 +134,7 @@ class MainSubsidiaryPruning(FilterPruning):
         lambda_budget: a fixed budget weight ``lambda`` instead of the adaptive one.
         scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
             cannot hold the schedule (else that is an error).
-        network, input_size, exclude, min_filters, remove_at_end: see
+        network, input_size, exclude, min_filters, remove_at_end, round_to: see
             :class:`~lightning_bnnprune.callbacks.base.FilterPruning`.
 
     Raises:
@@ -181,8 +181,9 @@ class MainSubsidiaryPruning(FilterPruning):
         exclude: Sequence[str] = (),
         min_filters: int = 1,
         remove_at_end: bool = True,
+        round_to: int = 1,
     ) -> None:
-        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end)
+        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end, round_to)
         _check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
         for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
             _check(_is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
@@ -253,7 +254,7 @@ class MainSubsidiaryPruning(FilterPruning):
         try:
             self.prune_counts = allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                macs_per_channel=macs,
+                macs_per_channel=macs, round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
