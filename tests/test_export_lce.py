@@ -250,3 +250,46 @@ def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
     assert any(r["filters_after"] < r["filters_before"] for r in binary)
     assert "filters_after" in pruning.report.to_markdown() or "| 32 |" in pruning.report.to_markdown()
     assert abs(pruning.summary["pfr"] - 0.4) <= 0.01
+
+
+# ------------------------------------------------------------------ the app
+@pytest.mark.slow
+@needs_lce
+def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import TINY
+
+    run_dir = tmp_path / "run"
+    proc = run_app(*TINY, "export=lce", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tflite = run_dir / "checkpoints" / "model.tflite"
+    assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
+    assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
+    if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
+        from lightning_bnnprune.pruning.record import load_pruned
+
+        net = load_pruned(summary["pruned_model"]).eval()
+        x = torch.randn(2, *_input_of(tflite))
+        got = lce_predict(tflite, x)
+        with torch.no_grad():
+            assert np.abs(got - net(x).numpy()).max() < 1e-3
+
+
+def _input_of(tflite):
+    from lightning_bnnprune.pruning.export_lce import _schema
+
+    model = _schema().Model.GetRootAs(tflite.read_bytes(), 0)
+    graph = model.Subgraphs(0)
+    _, h, w, c = graph.Tensors(graph.Inputs(0)).ShapeAsNumpy().tolist()
+    return c, h, w
+
+
+def test_app_refuses_an_unknown_export_in_one_line(call_main):
+    from conftest import TINY, stderr_lines
+
+    proc = call_main(*TINY, "export=onnx")
+    assert proc.returncode == 2
+    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce; got 'onnx'"]

@@ -100,7 +100,7 @@ class GreedyFilterPruning(FilterPruning):
         unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
         seed: seed of the ``"random"`` criterion.
         min_filters: the fewest channels any group keeps.
-        network, input_size, exclude, remove_at_end, **kwargs: see :class:`FilterPruning`.
+        network, input_size, exclude, remove_at_end, round_to, **kwargs: see :class:`FilterPruning`.
 
     Raises:
         MisconfigurationException: on an unknown criterion, mode, allocation or unit; a
@@ -137,6 +137,7 @@ class GreedyFilterPruning(FilterPruning):
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         remove_at_end: bool = True,
+        round_to: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -146,6 +147,7 @@ class GreedyFilterPruning(FilterPruning):
             exclude=exclude,
             min_filters=min_filters,
             remove_at_end=remove_at_end,
+            round_to=round_to,
             **kwargs,
         )
         if not _is_int(seed):
