@@ -19,7 +19,14 @@ negative, channel ``c`` in bit ``c % 32`` of word ``c // 32``), with zero paddin
 PyTorch pads symmetrically; TFLite's ``SAME`` puts the odd pixel after (bottom/right). A strided
 binary conv whose PyTorch padding equals ``SAME``'s *trailing* pad (a 3x3 stride-2 conv on an even
 map) is exported on the spatially reversed input with the reversed kernel, and its output reversed
-back (``REVERSE_V2``, exact), because a zero pad cannot be written into a +-1 bit tensor.
+back (``REVERSE_V2``, exact), because a zero pad cannot be written into a +-1 bit tensor. LCE's
+own zero-padding correction is wrong on maps smaller than the kernel (measured: a 3x3 conv on a
+2x2 map is off by ~0.7); there the bit tensor is padded with +1 (``PAD`` of zero words) and a
+constant ``-m * conv(border, k)`` is added after the convolution, which is exact too.
+
+Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
+logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
+under the folded batch norm's rounding and flip one bit (see ``benchmarks/results/lce_export.md``).
 
 Refused, in one line naming the layer: kernels that are not ``{-s, +s}`` (BDG's
 ``{phi - tau, phi + tau}``), binary convs with real inputs or grouped, layers with gates still
@@ -28,8 +35,6 @@ attached, and any module or function without a TFLite/LCE op here.
 from __future__ import annotations
 
 import importlib.util
-import math
-import operator
 import os
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -251,7 +256,7 @@ def _pairs(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _padding_mode(name: str, size: Sequence[int], kernel, stride, dilation, padding) -> str:
+def _padding_mode(size: Sequence[int], kernel, stride, dilation, padding) -> str:
     """``"VALID"``, ``"SAME"`` (PyTorch's padding is TFLite's), ``"REVERSED"`` (it is ``SAME``'s
     mirror image) or ``"EXPLICIT"`` (neither)."""
     if isinstance(padding, str):
@@ -400,7 +405,6 @@ class _Exporter:
         self.refuse(node, f"{type(m).__name__} has no LCE/TFLite op here; supported: {_SUPPORTED}")
 
     def binary_conv(self, node: fx.Node, m: BinaryConv2d) -> None:
-        name = node.target
         if m.input_mask() is not None:
             self.refuse(node, "pruning gates are still attached; export the pruned network "
                               "(remove_filters / load_pruned) instead")
@@ -424,8 +428,8 @@ class _Exporter:
         mult, bias = self.affine_of(node, m, mult)
         src = self.arg(node)
         _, h, w, c = self.shape(src)
-        mode = "SAME" if m.same_padding else _padding_mode(name, (h, w), m.kernel_size, m.stride,
-                                                           m.dilation, m.padding)
+        mode = "SAME" if m.same_padding else _padding_mode((h, w), m.kernel_size, m.stride, m.dilation,
+                                                           m.padding)
         k_eff = [d * (k - 1) + 1 for d, k in zip(_pairs(m.dilation), _pairs(m.kernel_size))]
         if mode in ("SAME", "REVERSED") and (h < k_eff[0] or w < k_eff[1]):
             # LCE's zero-padding correction is wrong on maps smaller than the kernel (measured:
@@ -529,7 +533,7 @@ class _Exporter:
         weight = m.weight.detach().cpu().double().numpy() * mult.reshape(-1, 1, 1, 1)
         src = self.arg(node)
         x, shape = self.env[src], self.shape(src)
-        mode = _padding_mode(node.target, shape[1:3], m.kernel_size, m.stride, m.dilation, m.padding)
+        mode = _padding_mode(shape[1:3], m.kernel_size, m.stride, m.dilation, m.padding)
         if mode in ("EXPLICIT", "REVERSED"):
             x, shape = self.explicit_pad(x, shape, m.padding, 0.0)
             mode = "VALID"
@@ -545,7 +549,7 @@ class _Exporter:
     def pool(self, node: fx.Node, op: str, kernel, stride, padding) -> None:
         src = self.arg(node)
         x, shape = self.env[src], self.shape(src)
-        mode = _padding_mode(node.target, shape[1:3], kernel, stride, 1, padding)
+        mode = _padding_mode(shape[1:3], kernel, stride, 1, padding)
         if mode in ("EXPLICIT", "REVERSED"):
             # Max pooling ignores padding: pad with the lowest float.
             x, shape = self.explicit_pad(x, shape, padding, float(np.finfo(np.float32).min))
