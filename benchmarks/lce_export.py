@@ -176,11 +176,23 @@ def run_network(args: argparse.Namespace, name: str, size: int, work: str) -> Di
     return row
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     lines = [
         "# Larq Compute Engine export: LCE's interpreter against PyTorch",
         "",
         f"Command: `{command}`",
+        "",
+        f"Commit: {_commit()}",
         "",
         f"Machine: {platform.machine()}, {platform.python_version()}, torch {torch.__version__}, "
         "larq-compute-engine 0.16.0 (x86-64 reference kernels: correctness, not speed); 2 shared cores.",
