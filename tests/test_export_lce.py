@@ -293,3 +293,39 @@ def test_app_refuses_an_unknown_export_in_one_line(call_main):
     proc = call_main(*TINY, "export=onnx")
     assert proc.returncode == 2
     assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce; got 'onnx'"]
+
+
+def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bnnprune import Binarize
+
+    class Net(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model("test_resnet", num_classes=10)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+    class EmptyFive(ZeroFilterPruning):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+            with torch.no_grad():
+                pl_module.model.layer1[0].conv1.weight[:5] = -0.9  # five filters all zero
+
+    seed_everything(0)
+    pruning = EmptyFive(round_to=4)
+    kw = dict(kernel_quantizer="bdg", kernel_quantizer_kwargs={"zero_lower": True})
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    module = Net()
+    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[Binarize(**kw), pruning]).fit(module, DataLoader(data, batch_size=8))
+    size = pruning.analysis["layer1.0.conv1"].size
+    assert module.model.layer1[0].conv1.out_channels == min(size, -(-(size - 5) // 4) * 4)
+    assert module.model.layer1[0].conv1.out_channels < size  # some of the five still went
