@@ -15,6 +15,7 @@ from .data import (
 from .layers import BinaryConv2d
 from .module import ImageClassifier
 from .pruning.export import export_packed, load_packed
+from .pruning.export_lce import export_lce, lce_predict
 from .pruning.record import PruningRecord, load_pruned, restore_pruned, save_pruned
 from .pruning.report import compression_report
 from .pruning.surgery import remove_filters
@@ -39,7 +40,9 @@ __all__ = [
     "binarize_model",
     "compression_report",
     "create_datamodule",
+    "export_lce",
     "export_packed",
+    "lce_predict",
     "load_packed",
     "load_pruned",
     "quantizers",

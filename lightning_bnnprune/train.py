@@ -143,6 +143,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         to ``<paths.output_dir>/summary.json``.
     """
     start = time.perf_counter()
+    if cfg.get("export") not in EXPORTS:
+        raise ConfigError(f"`export` must be one of: null, {', '.join(e for e in EXPORTS if e)}; "
+                          f"got {cfg.get('export')!r}")
     seed_everything(cfg.seed, workers=True)
     run = build(cfg)
     run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -154,7 +157,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         results = run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
+    exported = _export(cfg, run)
     summary = _summary(cfg, run, {**val_metrics, **test_metrics}, time.perf_counter() - start)
+    if exported:
+        summary["exported_model"] = exported
     _report(summary, Path(str(cfg.paths.output_dir)))
     return summary
 
@@ -181,6 +187,30 @@ def _summary(cfg: DictConfig, run: Run, metrics: Dict[str, float], wall_time_s: 
         "wall_time_s": round(wall_time_s, 1),
     }
     return summary
+
+
+EXPORTS = (None, "lce")
+
+
+def _export(cfg: DictConfig, run: Run) -> Optional[str]:
+    """``export=lce``: the final (pruned) network as ``model.tflite`` for Larq Compute Engine,
+    beside ``pruned.pt`` (else in the run folder), never overwriting (``-v1``... suffixes)."""
+    if cfg.get("export") != "lce" or not run.trainer.is_global_zero:
+        return None
+    from .binarize import find_networks
+    from .callbacks.base import FilterPruning
+    from .pruning.export_lce import export_lce
+
+    prune = run.prune if isinstance(run.prune, FilterPruning) else None
+    net = prune.network_of(run.model) if prune is not None else run.model.get_submodule(find_networks(run.model)[0])
+    pruned_path = getattr(prune, "pruned_path", None)
+    folder = os.path.dirname(pruned_path) if pruned_path else str(cfg.paths.output_dir)
+    os.makedirs(folder, exist_ok=True)
+    path = FilterPruning._free_stems(folder, {"model": [".tflite"]})["model"] + ".tflite"
+    run.datamodule.setup("test")
+    images = next(iter(run.datamodule.test_dataloader()))[0]
+    export_lce(net, path, input_size=tuple(images.shape[1:]))
+    return path
 
 
 @rank_zero_only
@@ -211,6 +241,8 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
     lines.append(f"  parameters       {summary['parameters']:,}")
     if summary.get("pruned_model"):
         lines.append(f"  pruned model     {summary['pruned_model']}")
+    if summary.get("exported_model"):
+        lines.append(f"  LCE model        {summary['exported_model']}")
     lines.append(f"  epochs / steps   {summary['epochs']} / {summary['steps']} in {summary['wall_time_s']:.0f} s")
     print("\n".join(lines), flush=True)
 

@@ -62,6 +62,9 @@ class FilterPruning(Callback):
             while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
             runs no teacher. Offered to every strategy so that comparisons stay equal.
         distill_temperature: its temperature ``T``.
+        round_to: every group keeps a multiple of this many filters, or all of them (32 suits
+            Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
+            target (:func:`~lightning_bnnprune.pruning.budget.round_counts`); 1: no rounding.
 
     Attributes set at fit end: ``record`` (:class:`~lightning_bnnprune.pruning.record.PruningRecord`),
     ``report`` (:class:`~lightning_bnnprune.pruning.report.CompressionReport`), ``summary``
@@ -78,12 +81,15 @@ class FilterPruning(Callback):
         remove_at_end: bool = True,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        round_to: int = 1,
     ) -> None:
         for label, value, low in (("distill", distill, 0.0), ("distill_temperature", distill_temperature, None)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or (value < low if low is not None else value <= 0):
                 bound = ">= 0" if low is not None else "> 0"
                 raise MisconfigurationException(f"`{label}` must be a number {bound}, got {value!r}")
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise MisconfigurationException(f"`round_to` must be an int >= 1, got {round_to!r}")
         if not isinstance(target_pfr, (int, float)) or not 0.0 <= float(target_pfr) < 1.0:
             raise MisconfigurationException(f"`target_pfr` must be in [0, 1), got {target_pfr!r}")
         if not isinstance(min_filters, int) or min_filters < 1:
@@ -96,6 +102,7 @@ class FilterPruning(Callback):
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         self.min_filters = min_filters
         self.remove_at_end = remove_at_end
+        self.round_to = round_to
         self.analysis: Optional[GroupAnalysis] = None
         self.gates: Dict[str, FilterGate] = {}
         self.network_path: str = ""

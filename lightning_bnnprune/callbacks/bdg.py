@@ -37,6 +37,8 @@ class ZeroFilterPruning(FilterPruning):
         atol: a binary weight with ``|w| <= atol`` counts as zero (0 for the exact ``{0, 2 tau}``
             domain).
         network, input_size, exclude, min_filters, remove_at_end: see :class:`FilterPruning`.
+        round_to: keep a multiple of this many filters per group (or all), by keeping some empty
+            filters: the PFR here is what the training freed, so it can only go down.
 
     Raises:
         MisconfigurationException: for a negative ``atol``, and as :class:`FilterPruning`.
@@ -57,8 +59,9 @@ class ZeroFilterPruning(FilterPruning):
         exclude: Sequence[str] = (),
         min_filters: int = 1,
         remove_at_end: bool = True,
+        round_to: int = 1,
     ) -> None:
-        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end)
+        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end, round_to)
         if not atol >= 0:
             raise MisconfigurationException(f"`atol` must be >= 0, got {atol!r}")
         self.atol = float(atol)
@@ -98,6 +101,10 @@ class ZeroFilterPruning(FilterPruning):
                 empty[root_idxs] &= filter_empty[idxs]
             if int((~empty).sum()) < self.min_filters:  # never empty a layer completely
                 empty[torch.nonzero(empty).flatten()[: self.min_filters - int((~empty).sum())]] = False
+            kept = int((~empty).sum())
+            if self.round_to > 1 and kept % self.round_to:  # keep empties up to the next multiple
+                extra = min(group.size, -(-kept // self.round_to) * self.round_to) - kept
+                empty[torch.nonzero(empty).flatten()[:extra]] = False
             keep[group.name] = (~empty).float()
         return keep
 

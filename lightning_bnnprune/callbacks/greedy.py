@@ -100,7 +100,7 @@ class GreedyFilterPruning(FilterPruning):
         unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
         seed: seed of the ``"random"`` criterion.
         min_filters: the fewest channels any group keeps.
-        network, input_size, exclude, remove_at_end, **kwargs: see :class:`FilterPruning`.
+        network, input_size, exclude, remove_at_end, round_to, **kwargs: see :class:`FilterPruning`.
         distill, distill_temperature: distillation from the unpruned start network once filters
             are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
 
@@ -141,6 +141,7 @@ class GreedyFilterPruning(FilterPruning):
         remove_at_end: bool = True,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        round_to: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -152,6 +153,7 @@ class GreedyFilterPruning(FilterPruning):
             remove_at_end=remove_at_end,
             distill=distill,
             distill_temperature=distill_temperature,
+            round_to=round_to,
             **kwargs,
         )
         if not _is_int(seed):
@@ -236,7 +238,7 @@ class GreedyFilterPruning(FilterPruning):
         try:
             return budget.allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+                total_filters=self.analysis.num_filters, macs_per_channel=macs, round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
@@ -309,7 +311,13 @@ class GreedyFilterPruning(FilterPruning):
         if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
-            self.counts = global_counts(scores, self.num_to_close, self.min_filters)
+            counts = global_counts(scores, self.num_to_close, self.min_filters)
+            try:
+                self.counts = budget.round_counts(
+                    {n: self.analysis[n].size for n in everything}, counts, self.round_to,
+                    self.min_filters, self.num_to_close, self.analysis.num_filters)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from None
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:

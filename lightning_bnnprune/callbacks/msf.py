@@ -152,7 +152,8 @@ class MainSubsidiaryPruning(FilterPruning):
             ``None``: all gates open (the paper).
         layer_floor: ``allocation="learned"`` only: the share of each group's filters it keeps
             at least (on top of ``min_filters``).
-        network, input_size, exclude, min_filters, remove_at_end, distill, distill_temperature:
+        network, input_size, exclude, min_filters, remove_at_end, distill, distill_temperature,
+            round_to:
             see :class:`~lightning_bnnprune.callbacks.base.FilterPruning` (``distill`` applies in
             the retrain, final and done phases; the selector has its own ``lambda_kd``).
 
@@ -205,9 +206,10 @@ class MainSubsidiaryPruning(FilterPruning):
         remove_at_end: bool = True,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        round_to: int = 1,
     ) -> None:
         super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end,
-                         distill=distill, distill_temperature=distill_temperature)
+                         distill=distill, distill_temperature=distill_temperature, round_to=round_to)
         _check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
         for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0),
                                     ("final_retrain", final_retrain, 0)):
@@ -219,6 +221,9 @@ class MainSubsidiaryPruning(FilterPruning):
                f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
         _check(layer_floor == 0 or allocation == "learned",
                f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
+        # learned counts move filters between the groups of a stage after allocation: no multiple kept
+        _check(round_to == 1 or allocation != "learned",
+               f"`round_to` > 1 needs allocation in ('uniform', 'size', 'macs'), got allocation='learned'")
         try:
             self.gate_init_criterion = None if gate_init_criterion is None else criteria.get(gate_init_criterion)
         except (ValueError, TypeError) as err:
@@ -295,7 +300,7 @@ class MainSubsidiaryPruning(FilterPruning):
             # learned: the uniform counts are the plan the stages' budgets start from
             self.prune_counts = allocate(
                 sizes, self.target_pfr, "uniform" if learned else self.allocation, self.min_filters,
-                macs_per_channel=macs,
+                macs_per_channel=macs, round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None

@@ -15,6 +15,13 @@ zero) and the weight ``w_l``:
 Counts are rounded by largest remainder, so the global count is met exactly whenever the floors
 allow it.
 
+**Engine-friendly counts** (``round_to``, :func:`round_counts`): an inference engine computes
+channels in blocks (Larq Compute Engine packs input channels in 32-bit words and produces output
+channels in blocks of 8), so a layer pruned from 64 to 38 filters runs as fast as one of 64 on
+the input side. With ``round_to=k`` every group keeps a multiple of ``k`` filters (or all of
+them), and the counts are moved, one allowed step at a time, to bring the global PFR back to the
+target; it must end within :data:`ROUND_TOLERANCE` of it.
+
 **Budget term.** Xu et al. (CVPR 2019) add ``lambda_s * ||m_l||_0`` to the selector loss; the L0 norm of the
 mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
 ``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
@@ -53,11 +60,12 @@ from torch import Tensor, nn
 from .groups import OUT, GroupAnalysis
 
 __all__ = [
-    "ALLOCATIONS", "allocate", "budget_term", "budget_weight", "enforce_keep", "enforce_keep_across",
-    "gradient_spread", "macs_per_channel", "rank_logits",
+    "ALLOCATIONS", "ROUND_TOLERANCE", "allocate", "budget_term", "budget_weight", "enforce_keep",
+    "enforce_keep_across", "gradient_spread", "macs_per_channel", "rank_logits", "round_counts",
 ]
 
 ALLOCATIONS = ("uniform", "size", "macs")
+ROUND_TOLERANCE = 0.01  # the global PFR after rounding stays within 1 point of the target
 
 
 def _water_fill(sizes: Dict[str, int], weights: Dict[str, float], caps: Dict[str, int], total: int) -> Dict[str, float]:
@@ -86,6 +94,7 @@ def allocate(
     min_filters: int = 1,
     total_filters: Optional[int] = None,
     macs_per_channel: Optional[Mapping[str, float]] = None,
+    round_to: int = 1,
 ) -> Dict[str, int]:
     """Filters to prune in each group so that the global PFR is ``target_pfr``.
 
@@ -97,9 +106,12 @@ def allocate(
         total_filters: the PFR's denominator, default ``sum(sizes)`` (more when some prunable
             groups are left out of the schedule: they count, but stay whole).
         macs_per_channel: ``{group: MACs of one of its channels}``, needed for ``"macs"``.
+        round_to: every group keeps a multiple of this many filters, or all (see
+            :func:`round_counts`); 1 leaves the counts as allocated.
 
     Returns:
-        ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``.
+        ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``
+        (with ``round_to > 1``: within 1 point of PFR of it).
 
     Raises:
         ValueError: an unknown allocation, missing MACs, or a target the floors cannot reach
@@ -142,7 +154,59 @@ def allocate(
         while short > 0 and counts[k] < caps[k]:
             counts[k] += 1
             short -= 1
-    return counts
+    return round_counts(sizes, counts, round_to, min_filters, goal, total_filters)
+
+
+def round_counts(
+    sizes: Mapping[str, int],
+    counts: Mapping[str, int],
+    round_to: int,
+    min_filters: int = 1,
+    goal: Optional[int] = None,
+    total_filters: Optional[int] = None,
+) -> Dict[str, int]:
+    """Prune counts whose kept filters are multiples of ``round_to`` (or the whole group).
+
+    Each group first keeps the allowed count nearest to what ``counts`` leaves it (ties: the
+    larger); then, while one allowed step of one group brings the total pruned closer to
+    ``goal`` (default: the sum of ``counts``), the step that brings it closest is taken (ties: the
+    earlier group). Allowed kept counts are ``round_to, 2 * round_to, ... <= n`` that keep at least
+    ``min_filters``, and ``n`` itself; a group smaller than ``round_to`` stays whole.
+
+    Raises:
+        ValueError: a ``round_to`` below 1, or a result more than :data:`ROUND_TOLERANCE` of PFR
+            from the goal (the message gives both).
+    """
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+    if round_to == 1:
+        return dict(counts)
+    goal = sum(counts.values()) if goal is None else int(goal)
+    total_filters = sum(sizes.values()) if total_filters is None else int(total_filters)
+    allowed = {k: sorted({n} | {m for m in range(round_to, n + 1, round_to) if m >= min_filters})
+               for k, n in sizes.items()}
+    kept = {k: min(allowed[k], key=lambda m, want=sizes[k] - counts[k]: (abs(m - want), -m)) for k in sizes}
+    while True:
+        off = sum(sizes[k] - kept[k] for k in sizes) - goal  # > 0: too many pruned
+        best = None
+        for k in sizes:
+            i = allowed[k].index(kept[k])
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(allowed[k]):
+                    after = abs(off + kept[k] - allowed[k][j])  # keeping more prunes fewer
+                    if after < abs(off) and (best is None or after < best[0]):
+                        best = (after, k, allowed[k][j])
+        if best is None:
+            break
+        kept[best[1]] = best[2]
+    rounded = {k: sizes[k] - kept[k] for k in sizes}
+    achieved, target = sum(rounded.values()) / max(total_filters, 1), goal / max(total_filters, 1)
+    if abs(achieved - target) > ROUND_TOLERANCE:
+        raise ValueError(
+            f"round_to={round_to} cannot keep the PFR within {ROUND_TOLERANCE:.0%} of {target:.4f}: the "
+            f"nearest reachable is {achieved:.4f} (groups of {sorted(set(sizes.values()))} filters)"
+        )
+    return rounded
 
 
 def budget_term(gates: Tensor, keep: float, weight: float) -> Tensor:

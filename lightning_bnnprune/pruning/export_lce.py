@@ -1,0 +1,677 @@
+"""Larq Compute Engine export: a (pruned) binary network as a ``.tflite`` flatbuffer that LCE runs.
+
+Binary convolutions become LCE's ``LceQuantize -> LceBconv2d`` with bit-packed kernels; the
+full-precision first conv, the classifier and everything between the binary convs become TFLite
+float ops (NHWC). The file is written directly from the TFLite schema that the
+``larq-compute-engine`` wheel ships (``mlir/python/tflite_schema.py``), not through LCE's
+converter: the converter needs TensorFlow 2.16 and larq 0.13, whose ``numpy<2`` pin cannot be
+installed beside this package's numpy 2 (measured: pip reports ``ResolutionImpossible``), while the
+schema and LCE's interpreter load without TensorFlow (the extra installs ``flatbuffers`` and
+``tqdm`` only).
+
+What LCE computes (``core/bconv2d/output_transform.h``): ``y = conv_pm1(x_b, k_b) * m + b`` per
+output channel, where ``conv_pm1`` is the convolution of the +-1 input and kernel bits (bit 1 =
+negative, channel ``c`` in bit ``c % 32`` of word ``c // 32``), with zero padding corrected for
+``SAME``. A :class:`~lightning_bnnprune.layers.BinaryConv2d` with XNOR kernel
+``sign(W) * alpha`` followed by a BatchNorm ``y * g + h`` is therefore exactly
+``m = alpha * g``, ``b = bias * g + h``: scales and batch norms are folded, nothing approximated.
+
+PyTorch pads symmetrically; TFLite's ``SAME`` puts the odd pixel after (bottom/right). A strided
+binary conv whose PyTorch padding equals ``SAME``'s *trailing* pad (a 3x3 stride-2 conv on an even
+map) is exported on the spatially reversed input with the reversed kernel, and its output reversed
+back (``REVERSE_V2``, exact), because a zero pad cannot be written into a +-1 bit tensor. LCE's
+own zero-padding correction is wrong on maps smaller than the kernel (measured: a 3x3 conv on a
+2x2 map is off by ~0.7); there the bit tensor is padded with +1 (``PAD`` of zero words) and a
+constant ``-m * conv(border, k)`` is added after the convolution, which is exact too.
+
+Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
+logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
+under the folded batch norm's rounding and flip one bit (see ``benchmarks/results/lce_export.md``).
+
+Refused, in one line naming the layer: kernels that are not ``{-s, +s}`` (BDG's
+``{phi - tau, phi + tau}``), binary convs with real inputs or grouped, layers with gates still
+attached, and any module or function without a TFLite/LCE op here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .. import quantizers
+from ..layers import BinaryConv2d
+
+__all__ = ["export_lce", "lce_predict", "LceExportError", "lce_available"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+_INSTALL = "install the extra: pip install 'lightning-bnnprune[lce]'"
+
+
+class LceExportError(ValueError):
+    """A network (or one of its layers) that LCE cannot run as exported here."""
+
+
+# --- the larq-compute-engine wheel, without its TensorFlow-importing __init__ -------------------
+
+def _lce_dir() -> str:
+    spec = importlib.util.find_spec("larq_compute_engine")  # locates, does not import
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"larq-compute-engine is not installed; {_INSTALL}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def lce_available() -> bool:
+    """Whether the ``lce`` extra (``larq-compute-engine``) is installed."""
+    return importlib.util.find_spec("larq_compute_engine") is not None
+
+
+@lru_cache(maxsize=None)
+def _schema():
+    path = os.path.join(_lce_dir(), "mlir", "python", "tflite_schema.py")
+    spec = importlib.util.spec_from_file_location("_bnnprune_tflite_schema", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Run by LCE's interpreter: the wheel's path is found without importing the package.
+_RUNNER = """
+import glob, importlib.machinery, importlib.util, os, sys
+import numpy as np
+spec = importlib.util.find_spec("larq_compute_engine")
+so = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "tflite", "python",
+                            "interpreter_wrapper_lite*.so"))[0]
+loader = importlib.machinery.ExtensionFileLoader("interpreter_wrapper_lite", so)
+module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+    "interpreter_wrapper_lite", so, loader=loader))
+loader.exec_module(module)
+def run(blob, x, threads):
+    runner = module.LiteInterpreter(blob, threads, False, False, False)
+    return np.concatenate([runner.predict([x[i:i + 1]])[0] for i in range(len(x))])
+if __name__ == "__main__":
+    model, inputs, outputs, threads = sys.argv[1:5]
+    np.save(outputs, run(open(model, "rb").read(), np.load(inputs), int(threads)))
+"""
+
+
+def lce_predict(model: Union[PathLike, bytes], images: Union[Tensor, np.ndarray], num_threads: int = 1,
+                python: Optional[str] = None) -> np.ndarray:
+    """Run a ``.tflite`` file (or its bytes) with LCE's own interpreter, one image at a time.
+
+    LCE 0.16.0 (the latest release) is compiled against the numpy 1 ABI: in a numpy 2 process
+    its interpreter sees every input as 0 bytes. Under numpy 2 it therefore runs in a separate
+    Python that has ``numpy<2`` and ``larq-compute-engine`` (``python``, else the environment
+    variable ``BNNPRUNE_LCE_PYTHON``); under numpy 1 it runs here.
+
+    Args:
+        model: the path of an :func:`export_lce` file, or its bytes.
+        images: ``[N, C, H, W]`` float images, normalised as for the PyTorch model (NCHW, as
+            PyTorch takes them; transposed to the file's NHWC here).
+
+    Returns:
+        ``[N, ...]`` float32 outputs (the logits).
+    """
+    import subprocess
+    import tempfile
+
+    x = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+    python = python or os.environ.get("BNNPRUNE_LCE_PYTHON")
+    if int(np.__version__.split(".")[0]) < 2 and not python:
+        scope: Dict[str, Any] = {"__name__": "_bnnprune_lce_runner"}
+        exec(_RUNNER, scope)  # noqa: S102 - the fixed loader above, shared with the subprocess
+        blob = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+        return scope["run"](bytes(blob), x, num_threads)
+    if not python:
+        raise RuntimeError("LCE's interpreter needs numpy<2 (larq-compute-engine 0.16 is built "
+                           "against numpy 1); pass python= or set BNNPRUNE_LCE_PYTHON to a Python "
+                           "with 'numpy<2' and larq-compute-engine")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.fspath(model) if not isinstance(model, (bytes, bytearray)) else os.path.join(tmp, "m.tflite")
+        if isinstance(model, (bytes, bytearray)):
+            with open(path, "wb") as f:
+                f.write(model)
+        np.save(os.path.join(tmp, "x.npy"), x)
+        script = os.path.join(tmp, "run.py")
+        with open(script, "w") as f:
+            f.write(_RUNNER)
+        done = subprocess.run([python, script, path, os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy"),
+                               str(num_threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"LCE's interpreter ({python}) failed: {lines[-1]}")
+        return np.load(os.path.join(tmp, "y.npy"))
+
+
+# --- flatbuffer writing -------------------------------------------------------------------------
+
+class _Graph:
+    """Tensors, buffers and operators of one TFLite subgraph, packed by :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self.s = _schema()
+        self.tensors: List[Any] = []
+        self.buffers: List[Any] = [self.s.BufferT()]  # buffer 0: the empty one, by convention
+        self.operators: List[Any] = []
+        self.codes: Dict[Tuple[int, str], int] = {}
+        self.const_bytes = 0
+
+    def tensor(self, shape: Sequence[int], dtype: str = "float32", data: Optional[np.ndarray] = None,
+               name: str = "") -> int:
+        t = self.s.TensorT()
+        t.shape = [int(d) for d in shape]
+        t.type = {"float32": self.s.TensorType.FLOAT32, "int32": self.s.TensorType.INT32}[dtype]
+        t.name = name
+        t.buffer = 0
+        if data is not None:
+            raw = np.asarray(data, dtype=np.dtype(dtype).newbyteorder("<"))
+            assert list(raw.shape) == t.shape, (raw.shape, t.shape)
+            buf = self.s.BufferT()
+            buf.data = np.frombuffer(raw.tobytes(), dtype=np.uint8)
+            self.buffers.append(buf)
+            t.buffer = len(self.buffers) - 1
+            self.const_bytes += raw.nbytes
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def const(self, data: np.ndarray, dtype: str = "float32") -> int:
+        data = np.asarray(data)
+        return self.tensor(data.shape, dtype, data)
+
+    def op(self, builtin: str, inputs: Sequence[int], outputs: Sequence[int], options: Any = None,
+           custom: str = "", custom_options: bytes = b"") -> None:
+        s = self.s
+        code = s.BuiltinOperator.CUSTOM if custom else getattr(s.BuiltinOperator, builtin)
+        key = (code, custom)
+        if key not in self.codes:
+            self.codes[key] = len(self.codes)
+        o = s.OperatorT()
+        o.opcodeIndex = self.codes[key]
+        o.inputs, o.outputs = list(inputs), list(outputs)
+        if options is not None:
+            o.builtinOptionsType = getattr(s.BuiltinOptions, type(options).__name__[:-1])
+            o.builtinOptions = options
+        if custom:
+            o.customOptions = np.frombuffer(custom_options, dtype=np.uint8) if custom_options else None
+            o.customOptionsFormat = s.CustomOptionsFormat.FLEXBUFFERS
+        self.operators.append(o)
+
+    def finish(self, inputs: List[int], outputs: List[int], description: str) -> bytes:
+        import flatbuffers
+
+        s = self.s
+        sub = s.SubGraphT()
+        sub.tensors, sub.inputs, sub.outputs, sub.operators = self.tensors, inputs, outputs, self.operators
+        sub.name = "main"
+        model = s.ModelT()
+        model.version = 3
+        codes = [None] * len(self.codes)
+        for (code, custom), i in self.codes.items():
+            oc = s.OperatorCodeT()
+            oc.builtinCode, oc.customCode, oc.version = code, custom or None, 1
+            oc.deprecatedBuiltinCode = min(code, s.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
+            codes[i] = oc
+        model.operatorCodes = codes
+        model.subgraphs = [sub]
+        model.description = description
+        model.buffers = self.buffers
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+def _bitpack(negative: np.ndarray) -> np.ndarray:
+    """LCE's bit-packing of the last axis: bit ``c % 32`` of int32 word ``c // 32`` is 1 where the
+    value is negative; the tail of the last word is 0 (= +1, ignored via ``channels_in``)."""
+    *lead, c = negative.shape
+    words = -(-c // 32)
+    padded = np.zeros((*lead, words * 32), dtype=bool)
+    padded[..., :c] = negative
+    packed = np.packbits(padded.reshape(*lead, words, 4, 8), axis=-1, bitorder="little")
+    return packed.reshape(*lead, words * 4).view("<i4").reshape(*lead, words)
+
+
+# --- the network walk ---------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BinaryConv2d) or super().is_leaf_module(m, qualname)
+
+
+_SIGNS = (quantizers.SteSign, quantizers.ApproxSign)
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, Linear, ReLU, "
+              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (no padding), global average pooling, "
+              "Flatten (of a 1x1 map), add, Identity, Dropout")
+
+
+def _pairs(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _padding_mode(size: Sequence[int], kernel, stride, dilation, padding) -> str:
+    """``"VALID"``, ``"SAME"`` (PyTorch's padding is TFLite's), ``"REVERSED"`` (it is ``SAME``'s
+    mirror image) or ``"EXPLICIT"`` (neither)."""
+    if isinstance(padding, str):
+        return {"valid": "VALID", "same": "SAME"}[padding]
+    modes = set()
+    for n, k, s, d, p in zip(size, _pairs(kernel), _pairs(stride), _pairs(dilation), _pairs(padding)):
+        k_eff = d * (k - 1) + 1
+        if p == 0:
+            modes.add("VALID")
+            continue
+        torch_out = (n + 2 * p - k_eff) // s + 1
+        out = -(-n // s)
+        total = max((out - 1) * s + k_eff - n, 0)
+        before = total // 2
+        if out != torch_out:
+            modes.add("EXPLICIT")
+        elif p == before:
+            modes.add("SAME")
+        elif p == total - before:
+            modes.add("REVERSED")
+        else:
+            modes.add("EXPLICIT")
+    if len(modes) == 1:
+        return modes.pop()
+    # One unpadded axis and one padded: VALID and SAME agree on the unpadded axis when SAME needs
+    # no pad there (a 1-wide kernel at stride 1); anything else is written as explicit padding.
+    return "EXPLICIT"
+
+
+class _Exporter:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.g = _Graph()
+        self.env: Dict[fx.Node, int] = {}
+        self.quantized: Dict[Tuple[fx.Node, bool], int] = {}
+        self.folded: Dict[fx.Node, Tuple[np.ndarray, np.ndarray]] = {}  # conv -> its BN's (g, h)
+        self.binary_layers = 0
+
+    # shapes: PyTorch NCHW in the node's metadata, NHWC in the file
+    @staticmethod
+    def shape(node: fx.Node) -> List[int]:
+        s = list(node.meta["tensor_meta"].shape)
+        return [s[0], s[2], s[3], s[1]] if len(s) == 4 else s
+
+    def out(self, node: fx.Node) -> int:
+        t = self.g.tensor(self.shape(node))
+        self.env[node] = t
+        return t
+
+    def refuse(self, node: fx.Node, why: str) -> None:
+        raise LceExportError(f"cannot export {node.target if node.op == 'call_module' else node.name!r}"
+                             f" to LCE: {why}")
+
+    def run(self) -> bytes:
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.BatchNorm2d):
+                src = node.args[0]
+                if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                        and isinstance(self.gm.get_submodule(src.target), nn.Conv2d)):
+                    self.folded[src] = self.bn_affine(self.gm.get_submodule(node.target))
+        inputs: List[int] = []
+        outputs: List[int] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                inputs.append(self.g.tensor(self.shape(node), name="input"))
+                self.env[node] = inputs[-1]
+            elif node.op == "output":
+                result = node.args[0]
+                if not isinstance(result, fx.Node):
+                    self.refuse(node, "the network must return one tensor (the logits)")
+                outputs.append(self.env[result])
+                self.g.tensors[outputs[-1]].name = "logits"
+            elif node.op == "call_module":
+                self.module(node, self.gm.get_submodule(node.target))
+            elif node.op in ("call_function", "call_method"):
+                self.function(node)
+            else:
+                self.refuse(node, f"fx op {node.op!r} (parameters read in forward) has no export here")
+        return self.g.finish(inputs, outputs, "lightning-bnnprune export for Larq Compute Engine")
+
+    @staticmethod
+    def bn_affine(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, np.ndarray]:
+        var = bn.running_var.double()
+        g = (bn.weight.double() if bn.affine else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+        h = (bn.bias.double() if bn.affine else torch.zeros_like(var)) - bn.running_mean.double() * g
+        return g.cpu().numpy(), h.cpu().numpy()
+
+    def affine_of(self, node: fx.Node, conv: nn.Conv2d, mult: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(m, b)`` with ``output = conv_unscaled * m + b``: conv scale, bias and folded BN."""
+        bias = conv.bias.detach().cpu().double().numpy() if conv.bias is not None else np.zeros(conv.out_channels)
+        g, h = self.folded.get(node, (np.ones(conv.out_channels), np.zeros(conv.out_channels)))
+        return mult * g, bias * g + h
+
+    def arg(self, node: fx.Node, i: int = 0) -> fx.Node:
+        a = node.args[i]
+        if not isinstance(a, fx.Node):
+            self.refuse(node, f"argument {i} is a constant ({a!r}), not a tensor")
+        return a
+
+    # --- modules ---
+
+    def module(self, node: fx.Node, m: nn.Module) -> None:
+        if isinstance(m, BinaryConv2d):
+            return self.binary_conv(node, m)
+        if isinstance(m, nn.BatchNorm2d):
+            src = self.arg(node)
+            if src in self.folded:
+                self.env[node] = self.env[src]
+                return
+            g, h = self.bn_affine(m)
+            return self.scale_shift(node, g, h)
+        if isinstance(m, nn.Conv2d):
+            return self.float_conv(node, m)
+        if isinstance(m, nn.Linear):
+            x = self.env[self.arg(node)]
+            if len(self.shape(self.arg(node))) != 2:
+                self.refuse(node, "a Linear over a tensor that is not [batch, features]")
+            w = self.g.const(m.weight.detach().cpu().numpy())
+            b = self.g.const(m.bias.detach().cpu().numpy() if m.bias is not None else np.zeros(m.out_features))
+            opt = self.g.s.FullyConnectedOptionsT()
+            self.g.op("FULLY_CONNECTED", [x, w, b], [self.out(node)], opt)
+            return
+        if isinstance(m, _PASS):
+            self.env[node] = self.env[self.arg(node)]
+            return
+        if isinstance(m, nn.ReLU):
+            return self.unary(node, "RELU")
+        if isinstance(m, nn.ReLU6):
+            return self.unary(node, "RELU6")
+        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (-1.0, 1.0):
+            return self.unary(node, "RELU_N1_TO_1")
+        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
+            return self.unary(node, "RELU6")
+        if isinstance(m, nn.MaxPool2d):
+            if m.ceil_mode or _pairs(m.dilation) != (1, 1):
+                self.refuse(node, "MaxPool2d with ceil_mode or dilation")
+            return self.pool(node, "MAX_POOL_2D", m.kernel_size, m.stride or m.kernel_size, m.padding)
+        if isinstance(m, nn.AvgPool2d):
+            if m.ceil_mode or _pairs(m.padding) != (0, 0) or m.divisor_override:
+                self.refuse(node, "AvgPool2d with padding, ceil_mode or a divisor override")
+            return self.pool(node, "AVERAGE_POOL_2D", m.kernel_size, m.stride or m.kernel_size, 0)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return self.global_pool(node)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, m.start_dim)
+        self.refuse(node, f"{type(m).__name__} has no LCE/TFLite op here; supported: {_SUPPORTED}")
+
+    def binary_conv(self, node: fx.Node, m: BinaryConv2d) -> None:
+        if m.input_mask() is not None:
+            self.refuse(node, "pruning gates are still attached; export the pruned network "
+                              "(remove_filters / load_pruned) instead")
+        if not isinstance(m.input_quantizer, _SIGNS):
+            self.refuse(node, f"LCE binarises inputs with sign(); this layer's input quantizer is "
+                              f"{type(m.input_quantizer).__name__ if m.input_quantizer is not None else None}")
+        if m.groups != 1:
+            self.refuse(node, f"grouped binary convolution (groups={m.groups})")
+        if m.padding_mode != "zeros":
+            self.refuse(node, f"padding_mode={m.padding_mode!r} (LCE pads binary inputs with zeros)")
+        with torch.no_grad():
+            kernel, scale = m._quantize_kernel(None)
+        kernel = kernel.detach().cpu().double()
+        mags = kernel.abs().amax(dim=(1, 2, 3))
+        if not bool((kernel.abs() == mags.view(-1, 1, 1, 1)).all()) or bool((mags == 0).any()):
+            values = torch.unique(kernel).tolist()
+            shown = ", ".join(f"{v:.4g}" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+            self.refuse(node, f"its binary kernel takes the values {{{shown}}}; LceBconv2d needs "
+                              "{-s, +s} per filter (BDG's {phi - tau, phi + tau} domain is not one)")
+        mult = mags.numpy() * (scale.detach().cpu().double().numpy() if scale is not None else 1.0)
+        mult, bias = self.affine_of(node, m, mult)
+        src = self.arg(node)
+        _, h, w, c = self.shape(src)
+        mode = "SAME" if m.same_padding else _padding_mode((h, w), m.kernel_size, m.stride, m.dilation,
+                                                           m.padding)
+        k_eff = [d * (k - 1) + 1 for d, k in zip(_pairs(m.dilation), _pairs(m.kernel_size))]
+        if mode in ("SAME", "REVERSED") and (h < k_eff[0] or w < k_eff[1]):
+            # LCE's zero-padding correction is wrong on maps smaller than the kernel (measured:
+            # a 3x3 conv on a 2x2 map is off by ~0.7); such maps are tiny, so pad them here.
+            mode = "EXPLICIT"
+        reverse = mode == "REVERSED"
+        sign = kernel >= 0
+        if reverse:
+            sign = torch.flip(sign, dims=(2, 3))
+        filt = _bitpack(~sign.permute(0, 2, 3, 1).numpy())  # OHWI, bits over input channels
+        x = self.quantize(src, reverse)
+        g = self.g
+        correction = None
+        if mode == "EXPLICIT":
+            x, correction = self.one_pad(x, m, sign, mult, (h, w, c))
+            mode = "VALID"
+        f = g.tensor(filt.shape, "int32", filt)
+        tm = g.const(mult.astype(np.float32))
+        tb = g.const(bias.astype(np.float32))
+        out_shape = self.shape(node)
+        y = g.tensor(out_shape) if (reverse or correction is not None) else self.out(node)
+        import flatbuffers.flexbuffers as flex
+
+        sh, sw = _pairs(m.stride)
+        dh, dw = _pairs(m.dilation)
+        options = flex.Dumps({
+            "channels_in": c, "dilation_height_factor": dh, "dilation_width_factor": dw,
+            "fused_activation_function": 0, "pad_values": 0,
+            "padding": g.s.Padding.VALID if mode == "VALID" else g.s.Padding.SAME,
+            "stride_height": sh, "stride_width": sw,
+        })
+        # Input 4 (output thresholds) is only read for bit-packed outputs; -1 marks it absent.
+        g.op("", [x, f, tm, tb, -1], [y], custom="LceBconv2d", custom_options=bytes(options))
+        if reverse:
+            g.op("REVERSE_V2", [y, g.const(np.array([1, 2], np.int32), "int32")], [self.out(node)],
+                 g.s.ReverseV2OptionsT())
+        if correction is not None:
+            g.op("ADD", [y, g.const(correction)], [self.out(node)], g.s.AddOptionsT())
+        self.binary_layers += 1
+
+    def one_pad(self, x: int, m: BinaryConv2d, sign: Tensor, mult: np.ndarray,
+                hwc: Tuple[int, int, int]) -> Tuple[int, np.ndarray]:
+        """Pad the bit-packed input with +1 (bits 0) and return the constant that turns the
+        VALID convolution of it into the zero-padded one: ``-m * conv(P, k)``, ``P`` = 1 on the
+        padded border, 0 inside (so ``conv(x_zero) = conv(x_one) - conv(P, k)``)."""
+        h, w, c = hwc
+        if m.same_padding:
+            pads = []
+            for n, k, s, d in zip((h, w), _pairs(m.kernel_size), _pairs(m.stride), _pairs(m.dilation)):
+                total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+                pads.append((total // 2, total - total // 2))
+        else:
+            ph, pw = _pairs(m.padding)
+            pads = [(ph, ph), (pw, pw)]
+        (t, b), (l, r) = pads
+        border = torch.ones(1, c, h + t + b, w + l + r, dtype=torch.float64)
+        border[:, :, t:t + h, l:l + w] = 0
+        kernel = sign.to(torch.float64) * 2 - 1
+        corr = F.conv2d(border, kernel, stride=m.stride, dilation=m.dilation)[0]  # [O, Ho, Wo]
+        correction = (-mult.reshape(-1, 1, 1) * corr.numpy()).transpose(1, 2, 0)[None]
+        n_, _, _, words = self.g.tensors[x].shape
+        padded = self.g.tensor([n_, h + t + b, w + l + r, words], "int32")
+        paddings = self.g.const(np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32), "int32")
+        self.g.op("PAD", [x, paddings], [padded], self.g.s.PadOptionsT())
+        return padded, correction.astype(np.float32)
+
+    def quantize(self, src: fx.Node, reverse: bool) -> int:
+        """``LceQuantize`` of ``src`` (bit-packed sign), once per tensor and orientation."""
+        key = (src, reverse)
+        if key not in self.quantized:
+            g = self.g
+            n, h, w, c = self.shape(src)
+            x = self.env[src]
+            if reverse:
+                flipped = g.tensor([n, h, w, c])
+                g.op("REVERSE_V2", [x, g.const(np.array([1, 2], np.int32), "int32")], [flipped],
+                     g.s.ReverseV2OptionsT())
+                x = flipped
+            q = g.tensor([n, h, w, -(-c // 32)], "int32")
+            g.op("", [x], [q], custom="LceQuantize")
+            self.quantized[key] = q
+        return self.quantized[key]
+
+    def explicit_pad(self, src: int, shape: List[int], padding, value: float) -> Tuple[int, List[int]]:
+        ph, pw = _pairs(padding)
+        n, h, w, c = shape
+        new = [n, h + 2 * ph, w + 2 * pw, c]
+        out = self.g.tensor(new)
+        pads = self.g.const(np.array([[0, 0], [ph, ph], [pw, pw], [0, 0]], np.int32), "int32")
+        fill = self.g.const(np.array([value], np.float32).reshape(()))
+        self.g.op("PADV2", [src, pads, fill], [out], self.g.s.PadV2OptionsT())
+        return out, new
+
+    def float_conv(self, node: fx.Node, m: nn.Conv2d) -> None:
+        if m.groups != 1:
+            self.refuse(node, f"grouped float convolution (groups={m.groups})")
+        if m.padding_mode != "zeros" or type(m) is not nn.Conv2d:
+            self.refuse(node, f"{type(m).__name__} with padding_mode={m.padding_mode!r}; only a plain "
+                              "zero-padded nn.Conv2d exports as CONV_2D")
+        mult, bias = self.affine_of(node, m, np.ones(m.out_channels))
+        weight = m.weight.detach().cpu().double().numpy() * mult.reshape(-1, 1, 1, 1)
+        src = self.arg(node)
+        x, shape = self.env[src], self.shape(src)
+        mode = _padding_mode(shape[1:3], m.kernel_size, m.stride, m.dilation, m.padding)
+        if mode in ("EXPLICIT", "REVERSED"):
+            x, shape = self.explicit_pad(x, shape, m.padding, 0.0)
+            mode = "VALID"
+        g = self.g
+        opt = g.s.Conv2DOptionsT()
+        opt.padding = getattr(g.s.Padding, mode)
+        opt.strideH, opt.strideW = _pairs(m.stride)
+        opt.dilationHFactor, opt.dilationWFactor = _pairs(m.dilation)
+        w = g.const(weight.transpose(0, 2, 3, 1).astype(np.float32))
+        b = g.const(bias.astype(np.float32))
+        g.op("CONV_2D", [x, w, b], [self.out(node)], opt)
+
+    def pool(self, node: fx.Node, op: str, kernel, stride, padding) -> None:
+        src = self.arg(node)
+        x, shape = self.env[src], self.shape(src)
+        mode = _padding_mode(shape[1:3], kernel, stride, 1, padding)
+        if mode in ("EXPLICIT", "REVERSED"):
+            # Max pooling ignores padding: pad with the lowest float.
+            x, shape = self.explicit_pad(x, shape, padding, float(np.finfo(np.float32).min))
+            mode = "VALID"
+        opt = self.g.s.Pool2DOptionsT()
+        opt.padding = getattr(self.g.s.Padding, mode)
+        opt.strideH, opt.strideW = _pairs(stride)
+        opt.filterHeight, opt.filterWidth = _pairs(kernel)
+        self.g.op(op, [x], [self.out(node)], opt)
+
+    def global_pool(self, node: fx.Node) -> None:
+        src = self.arg(node)
+        if self.shape(node)[1:3] == self.shape(src)[1:3]:
+            self.env[node] = self.env[src]
+            return
+        if self.shape(node)[1:3] != [1, 1]:
+            self.refuse(node, f"adaptive pooling to {self.shape(node)[1:3]} (only to 1x1)")
+        opt = self.g.s.ReducerOptionsT()
+        opt.keepDims = True
+        axes = self.g.const(np.array([1, 2], np.int32), "int32")
+        self.g.op("MEAN", [self.env[src], axes], [self.out(node)], opt)
+
+    def flatten(self, node: fx.Node, start_dim: int = 1) -> None:
+        src = self.arg(node)
+        shape = self.shape(src)
+        if start_dim != 1:
+            self.refuse(node, f"flatten from dim {start_dim} (only from dim 1)")
+        if len(shape) == 2:
+            self.env[node] = self.env[src]
+            return
+        if len(shape) != 4 or shape[1:3] != [1, 1]:
+            self.refuse(node, f"flatten of a {shape[1]}x{shape[2]} map (NHWC order differs; "
+                              "pool to 1x1 first)")
+        new = self.shape(node)
+        opt = self.g.s.ReshapeOptionsT()
+        opt.newShape = new
+        self.g.op("RESHAPE", [self.env[src], self.g.const(np.array(new, np.int32), "int32")],
+                  [self.out(node)], opt)
+
+    def unary(self, node: fx.Node, op: str) -> None:
+        self.g.op(op, [self.env[self.arg(node)]], [self.out(node)])
+
+    def scale_shift(self, node: fx.Node, g: np.ndarray, h: np.ndarray) -> None:
+        x = self.env[self.arg(node)]
+        mid = self.g.tensor(self.shape(node))
+        self.g.op("MUL", [x, self.g.const(g.astype(np.float32))], [mid], self.g.s.MulOptionsT())
+        self.g.op("ADD", [mid, self.g.const(h.astype(np.float32))], [self.out(node)], self.g.s.AddOptionsT())
+
+    # --- functions and methods ---
+
+    def function(self, node: fx.Node) -> None:
+        t = node.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        if name in ("add", "add_", "iadd", "__add__") and len(node.args) == 2 and not node.kwargs:
+            a, b = self.arg(node, 0), self.arg(node, 1)
+            if self.shape(a) != self.shape(b):
+                self.refuse(node, f"add of shapes {self.shape(a)} and {self.shape(b)}")
+            self.g.op("ADD", [self.env[a], self.env[b]], [self.out(node)], self.g.s.AddOptionsT())
+            return
+        if name in ("dropout", "contiguous", "clone", "detach"):
+            self.env[node] = self.env[self.arg(node)]
+            return
+        if name in ("relu", "relu_"):
+            return self.unary(node, "RELU")
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            return self.flatten(node, int(start))
+        if name in ("adaptive_avg_pool2d",):
+            return self.global_pool(node)
+        if name == "mean" and tuple(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())) in ((2, 3), (-2, -1)):
+            src = self.arg(node)
+            keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+            opt = self.g.s.ReducerOptionsT()
+            opt.keepDims = keep
+            axes = self.g.const(np.array([1, 2], np.int32), "int32")
+            self.g.op("MEAN", [self.env[src], axes], [self.out(node)], opt)
+            return
+        self.refuse(node, f"function {name!r} has no LCE/TFLite op here; supported: {_SUPPORTED}")
+
+
+@torch.no_grad()
+def export_lce(model: nn.Module, path: PathLike, input_size: Optional[Sequence[int]] = None) -> Dict[str, int]:
+    """Write ``model`` as a Larq Compute Engine ``.tflite`` file (batch 1, NHWC float input).
+
+    Args:
+        model: a binary network (pruned with :func:`~lightning_bnnprune.remove_filters` /
+            loaded with :func:`~lightning_bnnprune.load_pruned`, or unpruned), evaluated in eval
+            mode (running batch-norm statistics); its mode is restored afterwards.
+        path: the ``.tflite`` file to write.
+        input_size: ``(C, H, W)`` of one image (default: timm's ``pretrained_cfg["input_size"]``).
+
+    Returns:
+        ``{"file_bytes", "constant_bytes", "binary_layers", "operators"}``.
+
+    Raises:
+        LceExportError: in one line naming the layer, for what LCE cannot run (see the module).
+        ImportError: without the ``lce`` extra.
+    """
+    _schema()  # fail early, with the install hint, when the extra is missing
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size")
+        if input_size is None:
+            raise ValueError("input_size is required: (channels, height, width) of one image")
+    input_size = tuple(int(v) for v in input_size)
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (channels, height, width), got {input_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            gm = fx.GraphModule(model, _Tracer().trace(model))
+        except Exception as e:  # noqa: BLE001 - the tracer's errors are many and specific
+            raise LceExportError(f"cannot trace {type(model).__name__} with torch.fx: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        device = next(iter(model.parameters()), torch.zeros(())).device
+        ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=device))
+        exporter = _Exporter(gm)
+        blob = exporter.run()
+    finally:
+        model.train(was_training)
+    with open(os.fspath(path), "wb") as f:
+        f.write(blob)
+    return {"file_bytes": len(blob), "constant_bytes": exporter.g.const_bytes,
+            "binary_layers": exporter.binary_layers, "operators": len(exporter.g.operators)}

@@ -1,0 +1,331 @@
+"""Larq Compute Engine export: LCE's own interpreter against PyTorch, sizes, refusals, and the
+engine-friendly ``round_to`` budget.
+
+The export needs the ``lce`` extra (``larq-compute-engine``); running the file needs LCE's
+interpreter, which is built against numpy 1 (see :func:`lce_predict`): in a numpy 2 process the
+tests that run it need ``BNNPRUNE_LCE_PYTHON`` (CI's ``.ci/run`` makes that Python). Each test
+skips with its reason when what it needs is absent.
+"""
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.layers import BinaryConv2d
+from lightning_bnnprune.pruning import budget
+from lightning_bnnprune.pruning.export import export_packed
+from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
+from lightning_bnnprune.pruning.gates import attach_gates
+from lightning_bnnprune.pruning.groups import find_channel_groups
+from lightning_bnnprune.pruning.surgery import remove_filters
+
+needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
+_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
+needs_interpreter = pytest.mark.skipif(
+    not (lce_available() and _INTERPRETER),
+    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise_norms(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+
+
+def pruned(name, size=32, share=0.4, round_to=1):
+    """A binarised timm network with ``share`` of its filters removed (lowest index first after a
+    seeded shuffle), batch norms randomised so that every folded term matters."""
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10)
+    binarize_model(net)
+    randomise_norms(net)
+    net.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    analysis = find_channel_groups(net, x[:1])
+    sizes = {g.name: g.size for g in analysis.groups}
+    counts = budget.allocate(sizes, share, round_to=round_to)
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for group in analysis.groups:
+        keep = torch.ones(group.size, dtype=torch.bool)
+        keep[torch.randperm(group.size, generator=g)[: counts[group.name]]] = False
+        masks[group.name] = keep
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x)
+    return net, record
+
+
+def agree(net, path, x):
+    got = lce_predict(path, x)
+    with torch.no_grad():
+        ref = net.eval()(x).numpy()
+    ref = ref.transpose(0, 2, 3, 1) if ref.ndim == 4 else ref
+    return np.abs(got - ref).max(), ref
+
+
+# ------------------------------------------------------------------ LCE's interpreter = PyTorch
+@needs_interpreter
+def test_pruned_resnet20_runs_in_lce_as_in_pytorch(tmp_path):
+    net, _ = pruned("resnet20_cifar")
+    info = export_lce(net, tmp_path / "model.tflite", input_size=(3, 32, 32))
+    assert info["binary_layers"] == sum(isinstance(m, BinaryConv2d) for m in net.modules()) == 20
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = lce_predict(tmp_path / "model.tflite", x)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    # Equal up to float rounding, except where a pre-activation within ~1e-7 of zero flips its
+    # sign bit under the folded batch norm's different rounding (one image of these 16 has one).
+    close = np.abs(got - ref).max(axis=1) < 1e-5
+    assert close.sum() >= 14, np.abs(got - ref).max(axis=1)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel, stride, padding, size, channels", [
+    (3, 1, 1, 5, 8), (3, 2, 1, 6, 8), (3, 2, 1, 7, 8), (1, 2, 0, 6, 8), (5, 2, 2, 8, 8),
+    (3, 1, 1, 2, 8), (3, 1, 1, 1, 8), (3, 2, 1, 2, 40),  # maps smaller than the kernel
+    (3, 1, 1, 4, 77),  # channels across three 32-bit words, the last one partial
+])
+def test_binary_conv_padding_cases_are_exact(tmp_path, kernel, stride, padding, size, channels):
+    torch.manual_seed(0)
+    net = nn.Sequential(BinaryConv2d(channels, 12, kernel, stride, padding=padding, bias=True), nn.BatchNorm2d(12))
+    randomise_norms(net)
+    export_lce(net, tmp_path / "m.tflite", input_size=(channels, size, size))
+    diff, _ = agree(net, tmp_path / "m.tflite", torch.randn(3, channels, size, size))
+    assert diff < 1e-4
+
+
+@needs_interpreter
+def test_float_stem_pooling_and_hardtanh_are_exact(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 7, 2, padding=3), nn.BatchNorm2d(16), nn.Hardtanh(), nn.MaxPool2d(3, 2, 1),
+        BinaryConv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    randomise_norms(net)
+    export_lce(net, tmp_path / "m.tflite", input_size=(3, 32, 32))
+    diff, _ = agree(net, tmp_path / "m.tflite", torch.randn(3, 3, 32, 32))
+    assert diff < 1e-4
+
+
+# ------------------------------------------------------------------ size
+@needs_lce
+def test_tflite_size_is_the_packed_bits_within_ten_percent(tmp_path):
+    # resnet18's widths (64..512) pruned with round_to=32: LCE's 32-channel words add nothing.
+    net, record = pruned("resnet18", size=64, round_to=32)
+    info = export_lce(net, tmp_path / "m.tflite", input_size=(3, 64, 64))
+    payload = export_packed(net, tmp_path / "m.bnnpack", record)["payload_bytes"]
+    assert abs(info["file_bytes"] / payload - 1.0) <= 0.10
+
+
+# ------------------------------------------------------------------ refusals: one line, the layer named
+@needs_lce
+def test_bdg_kernels_are_refused_naming_the_layer(tmp_path):
+    net = timm.create_model("resnet20_cifar", num_classes=10)
+    binarize_model(net, kernel_quantizer="bdg")
+    with torch.no_grad():
+        net.get_submodule("layer1.0.conv1").kernel_quantizer.phi.fill_(0.25)
+    with pytest.raises(LceExportError) as err:
+        export_lce(net, tmp_path / "m.tflite", input_size=(3, 32, 32))
+    message = str(err.value)
+    assert "\n" not in message and "'layer1.0.conv1'" in message and "phi - tau" in message
+    assert not (tmp_path / "m.tflite").exists()
+
+
+@needs_lce
+@pytest.mark.parametrize("make, layer, words", [
+    (lambda: nn.Sequential(BinaryConv2d(4, 4, 3, padding=1), nn.GELU()), "'1'", "GELU has no"),
+    (lambda: nn.Sequential(BinaryConv2d(4, 4, 3, padding=1, input_quantizer=None)), "'0'", "input quantizer is None"),
+    (lambda: nn.Sequential(BinaryConv2d(4, 4, 3, padding=1, groups=2)), "'0'", "grouped binary convolution"),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")), "'0'", "padding_mode='reflect'"),
+])
+def test_unsupported_layers_are_refused_naming_the_layer(tmp_path, make, layer, words):
+    with pytest.raises(LceExportError) as err:
+        export_lce(make(), tmp_path / "m.tflite", input_size=(4, 6, 6))
+    assert "\n" not in str(err.value) and layer in str(err.value) and words in str(err.value)
+
+
+@needs_lce
+def test_a_network_with_gates_attached_is_refused(tmp_path):
+    net = timm.create_model("resnet20_cifar", num_classes=10)
+    binarize_model(net)
+    attach_gates(net, find_channel_groups(net, torch.randn(1, 3, 32, 32)))
+    with pytest.raises(LceExportError, match=r"gates are still attached; export the pruned network"):
+        export_lce(net, tmp_path / "m.tflite", input_size=(3, 32, 32))
+
+
+def test_without_the_extra_the_error_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from lightning_bnnprune.pruning import export_lce as module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "larq_compute_engine" else real(name, *a))
+    module._schema.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'lightning-bnnprune\[lce\]'"):
+            export_lce(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp_path / "m.tflite", input_size=(3, 8, 8))
+    finally:
+        module._schema.cache_clear()
+
+
+# ------------------------------------------------------------------ round_to
+def test_round_counts_keep_multiples_and_the_pfr_within_one_point():
+    sizes = {"a": 64, "b": 128, "c": 256, "d": 512}
+    for round_to in (8, 32):
+        counts = budget.allocate(sizes, 0.4, round_to=round_to)
+        kept = {k: sizes[k] - v for k, v in counts.items()}
+        assert all(v % round_to == 0 or v == sizes[k] for k, v in kept.items()), kept
+        assert abs(sum(counts.values()) / sum(sizes.values()) - 0.4) <= 0.01
+    assert budget.allocate(sizes, 0.4, round_to=1) == budget.allocate(sizes, 0.4)
+    assert budget.allocate(sizes, 0.4, round_to=32) == {"a": 32, "b": 64, "c": 96, "d": 192}
+
+
+def test_round_counts_refuses_an_unreachable_target_in_one_line():
+    with pytest.raises(ValueError, match=r"round_to=32 cannot keep the PFR within 1% of 0.4000: the nearest reachable is"):
+        budget.allocate({"a": 16, "b": 16, "c": 32, "d": 32, "e": 64}, 0.4, round_to=32)
+    with pytest.raises(ValueError, match=r"round_to must be an int >= 1, got 0"):
+        budget.round_counts({"a": 8}, {"a": 2}, 0)
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (GreedyFilterPruning, {"criterion": "l1"}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
+])
+def test_every_pruning_callback_takes_round_to(cls, kwargs):
+    assert cls(round_to=32, **kwargs).round_to == 32
+    with pytest.raises(MisconfigurationException, match=r"`round_to` must be an int >= 1, got 0"):
+        cls(round_to=0, **kwargs)
+
+
+def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bnnprune import Binarize
+
+    class Module(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = timm.create_model("resnet18_cifar", num_classes=10)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    seed_everything(0)
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, round_to=32, input_size=(3, 32, 32))
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[Binarize(), pruning])
+    trainer.fit(Module(), DataLoader(data, batch_size=4))
+    rows = pruning.report._layer_rows()
+    binary = [r for r in rows if r["kind"] == "binary conv"]
+    assert binary and all(r["filters_after"] % 32 == 0 for r in binary), binary[:3]
+    assert any(r["filters_after"] < r["filters_before"] for r in binary)
+    assert "filters_after" in pruning.report.to_markdown() or "| 32 |" in pruning.report.to_markdown()
+    assert abs(pruning.summary["pfr"] - 0.4) <= 0.01
+
+
+# ------------------------------------------------------------------ the app
+@pytest.mark.slow
+@needs_lce
+def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import TINY
+
+    run_dir = tmp_path / "run"
+    proc = run_app(*TINY, "export=lce", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tflite = run_dir / "checkpoints" / "model.tflite"
+    assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
+    assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
+    if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
+        from lightning_bnnprune.pruning.record import load_pruned
+
+        net = load_pruned(summary["pruned_model"]).eval()
+        x = torch.randn(2, *_input_of(tflite))
+        got = lce_predict(tflite, x)
+        with torch.no_grad():
+            assert np.abs(got - net(x).numpy()).max() < 1e-3
+
+
+def _input_of(tflite):
+    from lightning_bnnprune.pruning.export_lce import _schema
+
+    model = _schema().Model.GetRootAs(tflite.read_bytes(), 0)
+    graph = model.Subgraphs(0)
+    _, h, w, c = graph.Tensors(graph.Inputs(0)).ShapeAsNumpy().tolist()
+    return c, h, w
+
+
+def test_app_refuses_an_unknown_export_in_one_line(call_main):
+    from conftest import TINY, stderr_lines
+
+    proc = call_main(*TINY, "export=onnx")
+    assert proc.returncode == 2
+    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce; got 'onnx'"]
+
+
+def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bnnprune import Binarize
+
+    class Net(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model("test_resnet", num_classes=10)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+    class EmptyFive(ZeroFilterPruning):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+            with torch.no_grad():
+                pl_module.model.layer1[0].conv1.weight[:5] = -0.9  # five filters all zero
+
+    seed_everything(0)
+    pruning = EmptyFive(round_to=4)
+    kw = dict(kernel_quantizer="bdg", kernel_quantizer_kwargs={"zero_lower": True})
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    module = Net()
+    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[Binarize(**kw), pruning]).fit(module, DataLoader(data, batch_size=8))
+    size = pruning.analysis["layer1.0.conv1"].size
+    assert module.model.layer1[0].conv1.out_channels == min(size, -(-(size - 5) // 4) * 4)
+    assert module.model.layer1[0].conv1.out_channels < size  # some of the five still went
