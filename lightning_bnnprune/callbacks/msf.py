@@ -253,7 +253,7 @@ class MainSubsidiaryPruning(FilterPruning):
         try:
             self.prune_counts = allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                macs_per_channel=macs,
+                macs_per_channel=macs, quanta={name: self.analysis[name].num_parts for name in names},
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
@@ -411,7 +411,7 @@ class MainSubsidiaryPruning(FilterPruning):
         if old.name == SELECTOR:
             for name in old.groups:
                 gate = self.gates[name]
-                gate.set_mask(enforce_keep(gate.logits, gate.logits.numel() - self.prune_counts[name]))
+                gate.set_mask(enforce_keep(gate.logits, gate.logits.numel() - self.prune_counts[name], self.analysis[name]))
             self._gate_optimizer = None
         self._check_ranks(trainer, f"end of {old.describe(self.schedule.num_stages)}")
 

@@ -11,21 +11,34 @@ Every member of a group is one of:
 
 - ``out``: output channels of a conv / linear layer (a *producer*), or of a depthwise conv;
 - ``norm``: per-channel parameters and statistics of a batch norm;
-- ``in``: input channels of a conv (``groups=1``) or linear layer (a *consumer*).
+- ``in``: input channels of a conv or linear layer (a *consumer*).
+
+**Grouped convolutions** (``groups=g``, not depthwise) stay rectangular only if every one of their
+``g`` conv groups loses the same number of channels: the weight is ``[out, in / g, kh, kw]``, so
+each conv group's width shrinks and ``groups`` stays ``g``. A group of channels that feeds or
+leaves a grouped conv therefore carries ``parts``: its channels split into equal *cells* (the conv
+groups, refined where several grouped convs split them differently), and every selection of the
+group keeps the same number of channels in each cell (:meth:`ChannelGroup.keep_top`). The gates
+stay per channel (a channel is still the unit a criterion scores and a selector learns), only
+the count per cell is fixed. Torch-Pruning prunes grouped convs more coarsely (the same positions
+in every conv group, its ``ConvPruner.prune_in_channels``); balanced counts contain that choice and
+leave each conv group its own best channels.
 
 Groups that touch something a channel cannot be removed from exactly (a norm that normalises
-*across* channels, a grouped conv, a weight-standardised full-precision conv, a layer with
-per-channel parameters we do not know) are not prunable; the reason names the layer.
+*across* channels, a weight-standardised full-precision conv, a layer with per-channel parameters
+we do not know, a grouped conv that gets its channels from several groups or has one channel per
+conv group) are not prunable; the reason names the layer.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
-from torch import nn
+from torch import Tensor, nn
 
 from ..binarize import classifier_names
 from ..layers import BinaryConv2d
@@ -48,11 +61,77 @@ class Member:
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Channels decided together: ``size`` group channels, owned by the binary conv ``name``."""
+    """Channels decided together: ``size`` group channels, owned by the binary conv ``name``.
+
+    ``parts`` (empty unless the group feeds or leaves a grouped conv): the cell of each group
+    channel; every cell must keep the same number of channels (see the module docstring).
+    """
 
     name: str
     size: int
     members: Tuple[Member, ...]
+    parts: Tuple[int, ...] = ()
+
+    @property
+    def num_parts(self) -> int:
+        """Cells that keep equal counts (1: any count per group is fine)."""
+        return 1 + max(self.parts) if self.parts else 1
+
+    def min_keep(self, min_filters: int = 1) -> int:
+        """The fewest channels the group can keep: ``min_filters``, rounded up to whole cells, at
+        least one channel per cell (a conv group of width 0 does not exist)."""
+        p = self.num_parts
+        return min(self.size, p * max(1, math.ceil(min_filters / p)))
+
+    def capacity(self, min_filters: int = 1) -> int:
+        """The most channels the group can lose."""
+        return max(0, self.size - self.min_keep(min_filters))
+
+    def valid_count(self, num_pruned: int) -> bool:
+        """Whether pruning ``num_pruned`` channels keeps the cells equal."""
+        return num_pruned % self.num_parts == 0
+
+    def keep_top(self, scores: Tensor, keep: int) -> Tensor:
+        """Bool mask keeping the ``keep`` highest-scored channels, ``keep / num_parts`` per cell
+        (ties: the lower index).
+
+        Raises:
+            ValueError: if ``keep`` is out of range or not a multiple of :attr:`num_parts`.
+        """
+        scores = torch.as_tensor(scores).detach().flatten().float().cpu()
+        p = self.num_parts
+        if not 0 <= keep <= self.size or keep % p:
+            raise ValueError(f"group {self.name!r} can keep a multiple of {p} channels in [0, {self.size}], "
+                             f"got {keep} (it feeds a grouped conv: every conv group keeps as many)")
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        cells = torch.tensor(self.parts) if self.parts else torch.zeros(self.size, dtype=torch.long)
+        for cell in range(p):
+            idx = torch.nonzero(cells == cell).flatten()
+            order = torch.sort(scores[idx], descending=True, stable=True).indices
+            mask[idx[order[: keep // p]]] = True
+        return mask
+
+    def balance(self, keep: Tensor, scores: Tensor, min_filters: int = 1) -> Tensor:
+        """``keep`` with closed channels reopened until every cell keeps as many as the fullest
+        one and the group at least :meth:`min_keep` (highest ``scores`` reopen first)."""
+        keep = torch.as_tensor(keep).detach().flatten().bool().cpu().clone()
+        scores = torch.as_tensor(scores).detach().flatten().float().cpu()
+        p = self.num_parts
+        cells = torch.tensor(self.parts) if self.parts else torch.zeros(self.size, dtype=torch.long)
+        per_cell = max(max(int(keep[cells == c].sum()) for c in range(p)), self.min_keep(min_filters) // p)
+        for cell in range(p):
+            idx = torch.nonzero((cells == cell) & ~keep).flatten()
+            need = per_cell - int(keep[cells == cell].sum())
+            if need > 0:
+                keep[idx[torch.sort(scores[idx], descending=True, stable=True).indices[:need]]] = True
+        return keep
+
+    def is_balanced(self, keep: Tensor) -> bool:
+        if not self.parts:
+            return True
+        cells = torch.tensor(self.parts)
+        keep = torch.as_tensor(keep).flatten().bool().cpu()
+        return len({int(keep[cells == c].sum()) for c in range(self.num_parts)}) == 1
 
     def modules(self, role: str) -> List[str]:
         return [m.module for m in self.members if m.role == role]
@@ -101,14 +180,16 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _is_grouped(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
+
+
 def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]:
     """``(role, "")`` for a member we can remove channels from exactly, else ``(None, reason)``."""
     is_out = handler_name.endswith("out_channels")
     if isinstance(module, nn.Conv2d):
         if _is_depthwise(module):
             return OUT, ""
-        if module.groups > 1:
-            return None, f"grouped conv (groups={module.groups})"
         if is_out:
             return OUT, ""
         if not isinstance(module, BinaryConv2d) and "Std" in type(module).__name__:
@@ -123,6 +204,46 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
     if isinstance(module, nn.Parameter):
         return None, "a free per-channel parameter"
     return None, f"{type(module).__name__} has per-channel parameters this library cannot slice"
+
+
+def _partition(model: nn.Module, members: Sequence[Member], size: int) -> Tuple[Tuple[int, ...], str]:
+    """``(parts, "")``: the cells of a group's channels that grouped convs require (``()`` when
+    none does), else ``((), reason)``.
+
+    A channel's label lists the conv group it falls in at every grouped member; channels with the
+    same label form a cell. Equal removal per cell is equal removal per conv group when the cells
+    are equally large, every conv group holds as many cells, and each grouped member takes all its
+    channels from this group, one per group channel.
+    """
+    labels: Dict[int, Tuple[int, ...]] = {r: () for r in range(size)}
+    grouped = [m for m in members if m.role in (OUT, IN) and _is_grouped(model.get_submodule(m.module))]
+    for k, member in enumerate(grouped):
+        conv = model.get_submodule(member.module)
+        channels = conv.out_channels if member.role == OUT else conv.in_channels
+        where = f"{member.module}: grouped conv (groups={conv.groups})"
+        if len(set(member.idxs)) != channels or len(set(member.root_idxs)) != len(member.idxs):
+            return (), f"{where} takes its {'output' if member.role == OUT else 'input'} channels from several groups"
+        width = channels // conv.groups
+        if width == 1:
+            return (), f"{where} has one {'output' if member.role == OUT else 'input'} channel per conv group"
+        for i, r in zip(member.idxs, member.root_idxs):
+            labels[r] = labels[r] + (k, i // width)
+    if not grouped:
+        return (), ""
+    cells: Dict[Tuple[int, ...], int] = {}
+    parts = tuple(cells.setdefault(labels[r], len(cells)) for r in range(size))
+    counts = [parts.count(c) for c in range(len(cells))]
+    per_conv_group = {(k, g): set() for k, member in enumerate(grouped)
+                      for g in range(model.get_submodule(member.module).groups)}
+    for label, cell in cells.items():
+        for k, g in zip(label[0::2], label[1::2]):
+            per_conv_group[(k, g)].add(cell)
+    if len(set(counts)) != 1 or len({len(v) for v in per_conv_group.values()}) != 1:
+        names = ", ".join(sorted({m.module for m in grouped}))
+        return (), f"{names}: grouped convs split the channels into unequal conv groups"
+    if counts[0] == 1:
+        return (), f"{grouped[0].module}: grouped conv leaves one channel per conv group"
+    return parts, ""
 
 
 def find_channel_groups(
@@ -167,6 +288,9 @@ def find_channel_groups(
             if role is None:
                 reason = reason or f"{label}: {why}"
                 continue
+            if any(r is None for r in item.root_idxs):  # Torch-Pruning lost the channel mapping here
+                reason = reason or f"{label}: channel mapping not traceable (a reshape or custom op)"
+                continue
             root_idxs = tuple(int(r) for r in item.root_idxs)
             idxs = tuple(int(i) for i in item.idxs)
             key = (label, role)
@@ -190,6 +314,10 @@ def find_channel_groups(
             continue
         size = 1 + max(r for m in members.values() for r in m.root_idxs)
         ordered = sorted(members.values(), key=lambda m: (order.get(m.module, 0), m.role))
-        analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered)))
+        parts, why = _partition(model, ordered, size)
+        if why:
+            analysis.refused[name] = why
+            continue
+        analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts))
     analysis.groups.sort(key=lambda g: order[g.name])
     return analysis
