@@ -98,8 +98,9 @@ def allocate(
         quanta: ``{group: q}`` for groups whose count must be a multiple of ``q`` (a group feeding
             a grouped conv loses the same number in each of its ``q`` cells,
             :attr:`~.groups.ChannelGroup.num_parts`); such a group keeps at least one channel per
-            cell. Their counts round to the nearest multiple and the groups with ``q = 1`` make
-            up the difference, so the total stays exact whenever there are enough of them.
+            cell. Their counts are multiples, rounded by largest remainder among them; the groups
+            with ``q = 1`` make up what is left, so the total stays exact whenever there are enough
+            of them.
 
     Returns:
         ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``.
@@ -132,9 +133,16 @@ def allocate(
             raise ValueError("allocation='macs' needs macs_per_channel for every group")
         weights = {k: float(macs_per_channel[k]) for k in sizes}
     real = _water_fill(sizes, weights, caps, goal)
-    # groups with quanta: the nearest multiple; the others: rounded down, then largest remainder
-    counts = {k: min(caps[k], q[k] * int(math.floor(v / q[k] + (0.5 if q[k] > 1 else 1e-9))))
-              for k, v in real.items()}
+    counts = {k: min(caps[k], q[k] * int(math.floor(v / q[k] + 1e-9))) for k, v in real.items()}
+    # Groups with quanta first, by largest remainder in whole quanta, until their own shortfall is
+    # made up: so they lose their share together and the others are not left to compensate (their
+    # channels can weigh differently in binary filters, e.g. a residual group's several producers).
+    grouped = [k for k in sizes if q[k] > 1]
+    deficit = sum(real[k] - counts[k] for k in grouped)
+    for k in sorted(grouped, key=lambda k: -(real[k] - counts[k]) / q[k]):
+        if 2 * deficit >= q[k] and counts[k] + q[k] <= caps[k]:
+            counts[k] += q[k]
+            deficit -= q[k]
     ones = [k for k in sizes if q[k] == 1]
     # ties to the earlier (shallower) group: deterministic on every rank
     order = sorted(ones, key=lambda k: -(real[k] - counts[k]))

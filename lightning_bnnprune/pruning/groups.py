@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..binarize import classifier_names
 from ..layers import BinaryConv2d
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "find_channel_groups", "example_input_for"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for"]
 
 OUT, NORM, IN = "out", "norm", "in"
 
@@ -321,3 +321,47 @@ def find_channel_groups(
         analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts))
     analysis.groups.sort(key=lambda g: order[g.name])
     return analysis
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a network's binary filters the prunable groups hold, and why the rest is refused.
+
+    ``binary_filters``: output filters of every :class:`BinaryConv2d`; ``prunable_filters``: those
+    in prunable groups (a group channel removes one filter of each of its binary producers);
+    ``refused``: ``{reason: number of groups}``.
+    """
+
+    binary_filters: int
+    prunable_filters: int
+    refused: Dict[str, int]
+
+    @property
+    def share(self) -> float:
+        return self.prunable_filters / max(self.binary_filters, 1)
+
+    def reachable(self, target_pfr: float) -> float:
+        """PFR over all binary filters when every prunable group loses ``target_pfr`` of its channels."""
+        return target_pfr * self.share
+
+    def note(self, target_pfr: float, tolerance: float = 0.01) -> Optional[str]:
+        """One line when ``target_pfr`` falls short over all binary filters by more than ``tolerance``."""
+        reached = self.reachable(target_pfr)
+        if target_pfr - reached <= tolerance:
+            return None
+        why = "; ".join(f"{n} x {reason}" for reason, n in sorted(self.refused.items(), key=lambda kv: -kv[1]))
+        return (f"target PFR {target_pfr:.1%} reaches only {reached:.1%} of all binary filters: the prunable groups "
+                f"hold {self.share:.1%} of them ({self.prunable_filters}/{self.binary_filters}); refused groups: "
+                f"{why or 'none (excluded layers)'}")
+
+
+def coverage(model: nn.Module, analysis: GroupAnalysis) -> Coverage:
+    """The :class:`Coverage` of ``analysis`` over ``model``'s binary filters."""
+    binary = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    prunable = {(m.module, i) for g in analysis.groups for m in g.members if m.role == OUT and m.module in binary
+                for i in m.idxs}
+    refused: Dict[str, int] = {}
+    for reason in analysis.refused.values():
+        why = reason.split(": ", 1)[-1]
+        refused[why] = refused.get(why, 0) + 1
+    return Coverage(sum(m.out_channels for m in binary.values()), len(prunable), refused)
