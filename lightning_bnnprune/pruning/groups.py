@@ -26,8 +26,8 @@ leave each conv group its own best channels.
 
 Groups that touch something a channel cannot be removed from exactly (a norm that normalises
 *across* channels, a weight-standardised full-precision conv, a layer with per-channel parameters
-we do not know, a grouped conv that gets its channels from several groups or has one channel per
-conv group) are not prunable; the reason names the layer.
+we do not know, a split into sizes fixed in the model's code, a grouped conv that gets its channels
+from several groups or has one channel per conv group) are not prunable; the reason names the layer.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..binarize import classifier_names
 from ..layers import BinaryConv2d
+from .record import channel_count
 
 __all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for"]
 
@@ -267,11 +268,16 @@ def find_channel_groups(
     classifier = [model.get_submodule(n) for n in classifier_names(model)]
     was_training = model.training
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unwrapped-parameter notices: such groups are refused below
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        tp_groups = list(graph.get_all_groups(ignored_layers=classifier, root_module_types=[nn.Conv2d, nn.Linear]))
-    model.train(was_training)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unwrapped-parameter notices: such groups are refused below
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            tp_groups = list(graph.get_all_groups(ignored_layers=classifier, root_module_types=[nn.Conv2d, nn.Linear]))
+    except Exception as err:  # noqa: BLE001  Torch-Pruning's tracer: the network stays whole, saying why
+        why = f"Torch-Pruning cannot trace the network ({type(err).__name__}: {err})".replace("\n", " ")
+        return GroupAnalysis(groups=[], refused={"(network)": f"(network): {why[:300]}"})
+    finally:
+        model.train(was_training)
 
     order = {n: i for i, n in enumerate(names.values())}
     excluded = set(exclude)
@@ -281,6 +287,12 @@ def find_channel_groups(
         reason = ""
         for item in tp_group:
             module = item.dep.target.module
+            if isinstance(module, (tp.ops._SplitOp, tp.ops._UnbindOp)):
+                # the sizes of a split live in the model's code (torch.split(x, self.splits)): a cut
+                # channel would shift every later part
+                source = names.get(id(item.dep.source.module), repr(module))
+                reason = reason or f"{source}: its output is split into fixed sizes (torch.split / chunk)"
+                continue
             if id(module) not in names and not isinstance(module, nn.Parameter):
                 continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, concats
             role, why = _classify(module, item.dep.handler.__name__)
@@ -294,9 +306,18 @@ def find_channel_groups(
             root_idxs = tuple(int(r) for r in item.root_idxs)
             idxs = tuple(int(i) for i in item.idxs)
             key = (label, role)
-            if key in members:  # the same module reached twice (e.g. a depthwise conv's in and out)
+            pairs = dict(zip(idxs, root_idxs))
+            if key in members:  # the same module reached twice (a depthwise conv's in and out, a split)
+                seen = dict(zip(members[key].idxs, members[key].root_idxs))
+                if any(seen.get(i, r) != r for i, r in pairs.items()):
+                    reason = reason or f"{label}: a channel reached through two paths as different group channels"
+                    continue
+                pairs = {**seen, **pairs}
+            if max(pairs, default=-1) >= channel_count(module, IN if role == IN else OUT):
+                reason = reason or f"{label}: channel indices past its channels (a split Torch-Pruning maps wrongly)"
                 continue
-            members[key] = Member(label, role, idxs, root_idxs)
+            ordered_pairs = sorted(pairs.items())
+            members[key] = Member(label, role, tuple(i for i, _ in ordered_pairs), tuple(r for _, r in ordered_pairs))
         binary_producers = sorted(
             (m.module for m in members.values()
              if m.role == OUT and isinstance(model.get_submodule(m.module), BinaryConv2d)
@@ -313,6 +334,10 @@ def find_channel_groups(
             analysis.refused[name] = "excluded by the user"
             continue
         size = 1 + max(r for m in members.values() for r in m.root_idxs)
+        partial = next((m.module for m in members.values() if len(set(m.root_idxs)) != size), None)
+        if partial is not None:  # e.g. split attention: paths stacked, then summed channel by channel
+            analysis.refused[name] = f"{partial}: reads only part of the group's channels (stacked or summed paths)"
+            continue
         ordered = sorted(members.values(), key=lambda m: (order.get(m.module, 0), m.role))
         parts, why = _partition(model, ordered, size)
         if why:
