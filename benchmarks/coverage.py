@@ -124,7 +124,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: library code that catches those must not swallow it
     pass
 
 

@@ -124,3 +124,39 @@ def test_no_line_when_the_target_is_reachable():
     binarize_model(net)
     cov = coverage(net, find_channel_groups(net.eval(), torch.randn(1, 3, 32, 32)))
     assert cov.share == 1.0 and cov.note(0.4) is None
+
+
+class SplitNet(nn.Module):
+    """A split into sizes fixed in the code (Res2Net, MixNet, CSP) and paths that are stacked and
+    summed channel by channel (selective kernel): both must be refused by name, the rest cut exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+        self.path_a, self.path_b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.sk_a, self.sk_b = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 5, padding=2)
+        self.conv3 = nn.Conv2d(6, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv1(torch.relu(self.stem(x)))
+        a, b = torch.split(x, [4, 4], dim=1)
+        x = self.conv2(torch.cat([self.path_a(a), self.path_b(b)], dim=1))
+        x = torch.stack([self.sk_a(x), self.sk_b(x)], dim=1).sum(1)
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+def test_splits_and_stacked_paths_are_refused_by_name_and_the_rest_is_exact():
+    torch.manual_seed(0)
+    net = SplitNet()
+    binarize_model(net)
+    x = torch.randn(2, 3, 8, 8)
+    analysis = find_channel_groups(net.eval(), x[:1])
+    assert "split into fixed sizes" in analysis.refused["conv1"]
+    assert any("part of the group's channels" in why for why in analysis.refused.values())
+    assert analysis.groups  # conv2's and conv3's groups stay prunable
+    masks = {g.name: [0] for g in analysis.groups}
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x)
+    assert record.max_abs_diff <= 1e-4 and record.num_pruned > 0
