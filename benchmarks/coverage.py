@@ -205,8 +205,8 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         f" one family at a time (smallest variant, random init, {meta['size']}x{meta['size']} input unless noted, "
         "batch norms with random statistics).",
         "",
-        f"- command: `{meta['command']}`",
-        f"- commit: `{meta['commit']}`; torch {meta['torch']}, timm {meta['timm']}; {meta['machine']}",
+        *[f"- command: `{run['command']}` at commit `{run['commit']}`" for run in meta.get("runs", [meta])],
+        f"- torch {meta['torch']}, timm {meta['timm']}; {meta['machine']}; each row's commit is in the JSON",
         f"- families: {len(rows)}; exact and reloaded: **{len(ok)}/{len(rows)}** "
         f"({len(ok) / max(len(rows), 1):.0%}); of the {len(pruned)} with something prunable: "
         f"{len(ok)}/{len(pruned)}",
@@ -263,12 +263,16 @@ def main(argv=None) -> int:
     json_path, md_path = args.out + ".json", args.out + ".md"
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     results: Dict[str, Any] = {}
+    runs: List[Dict[str, str]] = []
     if os.path.exists(json_path):
         with open(json_path) as f:
-            results = json.load(f).get("families", {})
+            saved = json.load(f)
+        results = saved.get("families", {})
+        runs = saved.get("meta", {}).get("runs", [])
     meta = dict(pfr=args.pfr, size=args.size, seed=args.seed, commit=_git_commit(), torch=torch.__version__,
                 timm=timm.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                 command="nice -n 10 python " + " ".join(shlex.quote(a) for a in ["benchmarks/coverage.py", *sys.argv[1:]]))
+    meta["runs"] = runs + [dict(command=meta["command"], commit=meta["commit"])]  # a resumed table has several
     signal.signal(signal.SIGALRM, _alarm)
     with tempfile.TemporaryDirectory() as workdir:
         for fam, model, _ in FAMILIES:
