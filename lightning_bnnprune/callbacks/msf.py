@@ -411,7 +411,8 @@ class MainSubsidiaryPruning(FilterPruning):
         if old.name == SELECTOR:
             for name in old.groups:
                 gate = self.gates[name]
-                gate.set_mask(enforce_keep(gate.logits, gate.logits.numel() - self.prune_counts[name], self.analysis[name]))
+                keep = gate.logits.numel() - self.prune_counts[name]
+                gate.set_mask(enforce_keep(gate.logits, keep, self.analysis[name]))  # per cell for grouped convs
             self._gate_optimizer = None
         self._check_ranks(trainer, f"end of {old.describe(self.schedule.num_stages)}")
 

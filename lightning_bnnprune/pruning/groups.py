@@ -44,7 +44,9 @@ from ..binarize import classifier_names
 from ..layers import BinaryConv2d
 from .record import channel_count
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for"]
+__all__ = [
+    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for",
+]
 
 OUT, NORM, IN = "out", "norm", "in"
 
