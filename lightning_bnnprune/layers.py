@@ -101,18 +101,25 @@ class BinaryConv2d(nn.Conv2d):
         A callable, not a tensor, so the mask follows a gate that is still learning. It is not a
         submodule: the gate's parameters belong to (and are saved with) the layer that owns them.
         """
-        if mask_fn is not None and self.groups != 1:
-            raise ValueError(f"an input mask needs groups=1, this conv has groups={self.groups}")
         self._input_mask = mask_fn
 
     def input_mask(self) -> Optional[Tensor]:
         """The current ``[in_channels]`` 0/1 input mask, or ``None`` when no gate feeds this layer."""
         return self._input_mask() if self._input_mask is not None else None
 
+    def kernel_mask(self, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The input mask as the kernel quantizer sees it: ``[in]`` for ``groups=1``; for a grouped
+        conv ``[out, in / groups]``, each filter's own conv group of the mask (its statistics run
+        over the input channels it reads)."""
+        mask = self.input_mask() if mask is None else mask
+        if mask is None or self.groups == 1:
+            return mask
+        return mask.view(self.groups, -1).repeat_interleave(self.out_channels // self.groups, dim=0)
+
     def binarized_kernel(self) -> Tensor:
         """The effective binary weight ``k(W) * s(W)`` (for inspection, export and tests)."""
         mask = self.input_mask()
-        kernel, scale = self._quantize_kernel(mask)
+        kernel, scale = self._quantize_kernel(self.kernel_mask(mask))
         return kernel if scale is None else kernel * scale.view(-1, 1, 1, 1)
 
     def _quantize_kernel(self, in_mask: Optional[Tensor]):
@@ -125,7 +132,7 @@ class BinaryConv2d(nn.Conv2d):
         mask = self.input_mask()
         if mask is not None:
             x = x * mask.view(1, -1, 1, 1).to(x.dtype)
-        kernel, scale = self._quantize_kernel(mask)
+        kernel, scale = self._quantize_kernel(self.kernel_mask(mask))
         if self.same_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         if scale is None:

@@ -11,7 +11,8 @@ means the convolution of ``{-1, 0, +1}`` inputs with ``{-1, +1}`` kernels sums i
 is exact in any summation order: a pruned layer computes bit-identical outputs to its masked
 original even though the two sum over different channel counts.
 
-Kernel quantizers accept ``in_mask`` (shape ``[in]``, entries 0/1): statistics over input
+Kernel quantizers accept ``in_mask`` (shape ``[in]``, or ``[out, in]`` per filter for a grouped
+conv; entries 0/1): statistics over input
 channels (the XNOR scale, the centring) are then taken over the kept channels only, which is what
 the physically pruned layer computes.
 """
@@ -127,11 +128,21 @@ class ApproxSign(nn.Module):
 
 
 def _masked_mean(x: Tensor, in_mask: Optional[Tensor], dims: Tuple[int, ...]) -> Tensor:
-    """Mean of ``x`` over ``dims``, counting only input channels (dim 1) where ``in_mask`` is 1."""
+    """Mean of ``x`` over ``dims``, counting only input channels (dim 1) where ``in_mask`` is 1
+    (``[in]``, or ``[out, in]`` when each filter reads its own channels: a grouped conv).
+
+    Accumulated in float64 and rounded back: a float32 sum's rounding depends on how many terms
+    the reduction sees, so a masked layer and its sliced twin would get scales an ulp apart, and
+    one ulp flips ``sign`` of a value that is exactly 0 in exact arithmetic (an SE input whose
+    integer sums cancel). Float64 sums of float32 weights are exact in practice, whatever the
+    number of zeros in them.
+    """
+    x64 = x.double()
     if in_mask is None:
-        return x.mean(dim=dims, keepdim=True)
-    m = in_mask.detach().to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
-    return (x * m).sum(dim=dims, keepdim=True) / m.sum(dim=dims, keepdim=True).clamp(min=1.0)
+        return x64.mean(dim=dims, keepdim=True).to(x.dtype)
+    lead = tuple(in_mask.shape) if in_mask.dim() == 2 else (1, -1)
+    m = in_mask.detach().double().view(*lead, *([1] * (x.dim() - 2))).expand_as(x)
+    return ((x64 * m).sum(dim=dims, keepdim=True) / m.sum(dim=dims, keepdim=True).clamp(min=1.0)).to(x.dtype)
 
 
 @register("xnor")

@@ -6,6 +6,7 @@ from timm.layers import create_conv2d
 from timm.layers.padding import pad_same
 from torch import nn
 
+from lightning_bnnprune import quantizers
 from lightning_bnnprune.layers import BinaryConv2d
 
 
@@ -53,10 +54,19 @@ def test_input_mask_zeroes_channels_after_binarisation():
     assert torch.allclose(binary(x), kept(x[:, mask.bool()]), rtol=0, atol=1e-6)
 
 
-def test_input_mask_on_grouped_conv_is_refused():
-    conv = BinaryConv2d(4, 4, 3, groups=2)
-    with pytest.raises(ValueError, match="groups=1"):
-        conv.set_input_mask(lambda: torch.ones(4))
+@pytest.mark.parametrize("center", [False, True])
+def test_input_mask_on_grouped_conv_equals_the_sliced_conv(center):
+    # groups=2, 3 input channels per conv group; each conv group drops one (different) channel
+    torch.manual_seed(0)
+    conv = BinaryConv2d(6, 4, 3, padding=1, groups=2, kernel_quantizer=quantizers.XnorWeight(center=center))
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    conv.set_input_mask(lambda: mask)
+    x = torch.randn(2, 6, 5, 5)
+    sliced = BinaryConv2d(4, 4, 3, padding=1, groups=2, kernel_quantizer=quantizers.XnorWeight(center=center))
+    # filters 0-1 read channels 0-2 (keep local 0, 2); filters 2-3 read channels 3-5 (keep local 1, 2)
+    sliced.weight.data.copy_(torch.cat([conv.weight.data[:2, [0, 2]], conv.weight.data[2:, [1, 2]]]))
+    sliced.bias.data.copy_(conv.bias.data)
+    assert torch.allclose(conv(x), sliced(x[:, mask.bool()]), rtol=0, atol=1e-6)
 
 
 def test_gradients_reach_latent_weights_and_inputs():

@@ -24,7 +24,7 @@ from typing_extensions import override
 from ..binarize import binary_layers, find_networks
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
-from ..pruning.groups import GroupAnalysis, example_input_for, find_channel_groups
+from ..pruning.groups import GroupAnalysis, coverage, example_input_for, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
 from ..pruning.surgery import default_inputs, remove_filters, resolve_keep
@@ -172,6 +172,8 @@ class FilterPruning(Callback):
             f"[{type(self).__name__}] {len(self.analysis.groups)} prunable channel groups, "
             f"{self.analysis.num_filters} filters{refused}"
         )
+        if note := coverage(net, self.analysis).note(self.target_pfr):  # refused groups cap the PFR: say so
+            rank_zero_warn(f"[{type(self).__name__}] {note}")
 
     # ------------------------------------------------------------------ figures
     def pfr(self) -> float:

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
+from ..pruning.groups import ChannelGroup
 from ..pruning.schedule import UNITS
 from .base import FilterPruning
 
@@ -36,28 +37,37 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int) -> Dict[str, int]:
+def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int,
+                  groups: Optional[Dict[str, ChannelGroup]] = None) -> Dict[str, int]:
     """Filters to close per group from one ranking across groups.
 
     Scores are normalised per group by their mean magnitude (Torch-Pruning's ``"mean"`` group
     normaliser), so criteria on different scales per layer compare; then the ``total`` lowest
-    channels network-wide are closed, each group keeping at least ``min_filters``.
+    channels network-wide are closed, each group keeping at least ``min_filters``. A group that
+    feeds a grouped conv (``groups[name].num_parts = p > 1``) closes ``p`` channels at a time, the
+    next-lowest of every cell, ranked by their mean score.
     """
-    caps = {g: max(0, s.numel() - min_filters) for g, s in scores.items()}
+    groups = groups or {}
+    parts = {g: groups[g].num_parts if g in groups else 1 for g in scores}
+    caps = {g: groups[g].capacity(min_filters) if g in groups else max(0, s.numel() - min_filters)
+            for g, s in scores.items()}
     if total > sum(caps.values()):
         raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
     entries = []
     for order, (g, s) in enumerate(scores.items()):
         norm = s / s.abs().mean().clamp(min=1e-12)
+        if parts[g] > 1:  # unit k: the k-th lowest channel of every cell
+            cells = torch.tensor(groups[g].parts)
+            norm = torch.stack([norm[cells == c].sort().values for c in range(parts[g])]).mean(0)
         entries.extend((float(v), order, i, g) for i, v in enumerate(norm))
     counts = {g: 0 for g in scores}
     taken = 0
     for _, _, _, g in sorted(entries):
         if taken == total:
             break
-        if counts[g] < caps[g]:
-            counts[g] += 1
-            taken += 1
+        if counts[g] + parts[g] <= caps[g] and taken + parts[g] <= total:
+            counts[g] += parts[g]
+            taken += parts[g]
     return counts
 
 
@@ -215,14 +225,14 @@ class GreedyFilterPruning(FilterPruning):
         super().setup(trainer, pl_module, stage)
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)  # fixed by rule, never by the optimizer
-        names = [g.name for g in self.analysis.groups if g.size > self.min_filters]  # others stay whole
+        names = [g.name for g in self.analysis.groups if g.capacity(self.min_filters) > 0]  # others stay whole
         self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
         sizes = {n: self.analysis[n].size for n in names}
         if self.allocation != "global":
             if self.counts is None:
                 self.counts = self._allocate(sizes, pl_module)
             return
-        capacity = sum(n - self.min_filters for n in sizes.values())
+        capacity = sum(self.analysis[n].capacity(self.min_filters) for n in names)
         if self.num_to_close > capacity:
             raise MisconfigurationException(
                 f"target_pfr={self.target_pfr} needs {self.num_to_close} of {self.analysis.num_filters} filters "
@@ -238,7 +248,8 @@ class GreedyFilterPruning(FilterPruning):
         try:
             return budget.allocate(
                 sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs, round_to=self.round_to,
+                total_filters=self.analysis.num_filters, macs_per_channel=macs,
+                quanta={n: self.analysis[n].num_parts for n in sizes}, round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
@@ -311,18 +322,21 @@ class GreedyFilterPruning(FilterPruning):
         if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
-            counts = global_counts(scores, self.num_to_close, self.min_filters)
+            counts = global_counts(scores, self.num_to_close, self.min_filters,
+                                   {n: self.analysis[n] for n in everything})
             try:
                 self.counts = budget.round_counts(
                     {n: self.analysis[n].size for n in everything}, counts, self.round_to,
-                    self.min_filters, self.num_to_close, self.analysis.num_filters)
+                    self.min_filters, self.num_to_close, self.analysis.num_filters,
+                    quanta={n: self.analysis[n].num_parts for n in everything})
             except ValueError as err:
                 raise MisconfigurationException(str(err)) from None
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:
-            keep = torch.ones(self.analysis[name].size)
-            keep[torch.argsort(scores[name], stable=True)[: self.counts[name]]] = 0.0
+            group = self.analysis[name]
+            # the lowest-scored close (ties: the lower index), as many per cell where a grouped conv needs it
+            keep = (~group.keep_top(-scores[name], self.counts[name])).float()
             gate = self.gates[name]
             keep = trainer.strategy.broadcast(keep.to(gate.logits.device), src=0)  # one decision on every rank
             gate.set_mask(keep)

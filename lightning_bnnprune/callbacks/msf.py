@@ -300,7 +300,8 @@ class MainSubsidiaryPruning(FilterPruning):
             # learned: the uniform counts are the plan the stages' budgets start from
             self.prune_counts = allocate(
                 sizes, self.target_pfr, "uniform" if learned else self.allocation, self.min_filters,
-                macs_per_channel=macs, round_to=self.round_to,
+                macs_per_channel=macs, quanta={name: self.analysis[name].num_parts for name in names},
+                round_to=self.round_to,
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
@@ -488,8 +489,9 @@ class MainSubsidiaryPruning(FilterPruning):
                 for name, mask in masks.items():
                     self.prune_counts[name] = int((~mask).sum())
             else:
-                masks = {name: enforce_keep(self.gates[name].logits,
-                                            self.gates[name].logits.numel() - self.prune_counts[name])
+                masks = {name: enforce_keep(self.gates[name].logits,  # per cell for grouped convs
+                                            self.gates[name].logits.numel() - self.prune_counts[name],
+                                            self.analysis[name])
                          for name in old.groups}
             for name, mask in masks.items():
                 self.gates[name].set_mask(mask)

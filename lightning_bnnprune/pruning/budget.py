@@ -57,7 +57,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .groups import OUT, GroupAnalysis
+from .groups import OUT, ChannelGroup, GroupAnalysis
 
 __all__ = [
     "ALLOCATIONS", "ROUND_TOLERANCE", "allocate", "budget_term", "budget_weight", "enforce_keep",
@@ -95,6 +95,7 @@ def allocate(
     total_filters: Optional[int] = None,
     macs_per_channel: Optional[Mapping[str, float]] = None,
     round_to: int = 1,
+    quanta: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, int]:
     """Filters to prune in each group so that the global PFR is ``target_pfr``.
 
@@ -108,6 +109,12 @@ def allocate(
         macs_per_channel: ``{group: MACs of one of its channels}``, needed for ``"macs"``.
         round_to: every group keeps a multiple of this many filters, or all (see
             :func:`round_counts`); 1 leaves the counts as allocated.
+        quanta: ``{group: q}`` for groups whose count must be a multiple of ``q`` (a group feeding
+            a grouped conv loses the same number in each of its ``q`` cells,
+            :attr:`~.groups.ChannelGroup.num_parts`); such a group keeps at least one channel per
+            cell. Their counts are multiples, rounded by largest remainder among them; the groups
+            with ``q = 1`` make up what is left, so the total stays exact whenever there are enough
+            of them.
 
     Returns:
         ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``
@@ -124,7 +131,8 @@ def allocate(
     sizes = dict(sizes)
     total_filters = sum(sizes.values()) if total_filters is None else int(total_filters)
     goal = int(round(target_pfr * total_filters))
-    caps = {k: max(0, n - min_filters) for k, n in sizes.items()}
+    q = {k: max(1, int((quanta or {}).get(k, 1))) for k in sizes}
+    caps = {k: max(0, n - min(n, q[k] * max(1, math.ceil(min_filters / q[k])))) for k, n in sizes.items()}
     if goal > sum(caps.values()):
         reachable = sum(caps.values()) / max(total_filters, 1)
         raise ValueError(
@@ -140,9 +148,19 @@ def allocate(
             raise ValueError("allocation='macs' needs macs_per_channel for every group")
         weights = {k: float(macs_per_channel[k]) for k in sizes}
     real = _water_fill(sizes, weights, caps, goal)
-    counts = {k: min(caps[k], int(math.floor(v + 1e-9))) for k, v in real.items()}
-    # largest remainder, ties to the earlier (shallower) group: deterministic on every rank
-    order = sorted(sizes, key=lambda k: -(real[k] - counts[k]))
+    counts = {k: min(caps[k], q[k] * int(math.floor(v / q[k] + 1e-9))) for k, v in real.items()}
+    # Groups with quanta first, by largest remainder in whole quanta, until their own shortfall is
+    # made up: so they lose their share together and the others are not left to compensate (their
+    # channels can weigh differently in binary filters, e.g. a residual group's several producers).
+    grouped = [k for k in sizes if q[k] > 1]
+    deficit = sum(real[k] - counts[k] for k in grouped)
+    for k in sorted(grouped, key=lambda k: -(real[k] - counts[k]) / q[k]):
+        if 2 * deficit >= q[k] and counts[k] + q[k] <= caps[k]:
+            counts[k] += q[k]
+            deficit -= q[k]
+    ones = [k for k in sizes if q[k] == 1]
+    # ties to the earlier (shallower) group: deterministic on every rank
+    order = sorted(ones, key=lambda k: -(real[k] - counts[k]))
     short = goal - sum(counts.values())
     for k in order:
         if short <= 0:
@@ -150,11 +168,19 @@ def allocate(
         if counts[k] < caps[k]:
             counts[k] += 1
             short -= 1
-    for k in sizes:  # rounding can leave the remainder on saturated groups: spread it anywhere
+    for k in ones:  # rounding can leave the remainder on saturated groups: spread it anywhere
         while short > 0 and counts[k] < caps[k]:
             counts[k] += 1
             short -= 1
-    return round_counts(sizes, counts, round_to, min_filters, goal, total_filters)
+    for k in reversed(order):  # multiples rounded up past the goal: the others give back
+        while short < 0 and counts[k] > 0:
+            counts[k] -= 1
+            short += 1
+    for k in sorted((k for k in sizes if q[k] > 1), key=lambda k: -(real[k] - counts[k])):
+        if 2 * short >= q[k] and counts[k] + q[k] <= caps[k]:  # no q = 1 group left to fill in
+            counts[k] += q[k]
+            short -= q[k]
+    return round_counts(sizes, counts, round_to, min_filters, goal, total_filters, quanta)
 
 
 def round_counts(
@@ -164,6 +190,7 @@ def round_counts(
     min_filters: int = 1,
     goal: Optional[int] = None,
     total_filters: Optional[int] = None,
+    quanta: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, int]:
     """Prune counts whose kept filters are multiples of ``round_to`` (or the whole group).
 
@@ -171,7 +198,8 @@ def round_counts(
     larger); then, while one allowed step of one group brings the total pruned closer to
     ``goal`` (default: the sum of ``counts``), the step that brings it closest is taken (ties: the
     earlier group). Allowed kept counts are ``round_to, 2 * round_to, ... <= n`` that keep at least
-    ``min_filters``, and ``n`` itself; a group smaller than ``round_to`` stays whole.
+    ``min_filters``, and ``n`` itself; a group smaller than ``round_to`` stays whole. A group
+    with a quantum ``q`` (see :func:`allocate`) keeps multiples of ``lcm(round_to, q)``.
 
     Raises:
         ValueError: a ``round_to`` below 1, or a result more than :data:`ROUND_TOLERANCE` of PFR
@@ -183,7 +211,8 @@ def round_counts(
         return dict(counts)
     goal = sum(counts.values()) if goal is None else int(goal)
     total_filters = sum(sizes.values()) if total_filters is None else int(total_filters)
-    allowed = {k: sorted({n} | {m for m in range(round_to, n + 1, round_to) if m >= min_filters})
+    step = {k: math.lcm(round_to, (quanta or {}).get(k, 1)) for k in sizes}
+    allowed = {k: sorted({n} | {m for m in range(step[k], n + 1, step[k]) if m >= min_filters})
                for k, n in sizes.items()}
     kept = {k: min(allowed[k], key=lambda m, want=sizes[k] - counts[k]: (abs(m - want), -m)) for k in sizes}
     while True:
@@ -239,12 +268,16 @@ def gradient_spread(grad: Tensor, logits: Tensor, clip: float = 1.0) -> float:
 
 
 @torch.no_grad()
-def enforce_keep(logits: Tensor, keep: int) -> Tensor:
+def enforce_keep(logits: Tensor, keep: int, group: Optional[ChannelGroup] = None) -> Tensor:
     """The 0/1 mask that keeps the ``keep`` filters with the highest logits (ties: lower index).
 
     Used at the end of a selector phase so that the layer holds exactly its share whatever the
-    gates' state: the learned logits rank the filters, the budget decides how many stay.
+    gates' state: the learned logits rank the filters, the budget decides how many stay. With
+    ``group`` the top ``keep`` are taken per cell (:meth:`~.groups.ChannelGroup.keep_top`), as a
+    group feeding a grouped conv needs.
     """
+    if group is not None and group.parts:
+        return group.keep_top(logits, keep).to(logits.device)
     n = logits.numel()
     if not 0 <= keep <= n:
         raise ValueError(f"keep must be in [0, {n}], got {keep}")
@@ -301,8 +334,8 @@ def macs_per_channel(model: nn.Module, analysis: GroupAnalysis, example_inputs: 
     """Multiply-accumulates that one channel of each group costs, for ``allocation="macs"``.
 
     A channel of a group is an output filter of each producer (``C_in / groups * kh * kw`` MACs
-    per output pixel) and an input channel of each consumer (``C_out * kh * kw`` per output
-    pixel of a conv, ``out_features`` for a linear layer); output sizes come from one forward of
+    per output pixel) and an input channel of each consumer (``C_out / groups * kh * kw`` per
+    output pixel of a conv, ``out_features`` for a linear layer); output sizes come from one forward of
     ``example_inputs``.
     """
     pixels: Dict[str, int] = {}
@@ -327,7 +360,7 @@ def macs_per_channel(model: nn.Module, analysis: GroupAnalysis, example_inputs: 
             module = model.get_submodule(member.module)
             if isinstance(module, nn.Conv2d):
                 kernel = module.kernel_size[0] * module.kernel_size[1]
-                per_channel = module.in_channels // module.groups if member.role == OUT else module.out_channels
+                per_channel = (module.in_channels if member.role == OUT else module.out_channels) // module.groups
                 cost += per_channel * kernel * pixels.get(member.module, 1)
             elif isinstance(module, nn.Linear):
                 cost += module.in_features if member.role == OUT else module.out_features

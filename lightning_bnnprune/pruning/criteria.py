@@ -103,12 +103,13 @@ def _filters(conv: BinaryConv2d, center: bool = False) -> Tuple[Tensor, Tensor]:
     quantizer with ``center=True`` does before binarising.
     """
     w = conv.weight.detach().float()
-    keep = torch.ones(w.shape[1], device=w.device)
-    # The consumer-side gate mask (see pruning.gates): the channels this conv will still have.
-    mask = conv.input_mask()
+    keep = torch.ones(1, w.shape[1], device=w.device)
+    # The consumer-side gate mask (see pruning.gates): the channels this conv will still have
+    # (per filter for a grouped conv: each filter reads its own conv group's channels).
+    mask = conv.kernel_mask()
     if mask is not None:
-        keep = mask.detach().float().to(w.device)
-    m = keep.view(1, -1, *([1] * (w.dim() - 2))).expand_as(w)
+        keep = mask.detach().float().to(w.device).view(-1, w.shape[1])
+    m = keep.view(*keep.shape, *([1] * (w.dim() - 2))).expand_as(w)
     if center:
         w = w - (w * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
     return (w * m).flatten(1), m.flatten(1)

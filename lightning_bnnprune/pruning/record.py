@@ -134,6 +134,28 @@ def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
         setattr(module, name, new)  # a registered buffer stays registered
 
 
+def _check_balanced(conv: nn.Conv2d, dim: str, idx: Tensor, size: int) -> None:
+    """A grouped conv stays a grouped conv only if each of its conv groups keeps as many channels."""
+    per_group = torch.bincount(idx // (size // conv.groups), minlength=conv.groups)
+    if len(set(per_group.tolist())) != 1:
+        raise ValueError(
+            f"a grouped conv (groups={conv.groups}) must keep the same number of {dim}put channels in every "
+            f"conv group; these keep {per_group.tolist()}"
+        )
+
+
+def _cut_grouped_inputs(conv: nn.Conv2d, idx: Tensor, size: int) -> None:
+    """Keep input channels ``idx`` of a grouped conv: each conv group's filters keep the inputs of
+    their own group that survive (a gather, since groups may keep different positions)."""
+    g, width = conv.groups, size // conv.groups
+    local = (idx % width).view(g, -1)  # idx is sorted and balanced: row j is conv group j's kept inputs
+    w = conv.weight.detach()
+    w = w.view(g, w.shape[0] // g, width, *w.shape[2:])
+    index = local.to(w.device).view(g, 1, -1, *([1] * (w.dim() - 3))).expand(-1, w.shape[1], -1, *w.shape[3:])
+    new = w.gather(2, index).reshape(-1, local.shape[1], *w.shape[3:]).clone()
+    conv.weight = nn.Parameter(new, requires_grad=conv.weight.requires_grad)
+
+
 def channel_count(module: nn.Module, dim: str) -> int:
     """How many channels ``module`` has along ``dim``."""
     if isinstance(module, nn.Conv2d):
@@ -149,11 +171,13 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
     """Keep only channels ``keep`` of ``module`` along ``dim`` (``"out"`` or ``"in"``), in place.
 
     Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
-    both sides and its ``groups``), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
+    both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
+    of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
     included): weight, bias, running mean and variance.
 
     Raises:
-        ValueError: on a bad ``dim`` or an index out of range; TypeError: on another module type.
+        ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
+            unequally; TypeError: on another module type.
     """
     if dim not in (OUT, IN):
         raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
@@ -164,16 +188,19 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
     idx = torch.tensor(keep, dtype=torch.long)
     n = len(keep)
     if isinstance(module, nn.Conv2d):
-        if dim == OUT or _is_depthwise(module):
-            depthwise = _is_depthwise(module)
+        depthwise = _is_depthwise(module)
+        if module.groups > 1 and not depthwise:
+            _check_balanced(module, dim, idx, size)
+        if dim == OUT or depthwise:
             _set_param(module, "weight", 0, idx)
             _set_param(module, "bias", 0, idx)
             module.out_channels = n
             if depthwise:
                 module.in_channels = module.groups = n
+        elif module.groups > 1:
+            _cut_grouped_inputs(module, idx, size)
+            module.in_channels = n
         else:
-            if module.groups != 1:
-                raise ValueError(f"cannot cut input channels of a grouped conv (groups={module.groups})")
             _set_param(module, "weight", 1, idx)
             module.in_channels = n
     elif isinstance(module, nn.Linear):

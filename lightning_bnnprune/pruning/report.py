@@ -121,6 +121,7 @@ class CompressionReport:
     rows: List[Dict[str, Any]]
     summary: Dict[str, float]
     inner: List[Dict[str, Any]] = field(default_factory=list)
+    refused: Dict[str, str] = field(default_factory=dict)  # groups left whole: {owner conv: reason}
 
     COLUMNS = ("layer", "kind", "filters_before", "filters_after", "in_before", "in_after",
                "params_before", "params_after", "macs_before", "macs_after",
@@ -149,7 +150,15 @@ class CompressionReport:
         out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for r in self._layer_rows():
             out.write("| " + " | ".join(_fmt(r[c]) for c in cols) + " |\n")
+        out.write(self._refused_markdown())
         return out.getvalue()
+
+    def _refused_markdown(self) -> str:
+        if not self.refused:
+            return ""
+        rows = "".join(f"| {name} | {why} |\n" for name, why in self.refused.items())
+        return (f"\nPFR over all binary filters: {self.summary.get('binary_pfr', float('nan')):.1%}. "
+                f"Groups left whole ({len(self.refused)}):\n\n| group | reason |\n|---|---|\n{rows}")
 
     def __str__(self) -> str:
         lines = [self.headline(), f"{'layer':<40} {'kind':<11} {'filters':>11} {'in':>11} "
@@ -295,4 +304,7 @@ def compression_report(model: nn.Module, record: PruningRecord) -> CompressionRe
         inner_compression=statistics.median(r["compression"] for r in inner) if inner else None,
         inner_limit=32.0 / (1.0 - pfr) ** 2,
     )
-    return CompressionReport(rows=rows, summary=summary, inner=inner)
+    binary_rows = [r for r in rows if r["kind"] == "binary conv"]  # refused groups count here, whole
+    binary_before = sum(r["filters_before"] for r in binary_rows)
+    summary["binary_pfr"] = 1.0 - sum(r["filters_after"] for r in binary_rows) / binary_before if binary_before else 0.0
+    return CompressionReport(rows=rows, summary=summary, inner=inner, refused=dict(record.refused))

@@ -76,12 +76,14 @@ def resolve_keep(
 
     Explicit ``masks`` (channel indices, or a bool / 0-1 mask) win; other groups take the current
     mask of their attached gate, else keep everything. A group keeps at least
-    ``min(min_filters, size)`` channels: the closed channels whose gate logits are highest (the
-    ones the selector was closest to keeping), else the first closed ones, reopen.
+    ``min(min_filters, size)`` channels (:meth:`~.groups.ChannelGroup.min_keep`), and a group
+    feeding a grouped conv the same number in every cell: the closed channels whose gate logits
+    are highest (the ones the selector was closest to keeping), else the first closed ones, reopen.
 
     Raises:
         ValueError: on an unknown group name (the message lists the prunable groups), a group the
-            analysis refused (the message says why), a malformed keep-set, or an analysis with
+            analysis refused (the message says why), a malformed keep-set (or one that keeps a
+            grouped conv's conv groups unequally), or an analysis with
             no prunable group at all (the message names each refused layer and why).
     """
     masks = dict(masks or {})
@@ -101,18 +103,19 @@ def resolve_keep(
         gate = gates.get(group.name)
         if group.name in masks:
             k = _as_keep(group.name, group.size, masks[group.name])
+            if not group.is_balanced(k):
+                raise ValueError(
+                    f"keep-set for {group.name!r} must keep the same number of channels in each of its "
+                    f"{group.num_parts} cells (it feeds a grouped conv); see ChannelGroup.keep_top"
+                )
         elif gate is not None and gate.logits.numel() == group.size:
             k = gate.mask().bool().cpu()
         else:
             k = torch.ones(group.size, dtype=torch.bool)
-        need = min(min_filters, group.size) - int(k.sum())
-        if need > 0:
-            score = (gate.logits.detach().cpu().float() if gate is not None and gate.logits.numel() == group.size
-                     else -torch.arange(group.size, dtype=torch.float))
-            score = score.masked_fill(k, float("-inf"))
-            k = k.clone()
-            k[score.topk(need).indices] = True
-        keep[group.name] = k
+        score = (gate.logits.detach().cpu().float() if gate is not None and gate.logits.numel() == group.size
+                 else -torch.arange(group.size, dtype=torch.float))
+        # at least min_filters (whole cells where grouped convs need them), every cell kept alike
+        keep[group.name] = group.balance(k, score, min_filters)
     return keep
 
 
