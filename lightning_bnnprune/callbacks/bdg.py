@@ -61,7 +61,7 @@ class ZeroFilterPruning(FilterPruning):
         remove_at_end: bool = True,
         round_to: int = 1,
     ) -> None:
-        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end, round_to)
+        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end, round_to=round_to)
         if not atol >= 0:
             raise MisconfigurationException(f"`atol` must be >= 0, got {atol!r}")
         self.atol = float(atol)
