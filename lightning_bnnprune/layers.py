@@ -150,6 +150,11 @@ class BinaryConv2d(nn.Conv2d):
         """Drop the cached eval kernel (done automatically on ``train()`` and state-dict loads)."""
         self.__dict__.pop("_kernel_cache", None)
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_kernel_cache", None)  # copies and pickles recompute it
+        return state
+
     def train(self, mode: bool = True) -> "BinaryConv2d":
         self.clear_kernel_cache()
         return super().train(mode)
