@@ -8,7 +8,8 @@ machine hit every mode alike. Modes:
 - ``binary (before #10)``: ``binarize_model`` with the binary layer as it was before issue #10
   (``torch.where`` sign, STE mask multiply, XNOR scale on the output), rebuilt here for the comparison;
 - ``binary``: ``binarize_model`` as it is now (eager);
-- ``binary channels_last``: the same in ``torch.channels_last`` memory format;
+- ``fp channels_last`` / ``binary channels_last``: the same in ``torch.channels_last`` memory format
+  (what ``ImageClassifier(channels_last=True)``, the default, runs);
 - ``binary compiled`` / ``fp compiled`` (``--compile``): ``torch.compile`` (inductor); the first step
   (compilation) is timed on its own.
 
@@ -108,6 +109,7 @@ def build_modes(model: str, compile_: bool, seed: int) -> Dict[str, nn.Module]:
             old.load_state_dict(m.state_dict(), strict=False)
             before.set_submodule(name, old)
     modes = {"fp": fp, "binary (before #10)": before, "binary": binary,
+             "fp channels_last": copy.deepcopy(fp).to(memory_format=torch.channels_last),
              "binary channels_last": copy.deepcopy(binary).to(memory_format=torch.channels_last)}
     if compile_:
         modes["binary compiled"] = torch.compile(copy.deepcopy(binary))

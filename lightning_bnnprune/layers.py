@@ -121,25 +121,23 @@ class BinaryConv2d(nn.Conv2d):
         return out if isinstance(out, tuple) else (out, None)
 
     def _cache_key(self, in_mask: Optional[Tensor]) -> tuple:
-        # Everything the kernel depends on: the latent weight (identity and in-place version,
-        # which optimizer steps, clipping and load_state_dict's copy_ bump), the quantizer's own
-        # parameters (BDG's tau/phi) and the input mask's values.
+        # Everything the kernel depends on: the latent weight and the quantizer's own parameters
+        # (BDG's tau/phi), by identity (surgery and .to() make new ones) and in-place version
+        # (optimizer steps, clipping and load_state_dict's copy_ bump it), and the mask's values.
         params = (self.weight, *self.kernel_quantizer.parameters())
-        return tuple((id(p), p._version) for p in params) + (
-            None if in_mask is None else in_mask.detach().clone(),
-        )
+        return params, tuple(p._version for p in params), None if in_mask is None else in_mask.detach().clone()
 
     def _eval_kernel(self, in_mask: Optional[Tensor]):
         """``(kernel, scale)`` computed once in eval mode without autograd and reused until the
         weights, the quantizer's parameters or the input mask change."""
-        key = self._cache_key(in_mask)
+        params, versions, mask = key = self._cache_key(in_mask)
         cached = self.__dict__.get("_kernel_cache")
         if cached is not None:
-            old_key, value = cached
-            if old_key[:-1] == key[:-1] and (
-                (old_key[-1] is None and key[-1] is None)
-                or (old_key[-1] is not None and key[-1] is not None and torch.equal(old_key[-1], key[-1]))
-            ):
+            (old_params, old_versions, old_mask), value = cached
+            same_mask = (old_mask is None and mask is None) or (
+                old_mask is not None and mask is not None and torch.equal(old_mask, mask)
+            )
+            if same_mask and old_versions == versions and all(a is b for a, b in zip(old_params, params)):
                 return value
         value = self._quantize_kernel(in_mask)
         # Held in __dict__, not as a buffer: never saved, moved or seen by state_dict.
