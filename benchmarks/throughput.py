@@ -13,9 +13,10 @@ machine hit every mode alike. Modes:
 - ``binary compiled`` / ``fp compiled`` (``--compile``): ``torch.compile`` (inductor); the first step
   (compilation) is timed on its own.
 
-Each step is timed as wall time and as CPU time of the thread (which load from other processes
-inflates less); ratios are medians over rounds of (mode step / fp step of the same round).
-GFLOP/s counts a training step as 3x the forward multiply-accumulates x 2 FLOP.
+Each step is timed as wall time and as CPU time of the process (all its threads; load from other
+processes inflates it less than the wall time); ratios are medians over rounds of (mode step / fp
+step of the same round). GFLOP/s counts a training step as 3x the forward multiply-accumulates
+x 2 FLOP.
 
 ``--msf`` adds MainSubsidiaryPruning's selector and retrain steps against plain binary steps
 (``benchmarks/step_time.py``, two real Trainers taking turns). ``--infer-model`` adds inference of
@@ -125,11 +126,11 @@ def time_training(modes: Dict[str, nn.Module], batch: int, size: int, warmup: in
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in modes.items()}
 
     def step(k: str) -> Tuple[float, float]:
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu = time.perf_counter(), time.process_time()
         opts[k].zero_grad(set_to_none=True)
         F.cross_entropy(modes[k](inputs[k]), y).backward()
         opts[k].step()
-        return time.perf_counter() - wall, time.thread_time() - cpu
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     first = {k: step(k)[0] for k in modes}  # includes the compilation of the compiled modes
     for _ in range(warmup - 1):
