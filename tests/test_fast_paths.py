@@ -127,3 +127,20 @@ def test_compiled_module_trains_prunes_and_removes_like_eager(tmp_path):
     assert "_compiled_net_call" not in clone.__dict__
     with torch.no_grad():
         torch.testing.assert_close(clone(x), eager(x), rtol=0, atol=1e-4)
+
+
+def test_throughput_benchmark_writes_every_mode(tmp_path):
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(root, "benchmarks", "throughput.py"))
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    out = tmp_path / "throughput.md"
+    assert throughput.main(["--model", "test_resnet", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                            "--infer-model", "test_resnet", "--infer-repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    for mode in ("| fp |", "| binary (before #10) |", "| binary |", "| fp channels_last |", "| binary channels_last |"):
+        assert mode in text, mode
+    assert "| 1 |" in text and "| 64 |" in text  # the inference batches
