@@ -296,7 +296,7 @@ class Manual(Classifier):
     "module, callbacks, max_steps, match",
     [
         (Classifier, lambda: [MainSubsidiaryPruning(0.3)], 10, r"add `Binarize\(\)` to the Trainer's callbacks"),
-        (NoBinary, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"no prunable layer"),
+        (NoBinary, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"no binary convolution to prune"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, layers=["net.nope"])], 10,
          r"`layers` names unknown prunable layers \['net.nope'\]; prunable groups: conv1.3, conv1.6"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, exclude=["nope"])], 10,

@@ -49,8 +49,9 @@ class RandomStateCheckpoint(Callback):
         self._loaded = dict(state_dict)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # after the checkpoint is restored, before the first resumed batch is drawn
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # after the checkpoint is restored and before the training dataloader's iterator is made
+        # (a resumed fit reuses that first iterator; an uninterrupted one makes it at the epoch start)
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
             torch.set_rng_state(state["torch"])
