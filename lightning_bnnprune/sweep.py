@@ -102,10 +102,11 @@ def _fmt(value: Any, kind: str) -> str:
     return str(value)
 
 
-def _markdown(rows: Sequence[Dict[str, Any]], best: Sequence[Any], sweep_dir: Path) -> str:
+def _markdown(rows: Sequence[Dict[str, Any]], best: Sequence[Any], sweep_dir: Path, common: Sequence[str]) -> str:
     lines = [f"# Sweep summary: {sweep_dir}", "",
              f"{len(rows)} jobs, {sum(r['status'] == 'ok' for r in rows)} ok. "
-             "Best trade-offs of test accuracy and MAC reduction: *.", "",
+             "Best trade-offs of test accuracy and MAC reduction: *.",
+             f"Every job: {' '.join(common) if common else '(no shared overrides)'}", "",
              "| job | overrides | status | test acc % | PFR % | MAC reduction | compression | parameters | wall s |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -155,6 +156,11 @@ def summarize(sweep_dir: Path) -> SweepResult:
     jobs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra").is_dir()),
                   key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
     rows = [_job_row(d) for d in jobs]
+    # a row shows what its job changed; what every job shares goes once into the markdown header
+    split = [r["overrides"].split(" ") if r["overrides"] else [] for r in rows]
+    common = [o for o in split[0] if all(o in other for other in split[1:])] if len(rows) > 1 else []
+    for r, overrides in zip(rows, split):
+        r["overrides"] = " ".join(o for o in overrides if o not in common)
     best = pareto_front(rows)
     paths = {ext: str(sweep_dir / f"sweep_summary.{ext}") for ext in ("csv", "md", "png")}
     with open(paths["csv"], "w", newline="") as f:
@@ -162,7 +168,7 @@ def summarize(sweep_dir: Path) -> SweepResult:
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "best_tradeoff": r["job"] in best})
-    Path(paths["md"]).write_text(_markdown(rows, best, sweep_dir))
+    Path(paths["md"]).write_text(_markdown(rows, best, sweep_dir, common))
     _plot(rows, Path(paths["png"]))
     return SweepResult(rows, paths)
 

@@ -164,7 +164,8 @@ def test_readme_callback_snippet_runs_and_prunes(tmp_path, monkeypatch):
     assert abs(pruner.summary["pfr"] - 0.4) <= 0.01
     assert sum(p.numel() for p in model.backbone.parameters()) == pruner.summary["params_after"]
     assert pruner.summary["params_after"] < pruner.summary["params_before"]
-    assert Path(pruner.pruned_path) == tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "pruned.pt"
+    # the checkpoint folder: lightning_logs/version_0/checkpoints with the README's logger; none here
+    assert Path(pruner.pruned_path) == tmp_path / "checkpoints" / "pruned.pt"
     # ... and the README's reloading snippet, verbatim, in the same session
     exec(compile(_readme_block("It reloads without training"), "README.md", "exec"), namespace)
     x = torch.randn(2, 3, 32, 32)
