@@ -21,27 +21,30 @@ to a callback) end with one line ``bnnprune: error: ...`` on stderr and exit sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_bnnprune.config import ConfigError, conf_dir, recipe_names, register_recipes
+
+# torch, timm and Lightning load only when a run starts (in `build`): printing a config
+# (`--cfg job`) or reporting a configuration mistake answers in about a second.
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch.loggers import Logger
 
 __all__ = ["Run", "build", "train", "main", "one_line_error"]
 
@@ -109,6 +112,8 @@ def build(cfg: DictConfig) -> Run:
     without a logger, a progress bar with ``trainer.enable_progress_bar=false``, a checkpoint with
     ``trainer.enable_checkpointing=false``.
     """
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+
     datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
     num_classes = cfg.model.get("num_classes") or datamodule.num_classes
     model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
@@ -142,13 +147,21 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         exposes them, the run folder and the wall time. Rank zero also prints it and writes it
         to ``<paths.output_dir>/summary.json``.
     """
-    start = time.perf_counter()
     if cfg.get("export") not in EXPORTS:
         raise ConfigError(f"`export` must be one of: null, {', '.join(e for e in EXPORTS if e)}; "
                           f"got {cfg.get('export')!r}")
+    from lightning.pytorch import seed_everything
+
+    from lightning_bnnprune import ImageClassifier  # noqa: F401  (the whole library, loaded before the clock)
+
+    start = time.perf_counter()  # from seeding on
+    _silence_tips()
     seed_everything(cfg.seed, workers=True)
     run = build(cfg)
-    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit as stop:  # Lightning's end of a fit interrupted by Ctrl-C (exit 1) or SIGTERM
+        _interrupted(cfg, run, stop)
     val_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/")}
 
     test_metrics: Dict[str, float] = {}
@@ -165,10 +178,48 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     return summary
 
 
+def _interrupted(cfg: DictConfig, run: Run, stop: SystemExit) -> None:
+    """Say where the interrupted run can resume from; exit 130 (SIGINT) or 143 (SIGTERM)."""
+    sigterm = type(stop).__name__ == "SIGTERMException"
+    output_dir = Path(str(cfg.paths.output_dir))
+    last = output_dir / "checkpoints" / "last.ckpt"
+    kept = [o for o in _cli_overrides() if not re.match(r"^(hydra\.run\.dir|ckpt_path)=", o)]
+    resume = (f"resume with: bnnprune {' '.join(kept + [f'hydra.run.dir={output_dir}', f'ckpt_path={last}'])}"
+              if last.is_file() else "no checkpoint was written yet")
+    sys.stderr.write(f"bnnprune: interrupted by {'SIGTERM' if sigterm else 'SIGINT'} at step "
+                     f"{run.trainer.global_step}; {resume}\n")
+    raise SystemExit(143 if sigterm else 130) from stop
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's promotional "Tip: ... try installing ..." lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _silence_tips() -> None:
+    """Lightning's messages printed once and plainly, without its "Tip" lines."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            # Lightning loads after Hydra configured logging here, so it would pass its messages
+            # to Hydra's handlers (and its own "lightning" one): print them as an early import did.
+            logger.addHandler(logging.StreamHandler())
+            logger.propagate = False
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
 def _summary(cfg: DictConfig, run: Run, metrics: Dict[str, float], wall_time_s: float) -> Dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     checkpoint = next((cb for cb in run.callbacks if isinstance(cb, ModelCheckpoint)), None)
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     summary: Dict[str, Any] = {
+        "status": "ok",
         "test_acc": metrics.get("test/acc"),
         "test_acc_top5": metrics.get("test/acc_top5"),
         "test_loss": metrics.get("test/loss"),
@@ -213,8 +264,11 @@ def _export(cfg: DictConfig, run: Run) -> Optional[str]:
     return path
 
 
-@rank_zero_only
 def _report(summary: Dict[str, Any], output_dir: Path) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -238,6 +292,10 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
         if pruning.get("compression") is not None:
             parts.append(f"compression {pruning['compression']:.1f}x")
         lines.append("  pruned           " + (", ".join(parts) or "yes"))
+        if pruning.get("macs_before") and pruning.get("input_size"):
+            size = "x".join(str(v) for v in pruning["input_size"])
+            lines.append(f"  MACs             {pruning['macs_before'] / 1e6:.1f}M -> {pruning['macs_after'] / 1e6:.1f}M "
+                         f"per {size} input")
     lines.append(f"  parameters       {summary['parameters']:,}")
     if summary.get("pruned_model"):
         lines.append(f"  pruned model     {summary['pruned_model']}")
@@ -260,10 +318,65 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         summary = train(cfg)
     except Exception as err:  # noqa: BLE001
         message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        if _in_sweep():
+            # One failed job is a row of the sweep summary (lightning_bnnprune.sweep), not the end
+            # of the sweep: its summary.json says why, its log keeps the traceback.
+            _job_failed(cfg, err, message)
+            return None
         if message is None:
             raise
+        _remove_unused_run_dir(Path(str(cfg.paths.output_dir)))
         raise ConfigError(message) from err
     return summary["test_acc"]  # what a sweeper optimises
+
+
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(cfg: DictConfig, err: BaseException, message: Optional[str]) -> None:
+    """Record a failed sweep job: ``summary.json`` with ``status: failed`` and the one-line error."""
+    line = message or _squash(f"{type(err).__name__}: {err}").split("; ")[0]
+    logging.getLogger(__name__).error("job failed: %s", line, exc_info=err)
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": line, "seed": cfg.seed}, indent=2) + "\n")
+    sys.stderr.write(f"bnnprune: error: job {HydraConfig.get().job.num}: {line}\n")
+
+
+#: What a run folder holds before its run produced anything (removed again after a config error).
+_SCAFFOLD = (".hydra", f"{CONFIG_NAME}.log", "multirun.yaml")
+
+
+def _remove_unused_sweep_dir() -> None:
+    """A sweep that a config error ended before its first job leaves only Hydra's
+    ``multirun.yaml``: remove that folder (and its parents left empty) too."""
+    from lightning_bnnprune import sweep
+
+    if sweep.STARTED is not None and sweep.STARTED.is_dir():
+        if {p.name for p in sweep.STARTED.iterdir()} <= {"multirun.yaml"}:
+            _remove_unused_run_dir(sweep.STARTED)
+        sweep.STARTED = None
+
+
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that ended in a configuration mistake, if it holds
+    nothing but Hydra's scaffold (and empty folders), then its parents that are left empty
+    (``outputs/<date>/``), never above the working directory."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.rglob("*"):
+        top = path.relative_to(run_dir).parts[0]
+        if path.is_file() and top not in _SCAFFOLD:
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def _options(group: str) -> List[str]:
@@ -355,9 +468,18 @@ def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None
         return _squash(first)
     if isinstance(err, CompactHydraException):
         return _squash(text.split("Config search path")[0])
-    if isinstance(err, (MisconfigurationException, FileNotFoundError)):
+    if _is_misconfiguration(err) and "'s schedule needs" in text:
+        # the pruning schedule's short-run rule, in the app's keys: trainer.max_*, schedule.*
+        text = re.sub(r"(?<![.\w])(max_steps|max_epochs)(?= >=)", r"trainer.\1", text)
+        return _squash(re.sub(r"(?<![.\w])(warmup|selector|retrain)=", r"schedule.\1=", text))
+    if _is_misconfiguration(err) or isinstance(err, FileNotFoundError):
         return _squash(f"{type(err).__name__}: {err}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
     return None
+
+
+def _is_misconfiguration(err: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException`` (by name: Lightning may not be imported yet)."""
+    return any(c.__name__ == "MisconfigurationException" for c in type(err).__mro__)
 
 
 def _squash(text: str) -> str:
@@ -374,13 +496,21 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
+        from lightning_bnnprune import sweep
+
+        if sweep.LAST is not None and sweep.LAST.failed:  # a sweep with failed jobs: status 1
+            sys.stderr.write(f"bnnprune: error: {sweep.LAST.failed} of {sweep.LAST.jobs} jobs failed; "
+                             f"see {sweep.LAST.paths['md']}\n")
+            sys.exit(1)
     except ConfigError as err:
+        _remove_unused_sweep_dir()
         sys.stderr.write(f"bnnprune: error: {err.message}\n")
         sys.exit(2)
     except Exception as err:  # noqa: BLE001
         message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
         if message is None:
             raise
+        _remove_unused_sweep_dir()
         sys.stderr.write(f"bnnprune: error: {message}\n")
         sys.exit(2)
 

@@ -60,10 +60,13 @@ def run_app(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture
-def call_main(monkeypatch, capsys) -> Callable[..., subprocess.CompletedProcess]:
-    """``call_main(*args)``: the app's ``main()`` in this process, with ``sys.argv`` = args; for
+def call_main(monkeypatch, capsys, tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """``call_main(*args)``: the app's ``main()`` in this process, with ``sys.argv`` = args, from
+    tmp_path (Hydra's default ``outputs/`` and ``multirun/`` land there, never in the checkout); for
     runs that end before training (errors), where a new interpreter would only add start-up time."""
     from lightning_bnnprune.train import main
+
+    monkeypatch.chdir(tmp_path)
 
     def _call(*args: str) -> subprocess.CompletedProcess:
         monkeypatch.setattr(sys, "argv", ["bnnprune", *args])

@@ -2,6 +2,7 @@
 one-line errors, and the config lookup of an installed (wheel-layout) package."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import lightning_bnnprune
 from lightning_bnnprune.config import conf_dir, recipe_names, recipes_dir
@@ -61,11 +63,19 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, call_main, tm
 
 
 def test_sweep_runs_every_job(run_app, tmp_path):
-    """A sweep over strategies at tiny size: one run folder per job, each on the shared schedule."""
+    """A sweep over strategies at tiny size: one run folder per job, each on the shared schedule
+    (the default one, 60 warm-up steps: every strategy scales it into the 6 steps alike), and a
+    summary of the sweep."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_app("-m", "prune=none,msf,stq", "schedule.warmup=2", *TINY, "logger=none",
-                   f"hydra.sweep.dir={sweep_dir}")
+    proc = run_app("-m", "prune=none,msf,stq", *TINY, "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert [r["overrides"] for r in rows] == ["prune=none", "prune=msf", "prune=stq"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert float(rows[0]["mac_ratio"]) == 1.0 and float(rows[1]["mac_ratio"]) > 1.5
+    assert (sweep_dir / "sweep_summary.png").stat().st_size > 0
+    assert "| 1" in (sweep_dir / "sweep_summary.md").read_text()
+    assert f"summary in {sweep_dir / 'sweep_summary.md'}" in proc.stdout
     jobs = {_summary(sweep_dir / str(i))["choices"]["prune"]: _summary(sweep_dir / str(i)) for i in (0, 1, 2)}
     assert set(jobs) == {"none", "msf", "stq"}
     assert jobs["none"]["pruning"] is None
@@ -154,7 +164,15 @@ def test_readme_callback_snippet_runs_and_prunes(tmp_path, monkeypatch):
     assert abs(pruner.summary["pfr"] - 0.4) <= 0.01
     assert sum(p.numel() for p in model.backbone.parameters()) == pruner.summary["params_after"]
     assert pruner.summary["params_after"] < pruner.summary["params_before"]
-    assert Path(pruner.pruned_path).is_file()
+    # the checkpoint folder: lightning_logs/version_0/checkpoints with the README's logger; none here
+    assert Path(pruner.pruned_path) == tmp_path / "checkpoints" / "pruned.pt"
+    # ... and the README's reloading snippet, verbatim, in the same session
+    exec(compile(_readme_block("It reloads without training"), "README.md", "exec"), namespace)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    for reloaded in (namespace["net"], namespace["same"].backbone if hasattr(namespace["same"], "backbone")
+                     else namespace["same"]):
+        assert torch.allclose(reloaded(x), model.backbone(x), atol=1e-5)
 
 
 def test_cpu_budget_recipe_runs_on_npz_files(run_app, tmp_path):

@@ -260,8 +260,23 @@ def test_unreachable_target_raises(tmp_path, allocation):  # the same message as
 
 
 def test_too_short_a_schedule_raises(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"needs at least 19 steps, but the trainer runs 5"):
+    with pytest.raises(MisconfigurationException, match=(
+        r"^GreedyFilterPruning's schedule needs 19 steps \(warmup=0 \+ 9 x retrain=2 \+ 1\) but the trainer runs 5, "
+        r"and even the shortest schedule needs 10: set max_steps >= 19$"
+    )):
         _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=2), max_steps=5)
+    with pytest.raises(MisconfigurationException, match=(
+        r"^GreedyFilterPruning's schedule needs 9 steps \(warmup=8 \+ 1\) but the trainer runs 5: set max_steps >= 9, "
+        r"or shorten the schedule to fit, e.g. warmup=4 \(scale_to_fit=True does this\)$"
+    )):
+        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, warmup=8), max_steps=5)
+
+
+def test_scale_to_fit_prunes_inside_a_short_run(tmp_path):  # the rule msf follows too
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", warmup=10, retrain=4, scale_to_fit=True)
+    _fit(tmp_path, pruning, max_steps=12)
+    assert pruning.finished and abs(pruning.pfr() - 0.4) < 0.05
+    assert pruning.due(len(pruning.stages) - 1) < 12
 
 
 def test_a_run_stopped_early_still_reaches_the_target(tmp_path):

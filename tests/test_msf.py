@@ -296,7 +296,7 @@ class Manual(Classifier):
     "module, callbacks, max_steps, match",
     [
         (Classifier, lambda: [MainSubsidiaryPruning(0.3)], 10, r"add `Binarize\(\)` to the Trainer's callbacks"),
-        (NoBinary, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"no prunable layer"),
+        (NoBinary, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"no binary convolution to prune"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, layers=["net.nope"])], 10,
          r"`layers` names unknown prunable layers \['net.nope'\]; prunable groups: conv1.3, conv1.6"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, exclude=["nope"])], 10,
@@ -304,9 +304,10 @@ class Manual(Classifier):
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.9, min_filters=16)], 10,
          r"keeping min_filters=16 per layer allows at most"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, selector=5, retrain=5, layers=["conv1.6"])], 9,
-         r"the pruning schedule needs 10 steps but the trainer runs 9: set `max_steps` >= 10"),
+         r"MainSubsidiaryPruning's schedule needs 10 steps \(warmup=0 \+ selector=5 \+ retrain=5\) but the trainer "
+         r"runs 9: set max_steps >= 10, or shorten the schedule to fit, e.g. warmup=0, selector=4, retrain=4"),
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, layers=["conv1.6", "conv1.3"], scale_to_fit=True)],
-         3, r"`scale_to_fit`: 3 steps cannot hold 2 stages even at 1 step per phase: at least 4 needed"),
+         3, r"runs 3, and even the shortest schedule needs 4: set max_steps >= "),
         (Manual, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"manual optimisation"),
     ],
 )

@@ -186,3 +186,22 @@ def test_final_retrain_closes_the_schedule_and_scales():
     assert small.total <= 8 and small.final >= 0 and small.selector >= 1
     with pytest.raises(ValueError, match="final length must be an int >= 0"):
         LayerwiseSchedule([["a"]], 1, 1, final=-1)
+
+
+def test_fit_lengths_is_one_rule_for_every_strategy():
+    from lightning_bnnprune.pruning.schedule import ScheduleTooLong, fit_lengths
+
+    msf = dict(lengths={"warmup": 60, "selector": 5, "retrain": 15}, repeats={"warmup": 1, "selector": 3, "retrain": 3})
+    assert fit_lengths("M", **msf, available=120, unit="steps") == {"warmup": 60, "selector": 5, "retrain": 15}
+    assert fit_lengths("M", **msf, available=40, unit="steps", scale_to_fit=True) == {"warmup": 20, "selector": 1, "retrain": 5}
+    with pytest.raises(ScheduleTooLong, match=(
+        r"^M's schedule needs 120 steps \(warmup=60 \+ 3 x selector=5 \+ 3 x retrain=15\) but the trainer runs 40: "
+        r"set max_epochs >= 6 \(20 steps per epoch\), or shorten the schedule to fit, e.g. warmup=20, selector=1, "
+        r"retrain=5 \(scale_to_fit=True does this\)$")):
+        fit_lengths("M", **msf, available=40, unit="steps", knob="max_epochs", per_epoch=20)
+    with pytest.raises(ScheduleTooLong, match=r"even the shortest schedule needs 6: set max_steps >= 120$"):
+        fit_lengths("M", **msf, available=5, unit="steps", scale_to_fit=True)
+    # greedy, layer-wise over 4 groups: the last cut at warmup + 3 x retrain, then one step to retrain
+    greedy = dict(lengths={"warmup": 10, "retrain": 10}, repeats={"warmup": 1, "retrain": 3}, extra=1)
+    fitted = fit_lengths("G", **greedy, available=20, unit="steps", scale_to_fit=True)
+    assert fitted["warmup"] + 3 * fitted["retrain"] + 1 <= 20 and fitted["retrain"] >= 1

@@ -25,6 +25,7 @@ from ..binarize import binary_layers, find_networks
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, coverage, example_input_for, find_channel_groups
+from ..pruning.inputs import input_size_of
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
 from ..pruning.surgery import default_inputs, remove_filters, resolve_keep
@@ -46,8 +47,10 @@ class FilterPruning(Callback):
         target_pfr: pruned filters / prunable filters to reach, in ``[0, 1)``.
         network: attribute path of the network inside the LightningModule (default: the single
             timm model found, else the whole module).
-        input_size: ``(C, H, W)`` of one input, for tracing; default ``pl_module.example_input_array``,
-            else the network's timm ``pretrained_cfg["input_size"]``.
+        input_size: ``(C, H, W)`` of one input, for tracing, the removal check and the report's
+            MACs; default: ``pl_module.example_input_array``, else the first training batch's
+            shape, else the network's timm ``pretrained_cfg["input_size"]``
+            (:func:`~lightning_bnnprune.pruning.inputs.input_size_of`).
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
         remove_at_end: remove the pruned filters physically at the end of ``fit``: the
@@ -65,6 +68,11 @@ class FilterPruning(Callback):
         round_to: every group keeps a multiple of this many filters, or all of them (32 suits
             Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
             target (:func:`~lightning_bnnprune.pruning.budget.round_counts`); 1: no rounding.
+
+    If ``fit`` ends in an exception (Ctrl-C, SIGTERM, an error), nothing is removed or written:
+    the module stays the *gated* network, every gate attached and closed as far as the schedule
+    got (``pfr()`` says how far), all filters still in place, so it runs and reloads as it was;
+    the checkpoints written so far resume the schedule (``trainer.fit(..., ckpt_path=...)``).
 
     Attributes set at fit end: ``record`` (:class:`~lightning_bnnprune.pruning.record.PruningRecord`),
     ``report`` (:class:`~lightning_bnnprune.pruning.report.CompressionReport`), ``summary``
@@ -119,18 +127,14 @@ class FilterPruning(Callback):
         self._distill_undo: Optional[Any] = None
         self._distill_captured: Optional[Any] = None
         self._distill_capturing = False
+        self._seen_input_size: Optional[Sequence[int]] = None
 
     # ------------------------------------------------------------------ set-up
     def network_of(self, pl_module: "pl.LightningModule") -> nn.Module:
         return pl_module.get_submodule(self.network_path) if self.network_path else pl_module
 
     def _example_inputs(self, pl_module: "pl.LightningModule", net: nn.Module) -> torch.Tensor:
-        if self.input_size is not None:
-            return example_input_for(net, self.input_size)
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, torch.Tensor):
-            return example[:1].to(next(net.parameters()).device)
-        return example_input_for(net)
+        return example_input_for(net, self._input_shape(pl_module, net))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -154,11 +158,17 @@ class FilterPruning(Callback):
                     "add `Binarize()` to the Trainer's callbacks"
                 )
             binarizers[0].setup(trainer, pl_module, stage)
+            if not binary_layers(net):
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: the network has no binary convolution to prune (Binarize keeps the "
+                    "first conv and the classifier full precision and binarises only nn.Conv2d layers)"
+                )
         unknown = [n for n in self.exclude if n not in binary_layers(net)]
         if unknown:
             raise MisconfigurationException(
                 f"`exclude` names unknown binary layers {unknown}; binary layers: {', '.join(binary_layers(net))}"
             )
+        self._seen_input_size = input_size_of(net, self.input_size, pl_module, trainer)  # from the data
         self.analysis = find_channel_groups(net, self._example_inputs(pl_module, net), exclude=self.exclude)
         if not self.analysis.groups:
             reasons = "; ".join(f"{k}: {v}" for k, v in self.analysis.refused.items()) or "no binary conv"
@@ -275,13 +285,10 @@ class FilterPruning(Callback):
 
     # ------------------------------------------------------------------ removal
     def _input_shape(self, pl_module: "pl.LightningModule", net: nn.Module) -> Sequence[int]:
-        if self.input_size is not None:
-            return self.input_size
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, torch.Tensor):
-            return tuple(example.shape[1:])
-        cfg = getattr(net, "pretrained_cfg", None) or {}
-        return tuple(cfg.get("input_size", (3, 224, 224)))
+        """The input size the network sees in this fit (found once, in ``setup``)."""
+        if self._seen_input_size is None:
+            self._seen_input_size = input_size_of(net, self.input_size, pl_module)
+        return self._seen_input_size
 
     @staticmethod
     def _output_dir(trainer: "pl.Trainer") -> str:

@@ -22,7 +22,7 @@ from typing_extensions import override
 from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.groups import ChannelGroup
-from ..pruning.schedule import UNITS
+from ..pruning.schedule import UNITS, ScheduleTooLong, fit_lengths, trainer_budget
 from .base import FilterPruning
 
 __all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS", "global_counts"]
@@ -110,6 +110,9 @@ class GreedyFilterPruning(FilterPruning):
         unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
         seed: seed of the ``"random"`` criterion.
         min_filters: the fewest channels any group keeps.
+        scale_to_fit: shrink ``warmup`` (and ``retrain``) when the trainer's ``max_steps`` /
+            ``max_epochs`` cannot hold the schedule, as :class:`MainSubsidiaryPruning` does
+            (``False``: that is an error naming the lengths that would fit).
         network, input_size, exclude, remove_at_end, round_to, **kwargs: see :class:`FilterPruning`.
         distill, distill_temperature: distillation from the unpruned start network once filters
             are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
@@ -119,7 +122,8 @@ class GreedyFilterPruning(FilterPruning):
             ``target_pfr`` outside ``[0, 1)``; a negative ``warmup``; ``retrain`` missing or
             below 1 in layer-wise mode, or given in one-shot mode; a target that ``min_filters``
             makes unreachable (in ``setup``); a schedule longer than the trainer's
-            ``max_steps`` / ``max_epochs`` (in ``on_fit_start``, with the length it needs).
+            ``max_steps`` / ``max_epochs`` without ``scale_to_fit`` (in ``on_fit_start``, with
+            the trainer length and the schedule lengths that would fit).
 
     Example::
 
@@ -152,6 +156,7 @@ class GreedyFilterPruning(FilterPruning):
         distill: float = 0.0,
         distill_temperature: float = 4.0,
         round_to: int = 1,
+        scale_to_fit: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -201,6 +206,7 @@ class GreedyFilterPruning(FilterPruning):
         self.retrain = retrain
         self.unit = unit
         self.seed = seed
+        self.scale_to_fit = bool(scale_to_fit)
         self.stages: List[List[str]] = []
         # resume state (the callback's state_dict): groups pruned so far and the per-group counts
         self.done: List[str] = []
@@ -259,18 +265,18 @@ class GreedyFilterPruning(FilterPruning):
         super().on_fit_start(trainer, pl_module)
         if not self.stages:
             return
-        last = self.due(len(self.stages) - 1)
-        if self.unit == "steps":
-            available = trainer.estimated_stepping_batches
-        else:
-            available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
-        if last >= available:
-            layers = f"{len(self.stages)} layers x retrain={self.retrain} apart, " if self.mode == "layerwise" else ""
-            raise MisconfigurationException(
-                f"{type(self).__name__} prunes its last group at {self.unit[:-1]} {last} "
-                f"({layers}warmup={self.warmup}) and needs at least {last + 1} {self.unit}, "
-                f"but the trainer runs {available}; raise max_{self.unit} or shorten the schedule"
+        available, knob, per_epoch = trainer_budget(trainer, self.unit)
+        lengths = {"warmup": self.warmup} | ({"retrain": self.retrain} if self.mode == "layerwise" else {})
+        try:  # the rule every strategy shares (pruning.schedule.fit_lengths)
+            fitted = fit_lengths(
+                type(self).__name__, lengths, {"warmup": 1, "retrain": len(self.stages) - 1}, available,
+                self.unit, knob=knob, per_epoch=per_epoch, scale_to_fit=self.scale_to_fit, extra=1,
             )
+        except ScheduleTooLong as err:
+            raise MisconfigurationException(str(err)) from None
+        if fitted != lengths:
+            self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
+            rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}: {fitted}")
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
             f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "

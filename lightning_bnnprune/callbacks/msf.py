@@ -28,7 +28,9 @@ from ..pruning.criteria import Criterion, scores_for
 from ..pruning.distill import distillation_loss
 from ..pruning.gates import GATE_ATTR
 from ..pruning.groups import OUT
-from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase
+from ..pruning.schedule import (
+    DONE, FINAL, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase, ScheduleTooLong, fit_lengths, trainer_budget,
+)
 from .base import FilterPruning
 
 __all__ = ["MainSubsidiaryPruning", "MSF_ALLOCATIONS", "distillation_loss"]
@@ -382,29 +384,26 @@ class MainSubsidiaryPruning(FilterPruning):
             self._enter(trainer, pl_module, self._phase, fresh=False)
 
     def _fit_schedule(self, trainer: "pl.Trainer") -> None:
-        """Check the trainer can hold the schedule from where it starts; scale it if asked."""
-        total = self.schedule.total
-        if self.unit == "steps":
-            available = trainer.estimated_stepping_batches - self._origin
-            knob, needed = "max_steps", self._origin + total
-        else:
-            available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
-            if trainer.max_steps not in (None, -1):
-                per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-                available = min(available, trainer.max_steps // per_epoch)
-            available -= self._origin
-            knob, needed = "max_epochs", self._origin + total
-        if available >= total:
-            return
-        if not self.scale_to_fit or self._phase is not None:
-            raise MisconfigurationException(
-                f"the pruning schedule needs {total} {self.unit} but the trainer runs {available}: "
-                f"set `{knob}` >= {needed}, shorten the phases, or pass `scale_to_fit=True`"
-            )
+        """Check the trainer can hold the schedule from where it starts; scale it if asked (the
+        rule every strategy shares: :func:`~lightning_bnnprune.pruning.schedule.fit_lengths`)."""
+        s = self.schedule
+        available, knob, per_epoch = trainer_budget(trainer, self.unit, self._origin)
+        wanted = {"warmup": s.warmup, "selector": s.selector, "retrain": s.retrain}
+        repeats = {"warmup": 1, "selector": s.num_stages, "retrain": s.num_stages}
+        if s.final:  # the final retrain scales with the rest (at least one unit)
+            wanted["final"], repeats["final"] = s.final, 1
         try:
-            self.schedule = self.schedule.scaled(int(available))
-        except ValueError as err:
-            raise MisconfigurationException(f"`scale_to_fit`: {err}") from None
+            lengths = fit_lengths(
+                type(self).__name__, wanted, repeats, available, self.unit,
+                knob=knob, per_epoch=per_epoch, scale_to_fit=self.scale_to_fit and self._phase is None,
+                origin=self._origin,
+            )
+        except ScheduleTooLong as err:
+            raise MisconfigurationException(str(err)) from None
+        if lengths == wanted:
+            return
+        self.schedule = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"], s.unit,
+                                          final=lengths.get("final", 0))
         rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}")
 
     def _install(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

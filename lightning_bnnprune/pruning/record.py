@@ -416,22 +416,90 @@ def read_pruned(path: PathLike) -> Tuple[PruningRecord, Dict[str, Tensor]]:
 def load_pruned(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild a pruned network from a :func:`save_pruned` file and load its weights.
 
+    The pruning callbacks write the file as ``<checkpoint dir>/pruned.pt`` (in the app:
+    ``outputs/<date>/<time>/checkpoints/pruned.pt``). Its record names the layers from the network
+    the callback pruned: the timm model inside the LightningModule, else the LightningModule
+    itself. ``model`` may be either: the whole LightningModule, or the network inside it
+    (e.g. ``model=MyModule().net`` for a record written from ``MyModule``).
+
     Args:
         path: the file.
-        model: a freshly built network of the recorded architecture (binarised or not); by
-            default it is built with ``timm.create_model`` from the record.
+        model: a freshly built model of the recorded architecture (binarised or not): the
+            LightningModule or its network; by default the network is built with
+            ``timm.create_model`` from the record.
 
     Returns:
-        the pruned network, in eval mode.
+        ``model`` (or the built network), pruned and loaded, in eval mode.
 
     Raises:
         ValueError: if ``model`` (or the rebuilt one) does not match the record; the message
-            names the first mismatching tensors.
+            names the first mismatching tensors, or says which module the record needs.
     """
     record, state = read_pruned(path)
-    net = rebuild(record, model)
+    if model is None:
+        net = rebuild(record, None)
+        net.load_state_dict(state)
+        return net.eval()
+    net, record, state = _network_in(model, record, state, os.fspath(path))
+    rebuild(record, net)
     net.load_state_dict(state)
-    return net.eval()
+    return model.eval()
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _network_in(
+    model: nn.Module, record: PruningRecord, state: Dict[str, Tensor], path: str
+) -> Tuple[nn.Module, PruningRecord, Dict[str, Tensor]]:
+    """The module of ``model`` the record applies to, with the record (and state) re-rooted there
+    when ``model`` is a part of the recorded network (the inner network of a LightningModule)."""
+    names = sorted({m for m, _, _ in record.removed} | set((record.binarize_kwargs or {}).get("layers", [])))
+    if all(_has(model, n) for n in names):
+        return model, record, state
+    if record.network_path and _has(model, record.network_path):  # the LightningModule around it
+        inner = model.get_submodule(record.network_path)
+        if all(_has(inner, n) for n in names):
+            return inner, record, state
+    parts = names[0].split(".") if names else []
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth]) + "."
+        if all(n.startswith(prefix) and _has(model, n[len(prefix):]) for n in names):
+            return model, _rerooted(record, prefix), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    root = f"the network at {record.network_path!r} inside a LightningModule" if record.network_path else "a LightningModule"
+    example = record.removed[0][0] if record.removed else names[0] if names else "?"
+    raise ValueError(
+        f"{path} was written from {root} (layers named like {example!r}) and the model given has "
+        f"no such layers: pass model= the whole LightningModule or the network the pruning callback found in it"
+    )
+
+
+def _rerooted(record: PruningRecord, prefix: str) -> PruningRecord:
+    """The record as seen from its submodule at ``prefix`` (``"net."``); other keys dropped."""
+    def strip(mapping: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+    binarize = None
+    if record.binarize_kwargs is not None:
+        binarize = dict(record.binarize_kwargs)
+        binarize["layers"] = [n[len(prefix):] for n in binarize["layers"] if n.startswith(prefix)]
+        if "relus" in binarize:
+            binarize["relus"] = strip(binarize["relus"])
+    return PruningRecord.from_dict({
+        **record.to_dict(),
+        "removed": [[m[len(prefix):], d, k] for m, d, k in record.removed if m.startswith(prefix)],
+        "groups": strip(record.groups),
+        "group_sizes": strip(record.group_sizes),
+        "shapes_before": strip(record.shapes_before),
+        "shapes": strip(record.shapes),
+        "binarize_kwargs": binarize,
+        "network_path": ".".join(p for p in (record.network_path, prefix[:-1]) if p),
+    })
 
 
 def restore_pruned(

@@ -134,8 +134,9 @@ class CompressionReport:
         if s.get("inner_compression") is not None:
             inner = (f"; inner binary layers {s['inner_compression']:.1f}x "
                      f"(limit 32/(1-{s['pfr']:.2f})^2 = {s['inner_limit']:.1f}x)")
+        at = f" at {'x'.join(str(v) for v in s['input_size'])} input" if s.get("input_size") else ""
         return (f"PFR {s['pfr']:.1%} | MAC ratio {s['mac_ratio']:.2f}x ({s['macs_before']/1e6:.1f}M -> "
-                f"{s['macs_after']/1e6:.1f}M MACs) | params {s['params_before']/1e6:.3f}M -> "
+                f"{s['macs_after']/1e6:.1f}M MACs{at}) | params {s['params_before']/1e6:.3f}M -> "
                 f"{s['params_after']/1e6:.3f}M | compression {s['compression']:.1f}x vs FP32 "
                 f"({s['bits_before'] / 8e6:.2f} MB -> {s['bits_after'] / 8e6:.3f} MB){inner}")
 
@@ -239,7 +240,8 @@ def compression_report(model: nn.Module, record: PruningRecord) -> CompressionRe
     binary = {n for n, m in modules.items() if isinstance(m, BinaryConv2d)}
     params = {k for k, _ in model.named_parameters()}
     state = model.state_dict()
-    positions = _positions(model, list(record.input_size or (3, 224, 224)))
+    input_size = list(record.input_size or (3, 224, 224))  # a record without one predates the field
+    positions = _positions(model, input_size)
 
     layers: Dict[str, Dict[str, Any]] = {}
 
@@ -303,6 +305,7 @@ def compression_report(model: nn.Module, record: PruningRecord) -> CompressionRe
         bits_after=bits_after,
         inner_compression=statistics.median(r["compression"] for r in inner) if inner else None,
         inner_limit=32.0 / (1.0 - pfr) ** 2,
+        input_size=input_size,
     )
     binary_rows = [r for r in rows if r["kind"] == "binary conv"]  # refused groups count here, whole
     binary_before = sum(r["filters_before"] for r in binary_rows)

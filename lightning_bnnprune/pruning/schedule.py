@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-__all__ = ["Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES", "UNITS"]
+__all__ = [
+    "Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES",
+    "UNITS", "ScheduleTooLong", "trainer_budget", "fit_lengths",
+]
 
 WARMUP, SELECTOR, RETRAIN, DONE = "warmup", "selector", "retrain", "done"
 FINAL = "final"
@@ -202,3 +205,102 @@ class LayerwiseSchedule:
             lines.append(f"  {unit} {span}  {phase.describe(self.num_stages)}")
         lines.append(f"  {unit} {self.total:>{width}}+{'':<{width}}  {self._done.describe(self.num_stages)}")
         return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the short-run rule
+class ScheduleTooLong(ValueError):
+    """A pruning schedule that the trainer's length cannot hold (the message says what fits)."""
+
+
+def trainer_budget(trainer: Any, unit: str, origin: int = 0) -> Tuple[float, str, int]:
+    """``(available, knob, per_epoch)``: the ``unit`` s the trainer runs from ``origin`` on, the
+    Trainer argument that sets that length (``"max_steps"`` when given, else ``"max_epochs"``)
+    and the optimizer steps per epoch. Duck-typed on a Lightning ``Trainer`` (read in
+    ``on_fit_start`` or later, when the dataloaders are known)."""
+    knob = "max_steps" if trainer.max_steps not in (None, -1) else "max_epochs"
+    batches = trainer.num_training_batches  # known from on_train_start on; inf before
+    if math.isfinite(batches):
+        per_epoch = max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+    elif knob == "max_epochs" and trainer.max_epochs not in (None, -1, 0):
+        per_epoch = max(1, int(trainer.estimated_stepping_batches) // trainer.max_epochs)
+    else:
+        per_epoch = 1
+    if unit == "steps":
+        available = trainer.estimated_stepping_batches
+    else:
+        available = math.inf if trainer.max_epochs in (None, -1) else trainer.max_epochs
+        if trainer.max_steps not in (None, -1):
+            available = min(available, trainer.max_steps // per_epoch)
+    return available - origin, knob, int(per_epoch)
+
+
+def fit_lengths(
+    owner: str,
+    lengths: Mapping[str, int],
+    repeats: Mapping[str, int],
+    available: float,
+    unit: str,
+    knob: str = "max_steps",
+    per_epoch: int = 1,
+    scale_to_fit: bool = False,
+    least: Mapping[str, int] = None,
+    extra: int = 0,
+    origin: int = 0,
+) -> Dict[str, int]:
+    """The one short-run rule of every pruning strategy: scale the schedule into the trainer's
+    length, or refuse with one message that says which lengths would fit.
+
+    The schedule needs ``sum(repeats[k] * lengths[k]) + extra`` units (e.g. msf:
+    ``warmup + stages x (selector + retrain)``; greedy: ``warmup + (groups - 1) x retrain + 1``).
+    If that exceeds ``available``: with ``scale_to_fit`` every length is scaled by
+    ``available / needed`` (floor, at least ``least[k]``; ``warmup`` takes what is left, so it
+    may shrink most), else :class:`ScheduleTooLong` names ``knob`` with the value that holds the
+    schedule and the scaled lengths that fit the trainer as it is.
+
+    Args:
+        owner: the callback's name, for the message.
+        lengths: the schedule's lengths by argument name, in ``unit``; ``"warmup"`` is special
+            (it absorbs the rounding and may be 0).
+        repeats: how often each length occurs in the schedule.
+        available: the units the trainer runs (:func:`trainer_budget`).
+        knob: the Trainer argument that sets the length (``"max_steps"`` / ``"max_epochs"``).
+        per_epoch: optimizer steps per epoch (to convert a step count into ``max_epochs``).
+        scale_to_fit: scale instead of refusing.
+        least: the smallest value of each length (default 1, ``warmup`` 0).
+        extra: units needed beyond the lengths (greedy: one step to retrain after the last cut).
+        origin: where the schedule starts (a fit resumed from plain training).
+
+    Returns:
+        the lengths to use (``lengths`` itself if the schedule fits).
+
+    Raises:
+        ScheduleTooLong: the schedule does not fit (and ``scale_to_fit`` is off, or even the
+            shortest lengths do not fit).
+    """
+    least = {k: (0 if k == "warmup" else 1) for k in lengths} | dict(least or {})
+    needed = sum(repeats[k] * v for k, v in lengths.items()) + extra
+    if available >= needed:
+        return dict(lengths)
+    shortest = sum(repeats[k] * least[k] for k in lengths) + extra
+    formula = " + ".join(f"{repeats[k]} x {k}={v}" if repeats[k] != 1 else f"{k}={v}"
+                         for k, v in lengths.items() if repeats[k]) + (f" + {extra}" if extra else "")
+    if knob == "max_epochs" and unit == "steps":
+        wanted = f"{knob} >= {math.ceil((origin + needed) / per_epoch)} ({per_epoch} steps per epoch)"
+    else:
+        wanted = f"{knob} >= {origin + needed}"
+    head = f"{owner}'s schedule needs {needed} {unit} ({formula}) but the trainer runs {int(available)}"
+    if available < shortest:
+        raise ScheduleTooLong(f"{head}, and even the shortest schedule needs {shortest}: set {wanted}")
+    factor = available / needed
+    scaled = {k: max(least[k], int(v * factor)) for k, v in lengths.items() if k != "warmup"}
+    while sum(repeats[k] * v for k, v in scaled.items()) + extra > available:  # floors at `least` overshoot
+        k = max((k for k in scaled if scaled[k] > least[k]), key=lambda k: repeats[k] * scaled[k])
+        scaled[k] -= 1
+    if "warmup" in lengths:
+        spare = int(available) - extra - sum(repeats[k] * v for k, v in scaled.items())
+        scaled = {"warmup": max(least["warmup"], min(int(lengths["warmup"] * factor), spare)), **scaled}
+    if scale_to_fit:
+        return scaled
+    fits = ", ".join(f"{k}={v}" for k, v in scaled.items())
+    raise ScheduleTooLong(f"{head}: set {wanted}, or shorten the schedule to fit, e.g. {fits} "
+                          f"(scale_to_fit=True does this)")

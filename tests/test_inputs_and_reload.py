@@ -1,0 +1,129 @@
+"""The input size pruning sees (tracing, report) is the data's; networks that are not timm models
+reload from ``pruned.pt`` given either the LightningModule or its network; an exception inside
+``fit`` leaves the module gated and unpruned."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_bnnprune.callbacks.binarize import Binarize
+from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
+from lightning_bnnprune.pruning.gates import gates_of
+from lightning_bnnprune.pruning.record import load_pruned
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Lit(LightningModule):
+    """A user's module around any network (no example_input_array: the size comes from the data)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def small_cnn() -> nn.Module:  # not a timm model: the record names layers from the LightningModule
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )
+
+
+def _loader(size=32, n=16):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g)),
+                      batch_size=8)
+
+
+def _fit(tmp_path, module, pruning, steps=2, size=32, extra=()):
+    seed_everything(0)
+    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Binarize(), pruning, *extra])
+    trainer.fit(module, _loader(size))
+    return trainer
+
+
+def _macs(net: nn.Module, size) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy.deepcopy(net).eval()(torch.zeros(1, *size))
+    return counter.get_total_flops() // 2  # conv and linear: 2 FLOPs per multiply-accumulate
+
+
+def test_report_counts_macs_at_the_input_size_of_the_data(tmp_path):
+    net = timm.create_model("resnet18", num_classes=4)  # timm's pretrained_cfg says 3x224x224
+    expected = _macs(net, (3, 32, 32))
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    _fit(tmp_path, Lit(net), pruning)
+    assert pruning.record.input_size == [3, 32, 32]
+    assert pruning.summary["input_size"] == [3, 32, 32]
+    assert pruning.summary["macs_before"] == expected  # 35.6M at 32x32, not 1.8G at 224x224
+    assert "at 3x32x32 input" in pruning.report.headline()
+
+
+def test_a_network_without_binary_convolutions_is_a_one_line_error(tmp_path):
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    with pytest.raises(MisconfigurationException, match=r"^GreedyFilterPruning: the network has no binary convolution to prune"):
+        _fit(tmp_path, Lit(mlp), GreedyFilterPruning("l1", target_pfr=0.4))
+
+
+@pytest.mark.parametrize("given", ["module", "network"])
+def test_load_pruned_takes_the_module_or_its_network(tmp_path, given):
+    trained = Lit(small_cnn())
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    _fit(tmp_path, trained, pruning, size=16)
+    assert pruning.record.network_path == "" and pruning.record.input_size == [3, 16, 16]
+    fresh = Lit(small_cnn())
+    loaded = load_pruned(pruning.pruned_path, model=fresh if given == "module" else fresh.net)
+    assert loaded is (fresh if given == "module" else fresh.net)
+    x = torch.randn(2, 3, 16, 16)
+    trained.eval()
+    assert torch.allclose(fresh.net(x), trained.net(x), atol=1e-5)
+
+
+def test_load_pruned_says_which_module_it_needs(tmp_path):
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    _fit(tmp_path, Lit(small_cnn()), pruning, size=16)
+    with pytest.raises(ValueError, match=r"pruned.pt was written from a LightningModule \(layers named like 'net\.\d+'\).*"
+                                         r"pass model= the whole LightningModule or the network"):
+        load_pruned(pruning.pruned_path, model=nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_an_exception_inside_fit_leaves_the_module_gated_and_unpruned(tmp_path):
+    class Boom(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:  # after the pruning at step 1, before the end
+                raise RuntimeError("boom")
+
+    module = Lit(small_cnn())
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4, warmup=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, module, pruning, steps=6, extra=[Boom()])
+    assert pruning.record is None and pruning.pruned_path is None  # nothing removed, nothing written
+    assert len(gates_of(module.net)) == len(pruning.gates) > 0  # the gates stay attached, closed as chosen
+    assert module.net[3].out_channels == 16  # the filters are all still there
+    assert pruning.pfr() == pytest.approx(0.4, abs=0.05)
