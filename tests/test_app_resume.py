@@ -70,7 +70,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
         # mid-schedule: after the step-18 checkpoint (stage 2 of the pruning is under way), before the end
         while proc.poll() is None and time.monotonic() < deadline:
             steps = [_step_of(p.name) for p in checkpoints.glob("step_*.ckpt")] if checkpoints.is_dir() else []
-            if steps and max(steps) >= 18:
+            step_file = checkpoints / f"step_{max(steps):06d}.ckpt" if steps else None
+            last_file = checkpoints / "last.ckpt"
+            # the step checkpoint is written first, then last.ckpt: wait for that one too
+            if steps and max(steps) >= 18 and last_file.is_file() and \
+                    last_file.stat().st_mtime_ns >= step_file.stat().st_mtime_ns:
+                time.sleep(0.2)
                 proc.send_signal(sig)
                 break
             time.sleep(0.05)
