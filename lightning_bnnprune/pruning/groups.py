@@ -239,6 +239,19 @@ def _partition(size: int, units: Sequence[Tuple[str, int, Buckets]]) -> Tuple[Tu
     if not units:
         return (), ""
     labels = {c: tuple(tuple(sorted(b.get(c, ()))) for _, _, b in units) for c in range(size)}
+    members: Dict[Tuple, List[int]] = {}
+    for c in range(size):
+        members.setdefault(labels[c], []).append(c)
+    smallest = min(len(v) for v in members.values())
+    if any(len(v) % smallest for v in members.values()):
+        smallest = 0
+    for label, chans in list(members.items()):
+        # a cell that is a multiple of the smallest one is cut into chunks of that size (by position):
+        # Res2NeXt's last split part meets no grouped conv, the other parts meet eight conv groups
+        # each; the chunks add constraints, never remove one, so removal stays exact
+        if smallest and len(chans) > smallest:
+            for j, c in enumerate(chans):
+                labels[c] = label + ((j // smallest,),)
     cells: Dict[Tuple, int] = {}
     parts = tuple(cells.setdefault(labels[c], len(cells)) for c in range(size))
     counts = [parts.count(c) for c in range(len(cells))]
