@@ -342,6 +342,20 @@ def _cuts(model: nn.Module, flow: ChannelFlow, node, pairs, names: Dict[int, str
     return (f"{owner}: split into {len(sizes)} parts", len(sizes), buckets), ""
 
 
+def _splits_channels(node) -> bool:
+    """A reshape that splits the channel dimension into several (split attention's
+    ``x.reshape(B, radix, C // radix, H, W)``): Torch-Pruning maps it as a flatten, which it is not."""
+    fn = node.grad_fn
+    try:
+        before = [int(v) for v in fn._saved_self_sym_sizes]
+        after = [int(v) for v in fn._input_metadata[0].shape]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    if len(after) <= len(before) or len(before) < 2:
+        return False
+    return any(math.prod(after[1:k]) == before[1] for k in range(3, len(after) + 1))
+
+
 def _tie(pairs_by_member: Sequence[Dict[int, set]], size: int) -> Dict[int, int]:
     """Root channel -> group channel: roots that meet in one channel anywhere (paths summed,
     e.g. split attention's radix paths) must be kept or removed together, as one group channel."""
@@ -411,9 +425,9 @@ def find_channel_groups(
         walk = closure(graph, flow, root_module)
         if walk.fanned_out is not None:
             if isinstance(root_module, BinaryConv2d) and not _is_depthwise(root_module):
-                analysis.refused[names[id(root_module)]] = (
+                analysis.refused.setdefault(names[id(root_module)], (
                     f"{_first_named(walk.fanned_out, names)}: channel mapping fans out past {FAN_OUT} "
-                    "entries per channel (a reshape Torch-Pruning reads as a flatten)")
+                    "entries per channel (a reshape Torch-Pruning reads as a flatten)"))
             continue
         reached = walk.reached
         outs = {node.module for node, fn in reached if graph.is_out_channel_pruning_fn(fn)}
@@ -425,6 +439,10 @@ def find_channel_groups(
         reason = ""
         for (node, fn), pairs in reached.items():
             module = node.module
+            if node.type == tp.ops.OPTYPE.RESHAPE and _splits_channels(node):
+                reason = reason or (f"{_first_named(node, names)}: its channels are reshaped into several dimensions "
+                                    "(e.g. split attention's radix view), which Torch-Pruning maps as a flatten")
+                continue
             if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
                 cuts.append((node, pairs))
                 continue
@@ -466,7 +484,7 @@ def find_channel_groups(
                 if unit is not None:
                     split_units.append(unit)
         if reason:
-            analysis.refused[name] = reason
+            analysis.refused.setdefault(name, reason)  # the first walk that met the layer says why
             continue
         if excluded & set(binary_producers):
             analysis.refused[name] = "excluded by the user"
@@ -484,7 +502,7 @@ def find_channel_groups(
         size = 1 + max(classes.values())
         parts, why = _partition(size, units + split_units) if not reason else ((), reason)
         if why:
-            analysis.refused[name] = why
+            analysis.refused.setdefault(name, why)
             continue
         analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts))
     analysis.groups.sort(key=lambda g: order[g.name])
