@@ -430,7 +430,7 @@ def find_channel_groups(
                     "entries per channel (a reshape Torch-Pruning reads as a flatten)"))
             continue
         reached = walk.reached
-        outs = {node.module for node, fn in reached if graph.is_out_channel_pruning_fn(fn)}
+        outs = {node.module for (node, fn), pairs in reached.items() if pairs and graph.is_out_channel_pruning_fn(fn)}
         visited |= outs
         if any(m in outs for m in classifier):
             continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut

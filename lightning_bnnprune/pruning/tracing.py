@@ -248,6 +248,8 @@ def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module
             if not dep.is_triggered_by(fn):
                 continue
             mapped = flow.map(dep, pairs)
+            if not mapped and not {dep.source, dep.target} & flow.unmapped:
+                continue  # e.g. a concat's other inputs: none of these channels goes there
             seen = reached.setdefault((dep.target, dep.handler), set())
             fresh = mapped - seen
             if fresh:
