@@ -436,12 +436,13 @@ def find_channel_groups(
             continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut
         by_key: Dict[Tuple[str, str], Dict[int, set]] = {}
         cuts: List[Tuple[object, set]] = []
-        reason = ""
+        reason = reshaped = ""
         for (node, fn), pairs in reached.items():
             module = node.module
             if node.type == tp.ops.OPTYPE.RESHAPE and _splits_channels(node):
-                reason = reason or (f"{_first_named(node, names)}: its channels are reshaped into several dimensions "
-                                    "(e.g. split attention's radix view), which Torch-Pruning maps as a flatten")
+                # named after a layer's own reason if the walk meets one (ECA's Conv1d across channels)
+                reshaped = reshaped or (f"{_first_named(node, names)}: its channels are reshaped into several "
+                                        "dimensions (e.g. split attention's radix view), which Torch-Pruning maps as a flatten")
                 continue
             if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
                 cuts.append((node, pairs))
@@ -473,6 +474,7 @@ def find_channel_groups(
         if not binary_producers:
             continue  # nothing binary to prune here (e.g. full-precision stems and heads)
         name = binary_producers[0]
+        reason = reason or reshaped
         split_units: List[Tuple[str, int, Buckets]] = []
         classes: Dict[int, int] = {}
         if not reason:
