@@ -430,7 +430,8 @@ def find_channel_groups(
                     "entries per channel (a reshape Torch-Pruning reads as a flatten)"))
             continue
         reached = walk.reached
-        outs = {node.module for (node, fn), pairs in reached.items() if pairs and graph.is_out_channel_pruning_fn(fn)}
+        outs = {node.module for (node, fn), pairs in reached.items()
+                if pairs and graph.is_out_channel_pruning_fn(fn)}
         visited |= outs
         if any(m in outs for m in classifier):
             continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut
@@ -448,7 +449,8 @@ def find_channel_groups(
                 cuts.append((node, pairs))
                 continue
             if node in flow.unmapped:
-                reason = reason or f"{_first_named(node, names)}: channel mapping not traceable (a concat or split autograd does not size)"
+                reason = reason or (f"{_first_named(node, names)}: channel mapping not traceable "
+                                    "(a concat or split autograd does not size)")
                 continue
             if id(module) not in names and not isinstance(module, nn.Parameter):
                 continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, concats
@@ -460,9 +462,11 @@ def find_channel_groups(
             if not pairs:
                 continue
             if max(i for i, _ in pairs) >= channel_count(module, IN if role == IN else OUT):
-                reason = reason or f"{label}: channel indices past its channels (a reshape or op Torch-Pruning maps wrongly)"
+                reason = reason or (f"{label}: channel indices past its channels "
+                                    "(a reshape or op Torch-Pruning maps wrongly)")
                 continue
-            by_idx = by_key.setdefault((label, role), {})  # the same module reached twice: a depthwise conv's in and out
+            # the same module reached twice (a depthwise conv's in and out): one member
+            by_idx = by_key.setdefault((label, role), {})
             for i, r in pairs:
                 by_idx.setdefault(i, set()).add(r)
         binary_producers = sorted(
@@ -492,7 +496,7 @@ def find_channel_groups(
             analysis.refused[name] = "excluded by the user"
             continue
         members = [Member(label, role, tuple(sorted(by_idx)), tuple(classes[min(by_idx[i])] for i in sorted(by_idx)))
-                   for (label, role), by_idx in by_key.items()]
+                   for (label, role), by_idx in by_key.items()]  # every root of a channel is in one class
         ordered = sorted(members, key=lambda m: (order.get(m.module, 0), m.role))
         units: List[Tuple[str, int, Buckets]] = []
         for member in ordered:
