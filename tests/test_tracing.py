@@ -145,3 +145,16 @@ def test_a_slice_whose_block_has_no_rule_is_refused_by_name():
     assert rule_for(binary_net("dpn48b").get_submodule("features.conv2_2")) is not None
     analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
     assert any(why.endswith("sliced at channel positions fixed in the model's code") for why in analysis.refused.values())
+
+
+def test_mixed_kernel_splits_follow_their_convs(tmp_path):
+    from timm.layers.mixed_conv2d import MixedConv2d
+    net = binary_net("mixnet_s")
+    before = {n: list(m.splits) for n, m in net.named_modules() if isinstance(m, MixedConv2d) and len(m.splits) > 1}
+    analysis, share, loaded = prune_40(net, tmp_path)
+    assert share > 0.9  # was 0.09 while every mixed-kernel split was refused
+    cut = [n for n in before if sum(net.get_submodule(n).splits) < sum(before[n])]
+    assert cut
+    for n in cut:
+        mixed = net.get_submodule(n)
+        assert mixed.splits == [c.in_channels for c in mixed.values()] == loaded.get_submodule(n).splits

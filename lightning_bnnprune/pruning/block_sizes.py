@@ -3,7 +3,7 @@
 Some blocks cut their features at a position written in the block, not read from the tensor:
 ``x.split(self.expand_chs // 2)`` (CSPNet's cross stage), ``torch.split(out, self.width)``
 (Res2Net), ``x[:, :self.num_1x1_c]`` (DPN's dual path), ``x[:, 0:self.in_channels] + shortcut``
-(ReXNet's channel-padded residual). After filters are removed those numbers must follow the layers'
+(ReXNet's channel-padded residual), ``torch.split(x, self.splits)`` (MixNet's mixed kernels). After filters are removed those numbers must follow the layers'
 new widths, or the block cuts in the wrong place. Each rule here derives a block's numbers from its
 layers' shapes, so the same rule serves the removal and the replay of a record on a freshly built
 model (:func:`sync_block_sizes`), and nothing extra is stored.
@@ -14,13 +14,13 @@ refused by name (its cut position cannot follow).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
 __all__ = ["SIZE_RULES", "rule_for", "owner_of", "sync_block_sizes"]
 
-Rule = Callable[[nn.Module], Optional[Dict[str, int]]]
+Rule = Callable[[nn.Module], Optional[Dict[str, Any]]]
 
 
 def _cross_stage(block: nn.Module) -> Optional[Dict[str, int]]:
@@ -47,9 +47,17 @@ def _rexnet(block: nn.Module) -> Optional[Dict[str, int]]:
     return {"in_channels": first.conv.in_channels, "out_channels": block.conv_pwl.conv.out_channels}
 
 
+def _mixed_conv(block: nn.Module) -> Optional[Dict[str, Any]]:
+    # forward: torch.split(x, self.splits, 1), one conv per part (MixNet's mixed kernel sizes)
+    convs = list(block.values())
+    return {"splits": [c.in_channels for c in convs], "in_channels": sum(c.in_channels for c in convs),
+            "out_channels": sum(c.out_channels for c in convs)}
+
+
 def _rules() -> Dict[type, Rule]:
     rules: Dict[type, Rule] = {}
     try:
+        from timm.layers.mixed_conv2d import MixedConv2d
         from timm.models import cspnet, dpn, res2net, rexnet
     except ImportError:  # pragma: no cover  (timm without these models: nothing to follow)
         return rules
@@ -58,6 +66,7 @@ def _rules() -> Dict[type, Rule]:
     rules[res2net.Bottle2neck] = _res2net
     rules[dpn.DualPathBlock] = _dual_path
     rules[rexnet.LinearBottleneck] = _rexnet
+    rules[MixedConv2d] = _mixed_conv
     return rules
 
 

@@ -284,8 +284,9 @@ def _grouped_unit(model: nn.Module, member: Member) -> Tuple[Optional[Tuple[str,
     return (where, conv.groups, buckets), ""
 
 
-def _first_named(node, names: Dict[int, str]) -> str:
-    """The name of the nearest module upstream of a traced op (the layer whose output it cuts)."""
+def _first_named(node, names: Dict[int, str], downstream: bool = False) -> str:
+    """The name of the nearest module upstream of a traced op (the layer whose output it cuts), or
+    downstream (a layer that reads it)."""
     queue, seen = [node], set()
     while queue:
         n = queue.pop(0)
@@ -294,7 +295,7 @@ def _first_named(node, names: Dict[int, str]) -> str:
         seen.add(id(n))
         if id(n.module) in names:
             return names[id(n.module)]
-        queue.extend(n.inputs)
+        queue.extend(n.outputs if downstream else n.inputs)
     return ""
 
 
@@ -327,7 +328,8 @@ def _cuts(model: nn.Module, flow: ChannelFlow, node, pairs, names: Dict[int, str
     layout = flow.split_layout(node)
     if layout is None or layout[0] != CHANNEL_DIM:
         return None, ""
-    owner = owner_of(model, source)
+    # the block that splits is around the layer before (CSP, Res2Net) or around the parts' layers (MixNet)
+    owner = owner_of(model, source) or owner_of(model, _first_named(node, names, downstream=True))
     if owner is None:
         return None, f"{source}: its output is split into fixed sizes (torch.split / chunk)"
     sizes = layout[1]
