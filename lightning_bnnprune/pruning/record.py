@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import quantizers
 from ..binarize import REPLACED_RELU_ATTR, binary_layers, replace_relus
 from ..layers import BinaryConv2d
+from .block_sizes import sync_block_sizes
 
 __all__ = [
     "PruningRecord", "slice_channels", "replay", "shape_manifest", "rebuild",
@@ -123,6 +124,11 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _is_blur_pool(m: nn.Module) -> bool:
+    # timm's BlurPool2d (resnetblur, resnetaa): a per-channel buffer ``filt`` and a ``channels`` count
+    return type(m).__name__ == "BlurPool2d" and isinstance(getattr(m, "filt", None), Tensor) and m.channels is not None
+
+
 def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
     old = getattr(module, name, None)
     if old is None:
@@ -164,6 +170,8 @@ def channel_count(module: nn.Module, dim: str) -> int:
         return module.out_features if dim == OUT else module.in_features
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features
+    if _is_blur_pool(module):
+        return module.filt.shape[0]
     raise TypeError(f"cannot count channels of {type(module).__name__}")
 
 
@@ -173,7 +181,8 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
     Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
     both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
     of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
-    included): weight, bias, running mean and variance.
+    included): weight, bias, running mean and variance; timm's ``BlurPool2d``: its per-channel
+    filter buffer.
 
     Raises:
         ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
@@ -215,6 +224,9 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             _set_param(module, name, 0, idx)
         module.num_features = n
+    elif _is_blur_pool(module):  # timm's anti-aliasing: the same fixed filter for every channel
+        _set_param(module, "filt", 0, idx)
+        module.channels = n
     else:  # groups.py never makes such a member prunable; a hand-written record might
         raise TypeError(f"cannot slice channels of {type(module).__name__}")
 
@@ -253,6 +265,7 @@ def replay(model: nn.Module, record: PruningRecord) -> nn.Module:
     _mismatch(model, record.shapes_before, "before the removal")
     for name, dim, kept in record.removed:
         slice_channels(model.get_submodule(name), dim, kept)
+    sync_block_sizes(model)  # split / slice positions kept in block attributes follow the new widths
     _mismatch(model, record.shapes, "after replaying it")
     return model
 

@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .block_sizes import sync_block_sizes
 from .gates import attach_gates, detach_gates, gates_of
 from .groups import IN, OUT, GroupAnalysis
 from .record import PruningRecord, binarize_spec, channel_count, shape_manifest, slice_channels, timm_spec
@@ -208,6 +209,7 @@ def remove_filters(
             kept = [i for i in range(channel_count(module, dim)) if i not in dropped]
             slice_channels(module, dim, kept)
             removed.append((name, dim, kept))
+        sync_block_sizes(model)  # split / slice positions kept in block attributes follow the new widths
         with torch.no_grad():
             pruned = _logits(model(example_inputs))
         diff = float((pruned - reference).abs().max()) if pruned.shape == reference.shape else float("inf")
