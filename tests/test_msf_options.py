@@ -16,14 +16,6 @@ from lightning_bnnprune.pruning.gates import gates_of
 from test_msf import Classifier, gate_logits, loader, main_params, trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CosineClassifier(Classifier):
     """The user's own schedule: SGD with a cosine to 0 over ``total`` steps, stepped per batch."""
 

@@ -4,8 +4,7 @@ import os
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -22,6 +21,8 @@ from lightning_bnnprune.pruning.record import (
 )
 from lightning_bnnprune.pruning.surgery import remove_filters, resolve_keep
 
+from conftest import UserModule, randomise_norms
+
 FAMILIES = [
     "test_resnet", "test_efficientnet", "test_byobnet", "test_nfnet", "resnet18", "resnet50",
     "vgg11", "mobilenetv3_small_100", "efficientnet_b0", "regnetx_002", "densenet121",
@@ -32,28 +33,12 @@ FAMILIES = [
 TIMM_KWARGS = {"vgg11": {"mlp_ratio": 0.0625}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a busy 2-core box two intra-op threads per op spin against other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def binary_net(name: str, seed: int = 0) -> nn.Module:
     """A binarised timm model in eval mode with random BN statistics (so a wrong cut shows)."""
     torch.manual_seed(seed)
     net = timm.create_model(name, num_classes=10, **TIMM_KWARGS.get(name, {}))
     binarize_model(net)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
-    return net.eval()
+    return randomise_norms(net).eval()
 
 
 def close_random(net, analysis, seed=0, low=0.3, high=0.5):
@@ -214,22 +199,6 @@ def test_reload_into_a_model_that_does_not_match_is_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- in a real Trainer
-class Classifier(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = timm.create_model("test_resnet", num_classes=10)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
 class RandomClosing(FilterPruning):
     """The smallest strategy: close a fixed seeded random share of every group once the gates exist
     (in ``setup``, before DDP wraps the module: the gates never train, so DDP must not wait for
@@ -266,7 +235,7 @@ def _fit(tmp_path, module):
 
 def test_fit_end_removes_in_place_writes_pruned_checkpoint_report_and_restores(tmp_path):
     seed_everything(0)
-    module = Classifier()
+    module = UserModule()
     params_fp = num_params(module)
     trainer, pruning, checkpoint = _fit(tmp_path, module)
 
@@ -294,7 +263,7 @@ def test_fit_end_removes_in_place_writes_pruned_checkpoint_report_and_restores(t
     ckpt = torch.load(final, weights_only=True)
     assert ckpt[CHECKPOINT_KEY]["groups"] == record.groups
     assert "optimizer_states" not in ckpt  # the fit's optimizer state belongs to the uncut tensors
-    fresh = restore_pruned(Classifier(), final).eval()
+    fresh = restore_pruned(UserModule(), final).eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
     bare = restore_pruned(timm.create_model("test_resnet", num_classes=10), final).eval()
@@ -304,10 +273,10 @@ def test_fit_end_removes_in_place_writes_pruned_checkpoint_report_and_restores(t
     # The checkpoints ModelCheckpoint wrote during fit are the gated network: not restorable as pruned.
     during = checkpoint.best_model_path or checkpoint.last_model_path
     with pytest.raises(ValueError, match="holds no pruning record: it was saved before the filters were removed"):
-        restore_pruned(Classifier(), during)
+        restore_pruned(UserModule(), during)
 
     # A second run into the same folder never overwrites: it gets -v1 names.
-    _, second, _ = _fit(tmp_path, Classifier())
+    _, second, _ = _fit(tmp_path, UserModule())
     assert second.pruned_path == os.path.join(tmp_path / "ckpt", "pruned-v1.pt")
     assert second.report_paths["csv"].endswith("pruning_report-v1.csv")
     with torch.no_grad():
@@ -316,7 +285,7 @@ def test_fit_end_removes_in_place_writes_pruned_checkpoint_report_and_restores(t
 
 def test_remove_at_end_false_leaves_the_gated_network(tmp_path):
     seed_everything(0)
-    module = Classifier()
+    module = UserModule()
     pruning = RandomClosing(target_pfr=0.4, input_size=(3, 32, 32), remove_at_end=False)
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
@@ -353,7 +322,7 @@ def test_ddp_spawn_every_rank_cuts_the_same_network_and_rank_zero_writes(tmp_pat
     # A spawn launcher hands rank zero's state dict back to the main process's (uncut) module, so
     # the workers cut a copy and the pruned model is the file; the main process must not fail.
     seed_everything(0)
-    module = Classifier()
+    module = UserModule()
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
         max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
