@@ -248,7 +248,7 @@ def _export(cfg: DictConfig, run: Run) -> Optional[str]:
     beside ``pruned.pt`` (else in the run folder), never overwriting (``-v1``... suffixes)."""
     if cfg.get("export") != "lce" or not run.trainer.is_global_zero:
         return None
-    from .binarize import find_networks
+    from .introspect import find_networks
     from .callbacks.base import FilterPruning
     from .pruning.export_lce import export_lce
 

@@ -30,7 +30,8 @@ from lightning_bnnprune.config import (
 )
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.data import ImageDataModule
-from lightning_bnnprune.pruning.groups import example_input_for, find_channel_groups
+from lightning_bnnprune.introspect import example_batch
+from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.train import build, one_line_error
 
 GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer")
@@ -209,7 +210,7 @@ def test_paper_recipes_give_every_strategy_the_same_budget(compose_train, model,
     msf = runs["msf"].prune
     net = runs["msf"].model.net
     binarize_model(net)
-    groups = len(find_channel_groups(net, example_input_for(net)).groups)
+    groups = len(find_channel_groups(net, example_batch(net)).groups)
     needed = msf.warmup + math.ceil(groups / msf.layers_per_stage) * (msf.selector + msf.retrain)
     max_epochs, max_steps = lengths["msf"]
     available = max_steps if msf.unit == "steps" else max_epochs

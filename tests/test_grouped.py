@@ -11,7 +11,7 @@ from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPrun
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.pruning.budget import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
-from lightning_bnnprune.pruning.record import slice_channels
+from lightning_bnnprune.pruning.slicing import slice_channels
 from lightning_bnnprune.pruning.surgery import remove_filters
 
 from conftest import UserModule

@@ -21,14 +21,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..binarize import binary_layers, find_networks
+from ..binarize import binary_layers
+from ..introspect import example_batch, find_networks, input_size_of
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
-from ..pruning.groups import GroupAnalysis, coverage, example_input_for, find_channel_groups
-from ..pruning.inputs import input_size_of
+from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
-from ..pruning.surgery import default_inputs, remove_filters, resolve_keep
+from ..pruning.surgery import check_batch, remove_filters, resolve_keep
 from .binarize import Binarize
 
 __all__ = ["FilterPruning"]
@@ -50,7 +50,7 @@ class FilterPruning(Callback):
         input_size: ``(C, H, W)`` of one input, for tracing, the removal check and the report's
             MACs; default: ``pl_module.example_input_array``, else the first training batch's
             shape, else the network's timm ``pretrained_cfg["input_size"]``
-            (:func:`~lightning_bnnprune.pruning.inputs.input_size_of`).
+            (:func:`~lightning_bnnprune.introspect.input_size_of`).
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
         remove_at_end: remove the pruned filters physically at the end of ``fit``: the
@@ -134,7 +134,7 @@ class FilterPruning(Callback):
         return pl_module.get_submodule(self.network_path) if self.network_path else pl_module
 
     def _example_inputs(self, pl_module: "pl.LightningModule", net: nn.Module) -> torch.Tensor:
-        return example_input_for(net, self._input_shape(pl_module, net))
+        return example_batch(net, self._input_shape(pl_module, net))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -328,7 +328,7 @@ class FilterPruning(Callback):
         # the seeded check batch is the same on every rank too.
         self.record = remove_filters(
             net, self.analysis, masks=keep,
-            example_inputs=default_inputs(net, self._input_shape(pl_module, net)),
+            example_inputs=check_batch(net, self._input_shape(pl_module, net)),
             min_filters=self.min_filters, network_path=self.network_path,
         )
         self._pruned_in_place = not spawned

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from ..layers import BinaryConv2d
 from ..pruning.criteria import binary_producers
-from ..pruning.groups import OUT
+from ..pruning.slicing import OUT
 from .base import FilterPruning
 
 __all__ = ["ZeroFilterPruning"]

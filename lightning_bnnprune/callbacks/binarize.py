@@ -11,7 +11,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from .. import quantizers
-from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers, find_networks
+from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers
+from ..introspect import find_networks
 from ..layers import BinaryConv2d
 from ..quantizers import BinaryDomainWeight
 

@@ -27,7 +27,7 @@ from ..pruning.budget import (
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.distill import distillation_loss
 from ..pruning.gates import GATE_ATTR
-from ..pruning.groups import OUT
+from ..pruning.slicing import OUT
 from ..pruning.schedule import (
     DONE, FINAL, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase, ScheduleTooLong, fit_lengths, trainer_budget,
 )

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
-from .groups import OUT, ChannelGroup
+from .groups import ChannelGroup
+from .slicing import OUT
 
 __all__ = [
     "Criterion",

@@ -40,15 +40,15 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from ..binarize import classifier_names
+from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
-from .record import channel_count
+from .slicing import IN, OUT, channel_count, is_depthwise, is_grouped
 
 __all__ = [
-    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for",
+    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
 ]
 
-OUT, NORM, IN = "out", "norm", "in"
+NORM = "norm"  # a member role beside slicing.OUT / slicing.IN: a norm, cut along its only dimension
 
 
 @dataclass(frozen=True)
@@ -170,28 +170,11 @@ class GroupAnalysis:
         return sum(g.size for g in self.groups)
 
 
-def example_input_for(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """A one-sample input: ``input_size`` if given, else the model's timm ``pretrained_cfg``."""
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
-    device = next(model.parameters()).device
-    return torch.randn(1, *input_size, device=device)
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
-
-
 def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]:
     """``(role, "")`` for a member we can remove channels from exactly, else ``(None, reason)``."""
     is_out = handler_name.endswith("out_channels")
     if isinstance(module, nn.Conv2d):
-        if _is_depthwise(module):
+        if is_depthwise(module):
             return OUT, ""
         if is_out:
             return OUT, ""
@@ -219,7 +202,7 @@ def _partition(model: nn.Module, members: Sequence[Member], size: int) -> Tuple[
     channels from this group, one per group channel.
     """
     labels: Dict[int, Tuple[int, ...]] = {r: () for r in range(size)}
-    grouped = [m for m in members if m.role in (OUT, IN) and _is_grouped(model.get_submodule(m.module))]
+    grouped = [m for m in members if m.role in (OUT, IN) and is_grouped(model.get_submodule(m.module))]
     for k, member in enumerate(grouped):
         conv = model.get_submodule(member.module)
         channels = conv.out_channels if member.role == OUT else conv.in_channels
@@ -262,10 +245,11 @@ def find_channel_groups(
 
     Args:
         model: the (binarised) network, in any mode; it is traced once in eval mode.
-        example_inputs: one input batch; default from :func:`example_input_for`.
+        example_inputs: one input batch; default :func:`~lightning_bnnprune.introspect.example_batch`
+            (one sample at the model's published input size).
         exclude: names of binary convs whose groups must stay whole.
     """
-    example_inputs = example_input_for(model) if example_inputs is None else example_inputs
+    example_inputs = example_batch(model) if example_inputs is None else example_inputs
     names = {id(m): n for n, m in model.named_modules()}
     classifier = [model.get_submodule(n) for n in classifier_names(model)]
     was_training = model.training
@@ -323,7 +307,7 @@ def find_channel_groups(
         binary_producers = sorted(
             (m.module for m in members.values()
              if m.role == OUT and isinstance(model.get_submodule(m.module), BinaryConv2d)
-             and not _is_depthwise(model.get_submodule(m.module))),
+             and not is_depthwise(model.get_submodule(m.module))),
             key=order.get,
         )
         if not binary_producers:

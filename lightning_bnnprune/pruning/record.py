@@ -26,17 +26,18 @@ from torch import Tensor, nn
 
 from .. import quantizers
 from ..binarize import REPLACED_RELU_ATTR, binary_layers, replace_relus
+from ..introspect import first_conv_name
 from ..layers import BinaryConv2d
+from .gates import is_gate_key
+from .slicing import slice_channels
 
 __all__ = [
-    "PruningRecord", "slice_channels", "replay", "shape_manifest", "rebuild",
+    "PruningRecord", "replay", "shape_manifest", "rebuild",
     "save_pruned", "load_pruned", "restore_pruned", "CHECKPOINT_KEY", "FORMAT",
 ]
 
-OUT, IN = "out", "in"
 FORMAT = "lightning_bnnprune.pruned/1"
 CHECKPOINT_KEY = "bnnprune_record"  # where the pruning callbacks put the record in a Lightning checkpoint
-_GATE_KEY = ".filter_gate."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -118,110 +119,9 @@ class PruningRecord:
         return cls.from_dict(json.loads(text))
 
 
-# ---------------------------------------------------------------- slicing
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
-    old = getattr(module, name, None)
-    if old is None:
-        return
-    new = old.detach().index_select(dim, idx.to(old.device)).clone()
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, new)  # a registered buffer stays registered
-
-
-def _check_balanced(conv: nn.Conv2d, dim: str, idx: Tensor, size: int) -> None:
-    """A grouped conv stays a grouped conv only if each of its conv groups keeps as many channels."""
-    per_group = torch.bincount(idx // (size // conv.groups), minlength=conv.groups)
-    if len(set(per_group.tolist())) != 1:
-        raise ValueError(
-            f"a grouped conv (groups={conv.groups}) must keep the same number of {dim}put channels in every "
-            f"conv group; these keep {per_group.tolist()}"
-        )
-
-
-def _cut_grouped_inputs(conv: nn.Conv2d, idx: Tensor, size: int) -> None:
-    """Keep input channels ``idx`` of a grouped conv: each conv group's filters keep the inputs of
-    their own group that survive (a gather, since groups may keep different positions)."""
-    g, width = conv.groups, size // conv.groups
-    local = (idx % width).view(g, -1)  # idx is sorted and balanced: row j is conv group j's kept inputs
-    w = conv.weight.detach()
-    w = w.view(g, w.shape[0] // g, width, *w.shape[2:])
-    index = local.to(w.device).view(g, 1, -1, *([1] * (w.dim() - 3))).expand(-1, w.shape[1], -1, *w.shape[3:])
-    new = w.gather(2, index).reshape(-1, local.shape[1], *w.shape[3:]).clone()
-    conv.weight = nn.Parameter(new, requires_grad=conv.weight.requires_grad)
-
-
-def channel_count(module: nn.Module, dim: str) -> int:
-    """How many channels ``module`` has along ``dim``."""
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels if dim == OUT or _is_depthwise(module) else module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features if dim == OUT else module.in_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    raise TypeError(f"cannot count channels of {type(module).__name__}")
-
-
-def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
-    """Keep only channels ``keep`` of ``module`` along ``dim`` (``"out"`` or ``"in"``), in place.
-
-    Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
-    both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
-    of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
-    included): weight, bias, running mean and variance.
-
-    Raises:
-        ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
-            unequally; TypeError: on another module type.
-    """
-    if dim not in (OUT, IN):
-        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
-    size = channel_count(module, dim)
-    keep = sorted(set(int(i) for i in keep))
-    if not keep or keep[0] < 0 or keep[-1] >= size:
-        raise ValueError(f"kept channels {keep[:3]}...{keep[-3:]} out of range for {size} channels")
-    idx = torch.tensor(keep, dtype=torch.long)
-    n = len(keep)
-    if isinstance(module, nn.Conv2d):
-        depthwise = _is_depthwise(module)
-        if module.groups > 1 and not depthwise:
-            _check_balanced(module, dim, idx, size)
-        if dim == OUT or depthwise:
-            _set_param(module, "weight", 0, idx)
-            _set_param(module, "bias", 0, idx)
-            module.out_channels = n
-            if depthwise:
-                module.in_channels = module.groups = n
-        elif module.groups > 1:
-            _cut_grouped_inputs(module, idx, size)
-            module.in_channels = n
-        else:
-            _set_param(module, "weight", 1, idx)
-            module.in_channels = n
-    elif isinstance(module, nn.Linear):
-        if dim == OUT:
-            _set_param(module, "weight", 0, idx)
-            _set_param(module, "bias", 0, idx)
-            module.out_features = n
-        else:
-            _set_param(module, "weight", 1, idx)
-            module.in_features = n
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _set_param(module, name, 0, idx)
-        module.num_features = n
-    else:  # groups.py never makes such a member prunable; a hand-written record might
-        raise TypeError(f"cannot slice channels of {type(module).__name__}")
-
-
 def shape_manifest(model: nn.Module) -> Dict[str, List[int]]:
     """``{state_dict key: shape}`` of ``model``, without filter gates (they are not the network)."""
-    return {k: list(v.shape) for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
+    return {k: list(v.shape) for k, v in model.state_dict().items() if not is_gate_key(k)}
 
 
 def _diff(model: nn.Module, expected: Mapping[str, Sequence[int]]) -> List[str]:
@@ -317,14 +217,9 @@ def timm_spec(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
     kwargs: Dict[str, Any] = {}
     if isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
-    first = cfg.get("first_conv")
-    for candidate in [first] if isinstance(first, str) else list(first or []):
-        try:
-            conv = next(m for m in model.get_submodule(candidate).modules() if isinstance(m, nn.Conv2d))
-        except (AttributeError, StopIteration):
-            continue
-        kwargs["in_chans"] = conv.in_channels
-        break
+    first = first_conv_name(model)
+    if first is not None:
+        kwargs["in_chans"] = model.get_submodule(first).in_channels
     return name, kwargs
 
 
@@ -393,7 +288,7 @@ def save_pruned(model: nn.Module, record: PruningRecord, path: PathLike) -> str:
         the path written.
     """
     path = os.fspath(path)
-    state = {k: v for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
+    state = {k: v for k, v in model.state_dict().items() if not is_gate_key(k)}
     _mismatch_state(state, record)
     torch.save({"format": FORMAT, "record": record.to_dict(), "state_dict": state}, path)
     return path
@@ -536,7 +431,7 @@ def restore_pruned(
             "pruned checkpoint written at the end of fit"
         )
     record = PruningRecord.from_dict(ckpt[CHECKPOINT_KEY])
-    state = {k: v for k, v in ckpt["state_dict"].items() if _GATE_KEY not in f".{k}"}
+    state = {k: v for k, v in ckpt["state_dict"].items() if not is_gate_key(k)}
     prefix = f"{record.network_path}." if record.network_path else ""
     try:
         net = module.get_submodule(record.network_path) if record.network_path else module

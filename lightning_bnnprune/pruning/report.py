@@ -31,7 +31,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..introspect import DEFAULT_INPUT_SIZE
 from ..layers import BinaryConv2d
+from .gates import is_gate_key
 from .record import PruningRecord
 
 __all__ = ["CompressionReport", "compression_report", "storage_plan", "StoredTensor"]
@@ -74,7 +76,7 @@ def storage_plan(model: nn.Module) -> List[StoredTensor]:
     binary = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
     plan: List[StoredTensor] = []
     for key, value in model.state_dict().items():
-        if ".filter_gate." in f".{key}" or not value.is_floating_point():
+        if is_gate_key(key) or not value.is_floating_point():
             continue
         layer = _layer_of(key, set(binary))
         if layer in binary and key == f"{layer}.weight":
@@ -240,7 +242,7 @@ def compression_report(model: nn.Module, record: PruningRecord) -> CompressionRe
     binary = {n for n, m in modules.items() if isinstance(m, BinaryConv2d)}
     params = {k for k, _ in model.named_parameters()}
     state = model.state_dict()
-    input_size = list(record.input_size or (3, 224, 224))  # a record without one predates the field
+    input_size = list(record.input_size or DEFAULT_INPUT_SIZE)  # a record without one predates the field
     positions = _positions(model, input_size)
 
     layers: Dict[str, Dict[str, Any]] = {}
