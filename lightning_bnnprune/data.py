@@ -21,7 +21,7 @@ Example::
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
+
+from .registry import Registry
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -350,42 +352,25 @@ class _TensorDataModule(ImageDataModule):
         self.data_test = TensorImageDataset(x_test, y_test, eval_tf)
 
 
-_DM = TypeVar("_DM", bound=type[ImageDataModule])
-_DATAMODULES: dict[str, type[ImageDataModule]] = {}
-
-
-def register_datamodule(name: str) -> Callable[[_DM], _DM]:
-    """Class decorator: make a datamodule resolvable as ``create_datamodule(name)``.
-
-    Raises:
-        ValueError: If ``name`` is already registered.
-    """
-
-    def wrap(cls: _DM) -> _DM:
-        if name in _DATAMODULES:
-            raise ValueError(
-                f"datamodule {name!r} is already registered as {_DATAMODULES[name].__name__}"
-            )
-        _DATAMODULES[name] = cls
-        return cls
-
-    return wrap
+_DATAMODULES: Registry = Registry("datamodule", "datamodules", unknown="Unknown datamodule {name}; choose one of {choice_list}")
+#: Class decorator: make a datamodule resolvable as ``create_datamodule(name)`` (a name taken by
+#: another class is a ``ValueError``).
+register_datamodule = _DATAMODULES.register
 
 
 def list_datamodules() -> list[str]:
     """Registered datamodule names, sorted."""
-    return sorted(_DATAMODULES)
+    return list(_DATAMODULES.available())
 
 
 def create_datamodule(name: str, **kwargs: Any) -> ImageDataModule:
-    """Build the datamodule registered as ``name`` with ``kwargs``.
+    """Build the datamodule registered as ``name`` with ``kwargs`` (the Python-side twin of the
+    app's ``data=<name>``).
 
     Raises:
         ValueError: If ``name`` is not registered.
     """
-    if name not in _DATAMODULES:
-        raise ValueError(f"Unknown datamodule {name!r}; choose one of {list_datamodules()}")
-    return _DATAMODULES[name](**kwargs)
+    return _DATAMODULES.create(name, **kwargs)
 
 
 @register_datamodule("digits")

@@ -6,7 +6,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
-from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning, global_counts
+from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
+from lightning_bnnprune.pruning.budget import global_counts
 from lightning_bnnprune.layers import BinaryConv2d
 
 from conftest import UserModule
