@@ -37,7 +37,7 @@ class StepLog(Callback):
         self.rows: List[tuple] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.rows.append((trainer.global_step, self.msf._phase.name, optimizer.param_groups[0]["lr"]))
+        self.rows.append((trainer.global_step, self.msf.phase.name, optimizer.param_groups[0]["lr"]))
 
 
 def test_final_retrain_restarts_the_learning_rate(tmp_path):

@@ -27,6 +27,7 @@ from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
+from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
 from ..pruning.surgery import check_batch, remove_filters, resolve_keep
 from .binarize import Binarize
 from .checks import check, check_pfr, is_int, is_number
@@ -204,6 +205,26 @@ class FilterPruning(Callback):
         (they still sit in the user's optimizer, which skips parameters without a gradient)."""
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)
+
+    def fit_schedule(self, trainer: "pl.Trainer", unit: str, lengths: Dict[str, int], repeats: Dict[str, int], *,
+                     scale_to_fit: bool, origin: int = 0, extra: int = 0) -> Dict[str, int]:
+        """The schedule rule every strategy shares (call it in ``on_fit_start`` or later): the
+        lengths that fit the trainer's ``max_steps`` / ``max_epochs`` from ``origin`` on, scaled
+        when ``scale_to_fit``, else a one-line error naming what would fit
+        (:func:`~lightning_bnnprune.pruning.schedule.fit_lengths`).
+
+        Raises:
+            MisconfigurationException: the schedule does not fit (see above).
+        """
+        available, knob, per_epoch = trainer_budget(trainer, unit, origin)
+        try:
+            fitted = fit_lengths(type(self).__name__, lengths, repeats, available, unit, knob=knob,
+                                 per_epoch=per_epoch, scale_to_fit=scale_to_fit, extra=extra, origin=origin)
+        except ScheduleTooLong as err:
+            raise MisconfigurationException(str(err)) from None
+        if fitted != lengths:
+            rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {unit}: {fitted}")
+        return fitted
 
     def final_masks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[Dict[str, Tensor]]:
         """Override point, called at fit end before the removal (also with ``remove_at_end=False``):

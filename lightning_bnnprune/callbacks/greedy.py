@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
-from ..pruning.schedule import UNITS, ScheduleTooLong, fit_lengths, trainer_budget
+from ..pruning.schedule import UNITS
 from .base import FilterPruning
 from .checks import check, is_int
 
@@ -215,18 +215,10 @@ class GreedyFilterPruning(FilterPruning):
         super().on_fit_start(trainer, pl_module)
         if not self.stages:
             return
-        available, knob, per_epoch = trainer_budget(trainer, self.unit)
         lengths = {"warmup": self.warmup} | ({"retrain": self.retrain} if self.mode == "layerwise" else {})
-        try:  # the rule every strategy shares (pruning.schedule.fit_lengths)
-            fitted = fit_lengths(
-                type(self).__name__, lengths, {"warmup": 1, "retrain": len(self.stages) - 1}, available,
-                self.unit, knob=knob, per_epoch=per_epoch, scale_to_fit=self.scale_to_fit, extra=1,
-            )
-        except ScheduleTooLong as err:
-            raise MisconfigurationException(str(err)) from None
-        if fitted != lengths:
-            self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
-            rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}: {fitted}")
+        fitted = self.fit_schedule(trainer, self.unit, lengths, {"warmup": 1, "retrain": len(self.stages) - 1},
+                                   scale_to_fit=self.scale_to_fit, extra=1)
+        self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
             f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "

@@ -2,7 +2,7 @@
 layer's gates to its share.
 
 **Allocation.** The user asks for one global PFR (pruned filters / prunable filters, sec. 5 of
-METHOD.md). :func:`allocate` turns it into a number of filters to prune per group: the pruned
+``docs/method.md``). :func:`allocate` turns it into a number of filters to prune per group: the pruned
 ratio of group ``l`` is ``r_l = min(c * w_l, cap_l)``, with ``c`` found by water-filling so that
 the counts add up to the global target, ``cap_l = 1 - min_filters / n_l`` (never prune a layer to
 zero) and the weight ``w_l``:
@@ -24,7 +24,7 @@ target; it must end within :data:`ROUND_TOLERANCE` of it.
 
 **Budget term.** Xu et al. (CVPR 2019) add ``lambda_s * ||m_l||_0`` to the selector loss; the L0 norm of the
 mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
-``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
+``lambda_s`` would need tuning per architecture. *Choice* (``docs/method.md``, section 2.3): a hinge on the
 share of open gates, the form of the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD
 2023),
 

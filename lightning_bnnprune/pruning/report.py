@@ -1,6 +1,6 @@
 """The compression report of a removal: filters, parameters, MACs and stored bits, per layer and in total.
 
-Figures (``../shared/METHOD.md`` sec. 5):
+Figures (``docs/method.md``, section 6):
 
 - **PFR** = pruned group channels / prunable group channels.
 - **MAC ratio** = MACs of the original / MACs of the pruned network (a reduction factor, like

@@ -14,7 +14,7 @@ analysis' name-keyed records, for three reasons:
 - the same slicing replays the :class:`~.record.PruningRecord` on a freshly built model without
   tracing it, which is how pruned models reload.
 
-Exactness (``../shared/METHOD.md`` sec. 4): in eval mode the pruned network's logits equal the
+Exactness (``docs/method.md``, section 5): in eval mode the pruned network's logits equal the
 gated network's; :func:`remove_filters` measures it on every call and raises if it fails.
 """
 from __future__ import annotations
