@@ -28,17 +28,19 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lightning_bnnprune.config import ConfigError, conf_dir, recipe_names, register_recipes
+from lightning_bnnprune.config import RECIPE_GROUP, ConfigError, conf_dir, register_recipes
 
 # torch, timm and Lightning load only when a run starts (in `build`): printing a config
 # (`--cfg job`) or reporting a configuration mistake answers in about a second.
@@ -46,25 +48,50 @@ if TYPE_CHECKING:
     from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.loggers import Logger
 
-__all__ = ["Run", "build", "train", "main", "one_line_error"]
+__all__ = ["BuildError", "Run", "build", "config_mistake", "train", "main", "one_line_error"]
 
 CONFIG_NAME = "train"
 GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer", "recipe")
 
 
 # ---------------------------------------------------------------------------------------- build
-def _instantiate_dict(cfg: Optional[DictConfig]) -> List[Any]:
+class BuildError(InstantiationException):
+    """An object of the config could not be built; ``key`` names it in the config (``prune``,
+    ``callbacks.model_checkpoint``), the cause is the error its constructor raised."""
+
+    def __init__(self, key: str, cause: BaseException) -> None:
+        super().__init__(f"{key}: {type(cause).__name__}: {cause}")
+        self.key = key
+
+
+@contextmanager
+def _building(key: str) -> Iterator[None]:
+    """Name the config key of whatever fails to build inside (missing values name themselves)."""
+    try:
+        yield
+    except (OmegaConfBaseException, ConfigError):
+        raise
+    except Exception as err:  # noqa: BLE001  (a constructor's own error, or Hydra's wrapper of it)
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
+        raise BuildError(key, cause) from cause
+
+
+def _instantiate_dict(group: str, cfg: Optional[DictConfig]) -> List[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, logger)."""
-    if not cfg:
-        return []
-    return [instantiate(node, _convert_="all") for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    built = []
+    for name, node in (cfg or {}).items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            with _building(f"{group}.{name}"):
+                built.append(instantiate(node, _convert_="all"))
+    return built
 
 
-def _instantiate_one(cfg: Optional[DictConfig]) -> Optional[Any]:
+def _instantiate_one(group: str, cfg: Optional[DictConfig]) -> Optional[Any]:
     """Instantiate a one-object group (binarize, prune); an empty option (``none``) gives None."""
     if not cfg or "_target_" not in cfg:
         return None
-    return instantiate(cfg, _convert_="all")
+    with _building(group):
+        return instantiate(cfg, _convert_="all")
 
 
 def _pruning_summary(callbacks: Sequence[Callback]) -> Optional[Dict[str, Any]]:
@@ -114,14 +141,16 @@ def build(cfg: DictConfig) -> Run:
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
+    with _building("data"):
+        datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
     num_classes = cfg.model.get("num_classes") or datamodule.num_classes
-    model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
-    binarize = _instantiate_one(cfg.get("binarize"))
-    prune = _instantiate_one(cfg.get("prune"))
-    loggers: List[Logger] = _instantiate_dict(cfg.get("logger"))
+    with _building("model"):
+        model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    binarize = _instantiate_one("binarize", cfg.get("binarize"))
+    prune = _instantiate_one("prune", cfg.get("prune"))
+    loggers: List[Logger] = _instantiate_dict("logger", cfg.get("logger"))
     callbacks: List[Callback] = [cb for cb in (binarize, prune) if cb is not None]
-    for callback in _instantiate_dict(cfg.get("callbacks")):
+    for callback in _instantiate_dict("callbacks", cfg.get("callbacks")):
         # Lightning refuses these combinations; `trainer.enable_*=false` or `logger=none` win.
         if isinstance(callback, LearningRateMonitor) and not loggers:
             continue
@@ -130,7 +159,8 @@ def build(cfg: DictConfig) -> Run:
         if isinstance(callback, ModelCheckpoint) and not cfg.trainer.get("enable_checkpointing", True):
             continue
         callbacks.append(callback)
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    with _building("trainer"):
+        trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     return Run(datamodule, model, binarize, prune, callbacks, loggers, trainer)
 
 
@@ -380,11 +410,15 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
 
 
 def _options(group: str) -> List[str]:
-    """Choices of a config group (the recipe names for ``recipe``)."""
-    if group == "recipe":
-        return recipe_names()
+    """Choices of a config group: the files of ``conf/<group>/`` and what the ConfigStore holds
+    under ``group`` (the recipes)."""
     folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
+    try:
+        stored = {Path(name).stem for name in ConfigStore.instance().list(group)}
+    except (OSError, KeyError, ValueError):  # no such group in the store
+        stored = set()
+    return sorted(files | stored)
 
 
 def _cli_overrides() -> List[str]:
@@ -402,79 +436,114 @@ def _cli_overrides() -> List[str]:
     return out
 
 
-def _keys_of(parent: str, overrides: Sequence[str], bad_key: str) -> List[str]:
-    """Keys of ``parent`` (``""``: the top level) in the config the other overrides compose."""
+def _compose(overrides: Sequence[str]) -> Optional[DictConfig]:
+    """``conf/train.yaml`` composed with ``overrides``, or None if that fails too."""
     from hydra import compose, initialize_config_dir
 
-    kept = [o for o in overrides if not re.match(rf"^[+~]*{re.escape(bad_key)}=", o)]
     GlobalHydra.instance().clear()
-    for attempt in (kept, []):
-        try:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = compose(CONFIG_NAME, overrides=list(attempt))
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            return sorted(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else []
-        except Exception:  # noqa: BLE001  (a sweep or the same mistake: fall back to the defaults)
-            GlobalHydra.instance().clear()
-    return []
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(CONFIG_NAME, overrides=list(overrides))
+    except Exception:  # noqa: BLE001  (the caller falls back to fewer overrides)
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _values(override: Any) -> List[Optional[str]]:
+    """The value(s) an override sets: one, or each of a sweep's."""
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    return [None if override.value() is None else override.get_value_element_as_str()]
+
+
+def config_mistake(overrides: Sequence[str]) -> Optional[str]:
+    """The first command-line override that the config cannot take, as a one-line message (None
+    when every one fits, or when they do not parse: Hydra's own parse error says it then).
+
+    Found from the structure, not from Hydra's wording: a group override (``model=nope``, also
+    in a sweep ``binarize=xnor,nope``) against the group's choices (:func:`_options`), a key
+    override (``trainer.max_epoch=3``) against the config the valid overrides compose.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except Exception:  # noqa: BLE001
+        return None
+    groups = {o.key_or_group for o in parsed if _options(o.key_or_group)}
+    for o in parsed:
+        if o.key_or_group not in groups or o.is_delete():
+            continue
+        choices = _options(o.key_or_group)
+        for value in _values(o):
+            if value is not None and value not in choices:
+                kind = "recipe" if o.key_or_group == RECIPE_GROUP else f"{o.key_or_group} option"
+                return f"unknown {kind} '{value}'; choose one of: {', '.join(choices)}"
+    keys = [o for o in parsed if o.key_or_group not in groups and not (o.is_add() or o.is_force_add())
+            and o.key_or_group.split(".")[0].split("/")[0] != "hydra"]  # Hydra's own config is not composed here
+    if not keys:
+        return None
+    grouped = [o.input_line for o in parsed if o.key_or_group in groups or o.is_add() or o.is_force_add()]
+    cfg = _compose(grouped) or _compose([])
+    for o in keys:
+        if cfg is None or OmegaConf.select(cfg, o.key_or_group, default=_MISSING) is not _MISSING:
+            continue
+        parent, _, _ = o.key_or_group.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        names = sorted(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else []
+        where = f"keys of {parent}" if parent else "top-level keys"
+        listed = f"{where}: {', '.join(names)}" if names else f"{parent or 'the config'} has no keys here"
+        config_groups = [g for g in GROUPS if g not in names] if not parent else []
+        listed += f"; config groups: {', '.join(config_groups)}" if config_groups else ""
+        hint = f"; to add a new key use +{o.input_line}" if not o.is_delete() else ""
+        return f"unknown key '{o.key_or_group}'; {listed}{hint}"
+    return None
+
+
+_MISSING = object()
+
+#: How the app spells the lengths and trainer arguments that a strategy's schedule message names.
+_APP_KEYS = {"max_steps": "trainer.max_steps", "max_epochs": "trainer.max_epochs", "warmup": "schedule.warmup",
+             "selector": "schedule.selector", "retrain": "schedule.retrain"}
 
 
 def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None) -> Optional[str]:
     """The one-line message for a configuration mistake, or None for anything else.
 
-    ``overrides`` (the command line's ``key=value`` arguments) let an unknown key's message list
-    the keys of the config those overrides compose; without them the default config's.
+    ``overrides`` (the command line's ``key=value`` arguments) are checked against the config
+    groups and the composed config (:func:`config_mistake`) when Hydra could not compose them;
+    an unknown key's message lists the keys of the config the other overrides compose.
 
     Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
     the keys that exist there), override syntax, missing mandatory values, errors raised while
-    building the configured objects, a run folder that already holds results, and Lightning's
-    ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
+    building the configured objects (``build`` names the config key), a run folder that already
+    holds results, a strategy's schedule that the trainer cannot hold (in the app's keys), and
+    Lightning's ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
     """
-    text = str(err)
-    found = re.search(r"Could not find '([^']*)'", text)
-    if isinstance(err, CompactHydraException) and found:
-        wanted = found.group(1)
-        group, _, name = wanted.rpartition("/")
-        group = group.strip("/")
-        if group:
-            choices = _options(group) or re.findall(r"^\t(\S+)$", text, flags=re.MULTILINE)
-            kind = "recipe" if group == "recipe" else f"{group} option"
-            return f"unknown {kind} '{name}'; choose one of: {', '.join(choices) or '(none)'}"
-        return f"unknown config '{name}'"
-    overridden = re.search(r"Could not (?:override|append to|delete from config)[^']*'([^']+)'", text)
-    if isinstance(err, CompactHydraException) and overridden:
-        key = overridden.group(1)
-        value_match = re.search(r"use \+(\S+)", text)
-        parent, _, leaf = key.rpartition(".")
-        if "not in struct" in text or "Key" in text and "not found" in text or "Could not override" in text:
-            keys = _keys_of(parent, overrides or (), key)
-            where = f"keys of {parent}" if parent else "top-level keys"
-            groups = [g for g in GROUPS if g not in keys] if not parent else []
-            hint = f"; to add a new key use +{value_match.group(1)}" if value_match else ""
-            listed = f"{where}: {', '.join(keys)}" if keys else f"{parent or 'the config'} has no keys here"
-            listed += f"; config groups: {', '.join(groups)}" if groups else ""
-            return f"unknown key '{key}'; {listed}{hint}"
-    if isinstance(err, InstantiationException):
+    if isinstance(err, BuildError):
         cause = err.__cause__
-        full_key = re.search(r"full_key: (\S+)", text)
-        where = f"{full_key.group(1)}: " if full_key else ""
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else text.splitlines()[0]
-        return _squash(f"{where}{detail}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
-    if isinstance(err, OmegaConfBaseException):
-        first = text.splitlines()[0] if text else type(err).__name__
-        if "Missing mandatory value" in first:
-            key = first.split(":", 1)[-1].strip()
-            return f"{first}; set it on the command line: {key}=..."
-        return _squash(first)
+        if isinstance(cause, OmegaConfBaseException):
+            return one_line_error(cause, overrides)
+        return _squash(f"{err.key}: {type(cause).__name__}: {cause}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
     if isinstance(err, CompactHydraException):
-        return _squash(text.split("Config search path")[0])
-    if _is_misconfiguration(err) and "'s schedule needs" in text:
-        # the pruning schedule's short-run rule, in the app's keys: trainer.max_*, schedule.*
-        text = re.sub(r"(?<![.\w])(max_steps|max_epochs)(?= >=)", r"trainer.\1", text)
-        return _squash(re.sub(r"(?<![.\w])(warmup|selector|retrain)=", r"schedule.\1=", text))
+        mistake = config_mistake(overrides or ())
+        return mistake if mistake is not None else _squash(_first_paragraph(str(err)))
+    if isinstance(err, OmegaConfBaseException):
+        if isinstance(err, MissingMandatoryValue) and err.full_key:
+            return f"Missing mandatory value: {err.full_key}; set it on the command line: {err.full_key}=..."
+        return _squash(_first_paragraph(str(err)) or type(err).__name__)
+    schedule = getattr(err, "schedule", None)
+    if _is_misconfiguration(err) and callable(getattr(schedule, "message", None)):
+        return _squash(schedule.message(lambda key: _APP_KEYS.get(key, key)))
     if _is_misconfiguration(err) or isinstance(err, FileNotFoundError):
         return _squash(f"{type(err).__name__}: {err}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
     return None
+
+
+def _first_paragraph(text: str) -> str:
+    """A message up to its first blank line (the rest of Hydra's reports is the search path)."""
+    return text.strip().split("\n\n")[0]
 
 
 def _is_misconfiguration(err: BaseException) -> bool:

@@ -252,6 +252,15 @@ def test_mistakes_become_one_line_errors_with_choices(compose_train, override, e
     assert re.search(message, line), line
 
 
+def test_mistakes_are_found_from_the_config_structure_not_from_hydras_words(compose_train):
+    reworded = ConfigCompositionException("a message a future Hydra words differently\n\nConfig search path: ...")
+    assert one_line_error(reworded, ["model=nope"]).startswith("unknown model option 'nope'; choose one of: nin_cifar")
+    assert one_line_error(reworded, ["-m", "binarize=xnor,nope"]).startswith("unknown binarize option 'nope'")
+    assert one_line_error(reworded, ["seed=1", "trainer.max_epoch=3"]).startswith(
+        "unknown key 'trainer.max_epoch'; keys of trainer: ")
+    assert one_line_error(reworded, ["+foo=1", "hydra.run.dir=x"]) == "a message a future Hydra words differently"
+
+
 def test_missing_timm_name_is_one_line(compose_train):
     cfg = compose_train(["model=timm"])
     with pytest.raises(MissingMandatoryValue) as info:

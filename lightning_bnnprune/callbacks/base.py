@@ -30,7 +30,7 @@ from ..pruning.report import CompressionReport, compression_report
 from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
 from ..pruning.surgery import check_batch, remove_filters, resolve_keep
 from .binarize import Binarize
-from .checks import check, check_pfr, is_int, is_number
+from .checks import ScheduleMisconfiguration, check, check_pfr, is_int, is_number
 from .wrapping import Captured, StepWrapper, student_output
 
 __all__ = ["FilterPruning"]
@@ -221,7 +221,7 @@ class FilterPruning(Callback):
             fitted = fit_lengths(type(self).__name__, lengths, repeats, available, unit, knob=knob,
                                  per_epoch=per_epoch, scale_to_fit=scale_to_fit, extra=extra, origin=origin)
         except ScheduleTooLong as err:
-            raise MisconfigurationException(str(err)) from None
+            raise ScheduleMisconfiguration(err) from None
         if fitted != lengths:
             rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {unit}: {fitted}")
         return fitted

@@ -18,7 +18,16 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["check", "check_pfr", "is_int", "is_number"]
+__all__ = ["ScheduleMisconfiguration", "check", "check_pfr", "is_int", "is_number"]
+
+
+class ScheduleMisconfiguration(MisconfigurationException):
+    """A strategy's schedule that the trainer cannot hold; ``schedule`` keeps the figures
+    (:class:`~lightning_bnnprune.pruning.schedule.ScheduleTooLong`) for an app to restate."""
+
+    def __init__(self, schedule: Exception) -> None:
+        super().__init__(str(schedule))
+        self.schedule = schedule
 
 
 def check(ok: bool, message: str) -> None:
