@@ -28,19 +28,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
 
-from lightning_bnnprune.config import RECIPE_GROUP, ConfigError, conf_dir, register_recipes
+from lightning_bnnprune.config import CONFIG_NAME, GROUPS, ConfigError, conf_dir, register_recipes
+from lightning_bnnprune.errors import building, cli_overrides, one_line_error, squash
 
 # torch, timm and Lightning load only when a run starts (in `build`): printing a config
 # (`--cfg job`) or reporting a configuration mistake answers in about a second.
@@ -48,40 +44,18 @@ if TYPE_CHECKING:
     from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.loggers import Logger
 
-__all__ = ["BuildError", "Run", "build", "config_mistake", "train", "main", "one_line_error"]
+# How a configuration mistake becomes one line: lightning_bnnprune.errors.
+__all__ = ["Run", "build", "train", "main"]
 
-CONFIG_NAME = "train"
-GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer", "recipe")
 
 
 # ---------------------------------------------------------------------------------------- build
-class BuildError(InstantiationException):
-    """An object of the config could not be built; ``key`` names it in the config (``prune``,
-    ``callbacks.model_checkpoint``), the cause is the error its constructor raised."""
-
-    def __init__(self, key: str, cause: BaseException) -> None:
-        super().__init__(f"{key}: {type(cause).__name__}: {cause}")
-        self.key = key
-
-
-@contextmanager
-def _building(key: str) -> Iterator[None]:
-    """Name the config key of whatever fails to build inside (missing values name themselves)."""
-    try:
-        yield
-    except (OmegaConfBaseException, ConfigError):
-        raise
-    except Exception as err:  # noqa: BLE001  (a constructor's own error, or Hydra's wrapper of it)
-        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
-        raise BuildError(key, cause) from cause
-
-
 def _instantiate_dict(group: str, cfg: Optional[DictConfig]) -> List[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, logger)."""
     built = []
     for name, node in (cfg or {}).items():
         if isinstance(node, DictConfig) and "_target_" in node:
-            with _building(f"{group}.{name}"):
+            with building(f"{group}.{name}"):
                 built.append(instantiate(node, _convert_="all"))
     return built
 
@@ -90,7 +64,7 @@ def _instantiate_one(group: str, cfg: Optional[DictConfig]) -> Optional[Any]:
     """Instantiate a one-object group (binarize, prune); an empty option (``none``) gives None."""
     if not cfg or "_target_" not in cfg:
         return None
-    with _building(group):
+    with building(group):
         return instantiate(cfg, _convert_="all")
 
 
@@ -141,10 +115,10 @@ def build(cfg: DictConfig) -> Run:
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    with _building("data"):
+    with building("data"):
         datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
     num_classes = cfg.model.get("num_classes") or datamodule.num_classes
-    with _building("model"):
+    with building("model"):
         model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
     binarize = _instantiate_one("binarize", cfg.get("binarize"))
     prune = _instantiate_one("prune", cfg.get("prune"))
@@ -159,7 +133,7 @@ def build(cfg: DictConfig) -> Run:
         if isinstance(callback, ModelCheckpoint) and not cfg.trainer.get("enable_checkpointing", True):
             continue
         callbacks.append(callback)
-    with _building("trainer"):
+    with building("trainer"):
         trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     return Run(datamodule, model, binarize, prune, callbacks, loggers, trainer)
 
@@ -213,7 +187,7 @@ def _interrupted(cfg: DictConfig, run: Run, stop: SystemExit) -> None:
     sigterm = type(stop).__name__ == "SIGTERMException"
     output_dir = Path(str(cfg.paths.output_dir))
     last = output_dir / "checkpoints" / "last.ckpt"
-    kept = [o for o in _cli_overrides() if not re.match(r"^(hydra\.run\.dir|ckpt_path)=", o)]
+    kept = [o for o in cli_overrides() if not re.match(r"^(hydra\.run\.dir|ckpt_path)=", o)]
     resume = (f"resume with: bnnprune {' '.join(kept + [f'hydra.run.dir={output_dir}', f'ckpt_path={last}'])}"
               if last.is_file() else "no checkpoint was written yet")
     sys.stderr.write(f"bnnprune: interrupted by {'SIGTERM' if sigterm else 'SIGINT'} at step "
@@ -347,7 +321,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         summary = train(cfg)
     except Exception as err:  # noqa: BLE001
-        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        message = None if _FULL_ERROR else one_line_error(err, cli_overrides())
         if _in_sweep():
             # One failed job is a row of the sweep summary (lightning_bnnprune.sweep), not the end
             # of the sweep: its summary.json says why, its log keeps the traceback.
@@ -368,7 +342,7 @@ def _in_sweep() -> bool:
 
 def _job_failed(cfg: DictConfig, err: BaseException, message: Optional[str]) -> None:
     """Record a failed sweep job: ``summary.json`` with ``status: failed`` and the one-line error."""
-    line = message or _squash(f"{type(err).__name__}: {err}").split("; ")[0]
+    line = message or squash(f"{type(err).__name__}: {err}").split("; ")[0]
     logging.getLogger(__name__).error("job failed: %s", line, exc_info=err)
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -409,153 +383,6 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
-def _options(group: str) -> List[str]:
-    """Choices of a config group: the files of ``conf/<group>/`` and what the ConfigStore holds
-    under ``group`` (the recipes)."""
-    folder = conf_dir() / group
-    files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
-    try:
-        stored = {Path(name).stem for name in ConfigStore.instance().list(group)}
-    except (OSError, KeyError, ValueError):  # no such group in the store
-        stored = set()
-    return sorted(files | stored)
-
-
-def _cli_overrides() -> List[str]:
-    """The ``key=value`` arguments of the command line (Hydra's flags left out)."""
-    takes_value = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
-                   "--package", "-p", "--info", "-i", "--experimental-rerun"}
-    out, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg in takes_value:
-            skip = arg not in ("--info", "-i")
-        elif not arg.startswith("-"):
-            out.append(arg)
-    return out
-
-
-def _compose(overrides: Sequence[str]) -> Optional[DictConfig]:
-    """``conf/train.yaml`` composed with ``overrides``, or None if that fails too."""
-    from hydra import compose, initialize_config_dir
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(CONFIG_NAME, overrides=list(overrides))
-    except Exception:  # noqa: BLE001  (the caller falls back to fewer overrides)
-        return None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _values(override: Any) -> List[Optional[str]]:
-    """The value(s) an override sets: one, or each of a sweep's."""
-    if override.is_sweep_override():
-        return list(override.sweep_string_iterator())
-    return [None if override.value() is None else override.get_value_element_as_str()]
-
-
-def config_mistake(overrides: Sequence[str]) -> Optional[str]:
-    """The first command-line override that the config cannot take, as a one-line message (None
-    when every one fits, or when they do not parse: Hydra's own parse error says it then).
-
-    Found from the structure, not from Hydra's wording: a group override (``model=nope``, also
-    in a sweep ``binarize=xnor,nope``) against the group's choices (:func:`_options`), a key
-    override (``trainer.max_epoch=3``) against the config the valid overrides compose.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
-    except Exception:  # noqa: BLE001
-        return None
-    groups = {o.key_or_group for o in parsed if _options(o.key_or_group)}
-    for o in parsed:
-        if o.key_or_group not in groups or o.is_delete():
-            continue
-        choices = _options(o.key_or_group)
-        for value in _values(o):
-            if value is not None and value not in choices:
-                kind = "recipe" if o.key_or_group == RECIPE_GROUP else f"{o.key_or_group} option"
-                return f"unknown {kind} '{value}'; choose one of: {', '.join(choices)}"
-    keys = [o for o in parsed if o.key_or_group not in groups and not (o.is_add() or o.is_force_add())
-            and o.key_or_group.split(".")[0].split("/")[0] != "hydra"]  # Hydra's own config is not composed here
-    if not keys:
-        return None
-    grouped = [o.input_line for o in parsed if o.key_or_group in groups or o.is_add() or o.is_force_add()]
-    cfg = _compose(grouped) or _compose([])
-    for o in keys:
-        if cfg is None or OmegaConf.select(cfg, o.key_or_group, default=_MISSING) is not _MISSING:
-            continue
-        parent, _, _ = o.key_or_group.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        names = sorted(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else []
-        where = f"keys of {parent}" if parent else "top-level keys"
-        listed = f"{where}: {', '.join(names)}" if names else f"{parent or 'the config'} has no keys here"
-        config_groups = [g for g in GROUPS if g not in names] if not parent else []
-        listed += f"; config groups: {', '.join(config_groups)}" if config_groups else ""
-        hint = f"; to add a new key use +{o.input_line}" if not o.is_delete() else ""
-        return f"unknown key '{o.key_or_group}'; {listed}{hint}"
-    return None
-
-
-_MISSING = object()
-
-#: How the app spells the lengths and trainer arguments that a strategy's schedule message names.
-_APP_KEYS = {"max_steps": "trainer.max_steps", "max_epochs": "trainer.max_epochs", "warmup": "schedule.warmup",
-             "selector": "schedule.selector", "retrain": "schedule.retrain"}
-
-
-def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The one-line message for a configuration mistake, or None for anything else.
-
-    ``overrides`` (the command line's ``key=value`` arguments) are checked against the config
-    groups and the composed config (:func:`config_mistake`) when Hydra could not compose them;
-    an unknown key's message lists the keys of the config the other overrides compose.
-
-    Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
-    the keys that exist there), override syntax, missing mandatory values, errors raised while
-    building the configured objects (``build`` names the config key), a run folder that already
-    holds results, a strategy's schedule that the trainer cannot hold (in the app's keys), and
-    Lightning's ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
-    """
-    if isinstance(err, BuildError):
-        cause = err.__cause__
-        if isinstance(cause, OmegaConfBaseException):
-            return one_line_error(cause, overrides)
-        return _squash(f"{err.key}: {type(cause).__name__}: {cause}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
-    if isinstance(err, CompactHydraException):
-        mistake = config_mistake(overrides or ())
-        return mistake if mistake is not None else _squash(_first_paragraph(str(err)))
-    if isinstance(err, OmegaConfBaseException):
-        if isinstance(err, MissingMandatoryValue) and err.full_key:
-            return f"Missing mandatory value: {err.full_key}; set it on the command line: {err.full_key}=..."
-        return _squash(_first_paragraph(str(err)) or type(err).__name__)
-    schedule = getattr(err, "schedule", None)
-    if _is_misconfiguration(err) and callable(getattr(schedule, "message", None)):
-        return _squash(schedule.message(lambda key: _APP_KEYS.get(key, key)))
-    if _is_misconfiguration(err) or isinstance(err, FileNotFoundError):
-        return _squash(f"{type(err).__name__}: {err}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
-    return None
-
-
-def _first_paragraph(text: str) -> str:
-    """A message up to its first blank line (the rest of Hydra's reports is the search path)."""
-    return text.strip().split("\n\n")[0]
-
-
-def _is_misconfiguration(err: BaseException) -> bool:
-    """Lightning's ``MisconfigurationException`` (by name: Lightning may not be imported yet)."""
-    return any(c.__name__ == "MisconfigurationException" for c in type(err).__mro__)
-
-
-def _squash(text: str) -> str:
-    """Join the lines of a message into one."""
-    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
 def main() -> None:
     """Console entry point ``bnnprune``: Hydra's app with one-line configuration errors."""
     global _FULL_ERROR
@@ -576,7 +403,7 @@ def main() -> None:
         sys.stderr.write(f"bnnprune: error: {err.message}\n")
         sys.exit(2)
     except Exception as err:  # noqa: BLE001
-        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        message = None if _FULL_ERROR else one_line_error(err, cli_overrides())
         if message is None:
             raise
         _remove_unused_sweep_dir()

@@ -32,7 +32,8 @@ from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.data import ImageDataModule
 from lightning_bnnprune.introspect import example_batch
 from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.train import build, one_line_error
+from lightning_bnnprune.errors import one_line_error
+from lightning_bnnprune.train import build
 
 GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((conf_dir() / group).glob("*.yaml"))]
