@@ -58,13 +58,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnnprune import Binarize, GreedyFilterPruning, ImageClassifier, NpzDataModule, ZeroFilterPruning
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
+from lightning_bnnprune import (
+    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule,
+    ZeroFilterPruning, binarize_model, compression_report, find_channel_groups, remove_filters,
+)
 from lightning_bnnprune.introspect import example_batch
-from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.pruning.report import compression_report
-from lightning_bnnprune.pruning.surgery import remove_filters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRUNING = ("msf", "greedy_l1", "stq", "random")  # strategies run at each target PFR

@@ -44,11 +44,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnnprune import Binarize, GreedyFilterPruning, ImageClassifier, NpzDataModule
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
+from lightning_bnnprune import (
+    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule,
+    binarize_model, find_channel_groups,
+)
 from lightning_bnnprune.introspect import example_batch
-from lightning_bnnprune.pruning.groups import find_channel_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}

@@ -45,11 +45,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bnnprune  # noqa: F401  registers the CIFAR networks
-from lightning_bnnprune import Binarize
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
-from lightning_bnnprune.module import ImageClassifier
-from lightning_bnnprune.pruning.groups import find_channel_groups
+from lightning_bnnprune import (
+    Binarize, ImageClassifier, MainSubsidiaryPruning, binarize_model, find_channel_groups,
+)
 
 
 class Baton:

@@ -34,6 +34,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from .registry import Registry
+from .stats import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -53,11 +54,8 @@ __all__ = [
     "create_datamodule",
 ]
 
-# Per-channel statistics of the CIFAR-10 training set (std over all pixels, not the per-image std
-# that some repositories copy around): the models' pretrained_cfg mean/std. The datamodules
-# compute theirs from the training split unless given.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# CIFAR10_MEAN / CIFAR10_STD: see lightning_bnnprune.stats. The datamodules compute their own
+# statistics from the training split unless given.
 
 Split = int | float
 
