@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
 
-import lightning_bnnprune  # noqa: F401,E402  registers the CIFAR networks
 from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, find_channel_groups, remove_filters,
 )

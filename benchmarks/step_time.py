@@ -32,7 +32,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -44,10 +43,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_bnnprune  # noqa: F401  registers the CIFAR networks
-from lightning_bnnprune import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
+
+from lightning_bnnprune import (  # noqa: E402
     Binarize, ImageClassifier, MainSubsidiaryPruning, binarize_model, find_channel_groups,
 )
+from _report import git_commit  # noqa: E402
 
 
 class Baton:
@@ -102,19 +103,6 @@ class StopTimer(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.start.baton.finish(self.start.run)
-
-
-def _git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_bnnprune", "benchmarks/step_time.py"],
-            cwd=root, capture_output=True, text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _fit(args, callbacks, steps: int, errors: List[BaseException]) -> None:
@@ -220,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"## MainSubsidiaryPruning step time: {args.model}, batch {args.batch_size} at {args.size}x{args.size} (CPU)",
         "",
         f"- command: `{command}`",
-        f"- git commit: {_git_commit()}",
+        f"- git commit: {git_commit(('lightning_bnnprune', 'benchmarks/step_time.py'))}",
         f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}, load average at start {load:.1f} (other processes share the machine)",
         f"- torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}, "

@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks
 
-import lightning_bnnprune  # noqa: F401,E402  registers the CIFAR networks
 from lightning_bnnprune import BinaryConv2d, binarize_model  # noqa: E402
 from _report import git_commit, write_markdown  # noqa: E402
 

@@ -91,10 +91,6 @@ class PruningRecord:
         """Pruned filter ratio: pruned group channels / prunable group channels."""
         return self.num_pruned / max(self.num_filters, 1)
 
-    def manifest_text(self) -> str:
-        """The shapes after removal in timm's ``_prune`` style, one ``key:[shape]`` per line."""
-        return "\n".join(f"{k}:{list(v)}" for k, v in self.shapes.items())
-
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
