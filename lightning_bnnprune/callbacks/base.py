@@ -24,6 +24,7 @@ from ..binarize import binary_layers
 from ..introspect import example_batch, find_networks, input_size_of
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
+from ..pruning.budget import allocate, macs_per_channel
 from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
@@ -49,10 +50,11 @@ class FilterPruning(Callback):
     ``super()`` in the Lightning hooks):
 
     - :meth:`configure_gates`: once, when the groups and gates exist, before the optimizer is
-      built: plan the counts (:func:`~lightning_bnnprune.pruning.budget.allocate`), freeze gates
-      that a rule sets (:meth:`freeze_gates`);
+      built: plan the counts (:meth:`plan_counts`), freeze gates that a rule sets
+      (:meth:`freeze_gates`);
     - Lightning's training hooks (``on_train_batch_start``, ``on_train_epoch_start``...): close
-      gates when the strategy decides, ``self.gates[name].set_mask(keep)``;
+      gates when the strategy decides, ``self.gates[name].set_mask(keep)``; a schedule with
+      lengths fits the trainer through :meth:`fit_schedule`;
     - :meth:`final_masks`: at fit end, before the removal, the keep masks still to set;
     - :meth:`distilling`: whether ``distill`` applies to this step;
     - ``state_dict`` / ``load_state_dict``: what the strategy needs to resume (extend ``super()``'s).
@@ -205,6 +207,31 @@ class FilterPruning(Callback):
         (they still sit in the user's optimizer, which skips parameters without a gradient)."""
         for gate in self.gates.values():
             gate.logits.requires_grad_(False)
+
+    def plan_counts(self, pl_module: "pl.LightningModule", names: Sequence[str], allocation: str = "uniform",
+                    total_filters: Optional[int] = None,
+                    scores: Optional[Dict[str, Tensor]] = None) -> Dict[str, int]:
+        """Filters to close in each of the groups ``names`` so that ``target_pfr`` is met: the
+        allocation every strategy shares (:func:`~lightning_bnnprune.pruning.budget.allocate`),
+        with ``min_filters``, ``round_to`` and grouped convs' cells; ``"macs"`` is measured at this
+        fit's input size, ``"global"`` ranks ``scores``. The PFR's denominator is ``total_filters``
+        (default: the filters of ``names``).
+
+        Raises:
+            MisconfigurationException: a target the floors cannot reach (the message gives the
+                largest reachable PFR).
+        """
+        groups = {name: self.analysis[name] for name in names}
+        macs = None
+        if allocation == "macs":
+            net = self.network_of(pl_module)
+            macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
+        try:
+            return allocate({n: g.size for n, g in groups.items()}, self.target_pfr, allocation, self.min_filters,
+                            total_filters=total_filters, macs_per_channel=macs, round_to=self.round_to,
+                            quanta={n: g.num_parts for n, g in groups.items()}, scores=scores, groups=groups)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
 
     def fit_schedule(self, trainer: "pl.Trainer", unit: str, lengths: Dict[str, int], repeats: Dict[str, int], *,
                      scale_to_fit: bool, origin: int = 0, extra: int = 0) -> Dict[str, int]:

@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import budget, criteria
@@ -179,10 +178,9 @@ class GreedyFilterPruning(FilterPruning):
         self.freeze_gates()  # fixed by rule, never by the optimizer
         names = [g.name for g in self.analysis.groups if g.capacity(self.min_filters) > 0]  # others stay whole
         self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
-        sizes = {n: self.analysis[n].size for n in names}
         if self.allocation != "global":
             if self.counts is None:
-                self.counts = self._allocate(sizes, pl_module)
+                self.counts = self.plan_counts(pl_module, names, self.allocation, self.analysis.num_filters)
             return
         capacity = sum(self.analysis[n].capacity(self.min_filters) for n in names)
         if self.num_to_close > capacity:
@@ -191,24 +189,6 @@ class GreedyFilterPruning(FilterPruning):
                 f"pruned, but keeping min_filters={self.min_filters} per layer allows at most {capacity} "
                 f"(PFR {capacity / self.analysis.num_filters:.4f})"
             )
-
-    def _allocate(self, sizes: Dict[str, int], pl_module: "pl.LightningModule",
-                  scores: Optional[Dict[str, Tensor]] = None) -> Dict[str, int]:
-        """Filters to close per group, by :func:`~lightning_bnnprune.pruning.budget.allocate` (the
-        counts MainSubsidiaryPruning gets at the same target; ``"global"``: from ``scores``)."""
-        macs = None
-        if self.allocation == "macs":
-            net = self.network_of(pl_module)
-            macs = budget.macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
-        try:
-            return budget.allocate(
-                sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs,
-                quanta={n: self.analysis[n].num_parts for n in sizes}, round_to=self.round_to,
-                scores=scores, groups={n: self.analysis[n] for n in sizes},
-            )
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -270,7 +250,7 @@ class GreedyFilterPruning(FilterPruning):
         if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
-            self.counts = self._allocate({n: self.analysis[n].size for n in everything}, pl_module, scores)
+            self.counts = self.plan_counts(pl_module, everything, self.allocation, self.analysis.num_filters, scores)
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:

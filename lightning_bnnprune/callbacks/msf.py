@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ..pruning import criteria
-from ..pruning.budget import ALLOCATIONS, allocate, enforce_keep, enforce_keep_across, macs_per_channel, rank_logits
+from ..pruning.budget import ALLOCATIONS, enforce_keep, enforce_keep_across, rank_logits
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, LayerwiseSchedule, Phase
 from ..pruning.selector import BudgetUnit, SelectorLoss
@@ -262,26 +262,15 @@ class MainSubsidiaryPruning(FilterPruning):
             return
         names = self._resolve_layers()
         sizes = {name: self.analysis[name].size for name in names}
-        macs = None
-        if self.allocation == "macs":
-            net = self.network_of(pl_module)
-            macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
         learned = self.allocation == "learned"
-        try:
-            # learned: the uniform counts are the plan the stages' budgets start from
-            self.prune_counts = allocate(
-                sizes, self.target_pfr, "uniform" if learned else self.allocation, self.min_filters,
-                macs_per_channel=macs, quanta={name: self.analysis[name].num_parts for name in names},
-                round_to=self.round_to,
-            )
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
+        # learned: the uniform counts are the plan the stages' budgets start from
+        self.prune_counts = self.plan_counts(pl_module, names, "uniform" if learned else self.allocation)
         self._goal = sum(self.prune_counts.values())  # round(target_pfr * filters of the pruned groups)
         if learned:
             room = sum(n - self._floor(name) for name, n in sizes.items())
             check(sum(self.prune_counts.values()) <= room,
-                   f"target_pfr={self.target_pfr} needs {sum(self.prune_counts.values())} filters pruned, but "
-                   f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
+                  f"target_pfr={self.target_pfr} needs {sum(self.prune_counts.values())} filters pruned, but "
+                  f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
         self.schedule = LayerwiseSchedule.from_groups(
             names, self.selector, self.retrain, self.warmup, self.layers_per_stage, self.unit, self.final_retrain
         )
