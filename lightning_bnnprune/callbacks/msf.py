@@ -24,8 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import criteria
@@ -36,6 +35,7 @@ from ..pruning.selector import BudgetUnit, SelectorLoss
 from ..pruning.slicing import OUT
 from .base import FilterPruning
 from .checks import check, is_int, is_number
+from .phase_params import PhaseParameters
 from .phase_rates import PhaseRates
 from .wrapping import Captured, InstancePatch, StepWrapper, student_output
 
@@ -242,11 +242,7 @@ class MainSubsidiaryPruning(FilterPruning):
         self._loaded: Dict[str, Any] = {}
         # run-time state, rebuilt in on_fit_start
         self._gate_optimizer: Optional[torch.optim.Optimizer] = None
-        self._trainable: List[nn.Parameter] = []
-        self._frozen: List[nn.Parameter] = []
-        self._main: List[nn.Parameter] = []
-        self._requires_grad: Dict[str, bool] = {}
-        self._toggle = True
+        self._params: Optional[PhaseParameters] = None  # what trains in the phase (on_train_start)
         self._wrapper: Optional[StepWrapper] = None
         self._bar_patch: Optional[InstancePatch] = None
         self._rates: Optional[PhaseRates] = None
@@ -321,16 +317,8 @@ class MainSubsidiaryPruning(FilterPruning):
         rank_zero_info(f"[{type(self).__name__}] target PFR {self.target_pfr:.3f} "
                        f"({self.allocation}: prune {self.prune_counts})\n{self.schedule}")
         self._rates = PhaseRates(trainer.optimizers)  # retrain and final rates, one step at a time
-        self._main, self._requires_grad = [], {}
-        gate_params = {id(g.logits) for g in self.gates.values()}
-        for name, p in pl_module.named_parameters():
-            self._requires_grad[name] = p.requires_grad
-            if p.requires_grad and id(p) not in gate_params:
-                self._main.append(p)
-        # DDP without find_unused_parameters expects a gradient for every parameter it wraps
-        ddp = trainer.strategy.model
-        self._toggle = not (isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters)
-        if not self._toggle:
+        self._params = PhaseParameters(trainer, pl_module, own=[g.logits for g in self.gates.values()])
+        if not self._params.toggle:
             rank_zero_info(f"[{type(self).__name__}] DDP without find_unused_parameters: frozen weights still get "
                            "(discarded) gradients; DDPStrategy(find_unused_parameters=True) makes selector steps cheaper")
         if self._phase is not None:  # resumed: rebuild the phase we were in, without re-initialising
@@ -380,9 +368,9 @@ class MainSubsidiaryPruning(FilterPruning):
         if self._rates is not None:
             self._rates.remove()
             self._rates = None
-        for name, p in pl_module.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
+        if self._params is not None:
+            self._params.restore(pl_module)
+            self._params = None
         self._gate_optimizer = None
 
     # ------------------------------------------------------------------ phases
@@ -449,17 +437,10 @@ class MainSubsidiaryPruning(FilterPruning):
             self._gate_optimizer = torch.optim.Adam(logits, lr=self.gate_lr)
             if not fresh and self._loaded.get("gate_optimizer") is not None:
                 self._gate_optimizer.load_state_dict(self._loaded["gate_optimizer"])
-            self._trainable = logits
+            self._params.train_only(pl_module, logits)
         else:
             self._gate_optimizer = None
-            self._trainable = list(self._main)
-        trainable = {id(p) for p in self._trainable}
-        self._frozen = [p for p in pl_module.parameters() if id(p) not in trainable]
-        if self._toggle:
-            for p in self._trainable:
-                p.requires_grad_(True)
-            for p in self._frozen:
-                p.requires_grad_(False)
+            self._params.train_only(pl_module, self._params.main)
         self._loaded.pop("gate_optimizer", None)
         if fresh:
             rank_zero_info(f"[{type(self).__name__}] {self._position(trainer)} {self.unit}: "
@@ -545,9 +526,7 @@ class MainSubsidiaryPruning(FilterPruning):
             if self.gate_lr > 0:
                 self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
             self._gate_optimizer.zero_grad(set_to_none=True)
-        # nothing outside the phase may move: the user's optimizer skips parameters without grad
-        for p in self._frozen:
-            p.grad = None
+        self._params.drop_frozen_grads()  # nothing outside the phase may move
         if self._phase.name == RETRAIN:
             self._rates.set(optimizer, lambda group: (
                 group["lr"] * self.retrain_lr_factor if self.retrain_lr_factor is not None
