@@ -1,7 +1,7 @@
 """CPU latency of a pruned binary network against the unpruned one, measured in the same run.
 
 Builds a binarised timm model, removes a seeded random ``--pfr`` share of every prunable channel
-group with :func:`lightning_bnnprune.pruning.surgery.remove_filters` (exactness-checked), then
+group with :func:`lightning_bnnprune.remove_filters` (exactness-checked), then
 times both models alternately (so load changes on the machine hit both alike) under
 ``torch.inference_mode``: ``--warmup`` untimed calls, then the median of ``--repeats`` timed ones,
 per batch size. The measured speedup is printed beside the MAC ratio the compression report

@@ -1,6 +1,6 @@
 """Training-step time of MainSubsidiaryPruning's phases against plain binary training, in one run.
 
-Two real ``lightning.Trainer`` runs of the product's :class:`~lightning_bnnprune.module.ImageClassifier`
+Two real ``lightning.Trainer`` runs of the product's :class:`~lightning_bnnprune.ImageClassifier`
 on the same binarised model and the same batch, each in its own thread, take turns step by step
 (a baton passed at every batch end), so every pruning step is timed right after a plain step,
 under the same machine load:

@@ -71,3 +71,19 @@ def test_docstrings_cite_pages_that_exist():
         cited |= set(re.findall(r"docs/[\w./-]+\.md", text))
     assert "docs/method.md" in cited
     assert all((ROOT / page).is_file() for page in cited), cited
+
+
+def test_public_names_have_one_spelling():
+    """README imports and config targets name exported objects at the top level, and every
+    exported name resolves."""
+    import lightning_bnnprune
+
+    exported = set(lightning_bnnprune.__all__)
+    assert all(getattr(lightning_bnnprune, name) is not None for name in exported)
+    readme = (ROOT / "README.md").read_text()
+    assert not re.findall(r"from lightning_bnnprune\.\w+ import", readme)
+    files = [*(ROOT / "conf").rglob("*.yaml"), *(ROOT / "recipes").glob("*.yaml")]
+    deep = [f"{path.name}: {target}" for path in files
+            for target in re.findall(r"lightning_bnnprune\.[\w.]*\.(\w+)\b", path.read_text())
+            if target in exported]
+    assert not deep, deep
