@@ -214,7 +214,7 @@ def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       callbacks=[Binarize(), pruning])
     trainer.fit(UserModule("resnet18_cifar", lr=0.01, optimizer=torch.optim.SGD), DataLoader(data, batch_size=4))
-    rows = pruning.report._layer_rows()
+    rows = pruning.report.layer_rows()
     binary = [r for r in rows if r["kind"] == "binary conv"]
     assert binary and all(r["filters_after"] % 32 == 0 for r in binary), binary[:3]
     assert any(r["filters_after"] < r["filters_before"] for r in binary)

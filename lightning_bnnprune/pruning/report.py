@@ -142,7 +142,8 @@ class CompressionReport:
                 f"{s['params_after']/1e6:.3f}M | compression {s['compression']:.1f}x vs FP32 "
                 f"({s['bits_before'] / 8e6:.2f} MB -> {s['bits_after'] / 8e6:.3f} MB){inner}")
 
-    def _layer_rows(self) -> List[Dict[str, Any]]:
+    def layer_rows(self) -> List[Dict[str, Any]]:
+        """The rows of the conv and linear layers (norms and other tensors left out)."""
         return [r for r in self.rows if r["kind"] in ("binary conv", "conv", "linear")]
 
     def to_markdown(self) -> str:
@@ -151,7 +152,7 @@ class CompressionReport:
         cols = ("layer", "kind", "filters_before", "filters_after", "in_before", "in_after",
                 "params_after", "macs_after", "bits_after", "compression", "limit")
         out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        for r in self._layer_rows():
+        for r in self.layer_rows():
             out.write("| " + " | ".join(_fmt(r[c]) for c in cols) + " |\n")
         out.write(self._refused_markdown())
         return out.getvalue()
@@ -166,7 +167,7 @@ class CompressionReport:
     def __str__(self) -> str:
         lines = [self.headline(), f"{'layer':<40} {'kind':<11} {'filters':>11} {'in':>11} "
                  f"{'MACs':>9} {'bits':>10} {'compr.':>7} {'limit':>6}"]
-        for r in self._layer_rows():
+        for r in self.layer_rows():
             lines.append(
                 f"{r['layer'][:40]:<40} {r['kind']:<11} {r['filters_before']:>5}->{r['filters_after']:<5} "
                 f"{r['in_before']:>5}->{r['in_after']:<5} {r['macs_after']:>9} {r['bits_after']:>10} "
@@ -188,7 +189,7 @@ class CompressionReport:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        rows = [r for r in self._layer_rows() if r["filters_before"]]
+        rows = [r for r in self.layer_rows() if r["filters_before"]]
         fig = Figure(figsize=(max(6.0, 0.18 * len(rows) + 2), 4.0), layout="tight")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
