@@ -174,24 +174,6 @@ def test_without_the_extra_the_error_says_how_to_install(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ round_to
-def test_round_counts_keep_multiples_and_the_pfr_within_one_point():
-    sizes = {"a": 64, "b": 128, "c": 256, "d": 512}
-    for round_to in (8, 32):
-        counts = budget.allocate(sizes, 0.4, round_to=round_to)
-        kept = {k: sizes[k] - v for k, v in counts.items()}
-        assert all(v % round_to == 0 or v == sizes[k] for k, v in kept.items()), kept
-        assert abs(sum(counts.values()) / sum(sizes.values()) - 0.4) <= 0.01
-    assert budget.allocate(sizes, 0.4, round_to=1) == budget.allocate(sizes, 0.4)
-    assert budget.allocate(sizes, 0.4, round_to=32) == {"a": 32, "b": 64, "c": 96, "d": 192}
-
-
-def test_round_counts_refuses_an_unreachable_target_in_one_line():
-    with pytest.raises(ValueError, match=r"round_to=32 cannot keep the PFR within 1% of 0.4000: the nearest reachable is"):
-        budget.allocate({"a": 16, "b": 16, "c": 32, "d": 32, "e": 64}, 0.4, round_to=32)
-    with pytest.raises(ValueError, match=r"round_to must be an int >= 1, got 0"):
-        budget.round_counts({"a": 8}, {"a": 2}, 0)
-
-
 @pytest.mark.parametrize("cls, kwargs", [
     (GreedyFilterPruning, {"criterion": "l1"}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
 ])

@@ -7,7 +7,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
 from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
-from lightning_bnnprune.pruning.budget import global_counts
 from lightning_bnnprune.layers import BinaryConv2d
 
 from conftest import UserModule
@@ -186,19 +185,6 @@ def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_pat
     assert resumed.done == full.done and resumed.counts == full.counts
     assert abs(resumed.pfr() - 0.4) <= 0.01
     assert all(torch.equal(m, _masks(full)[n]) for n, m in _masks(resumed).items())
-
-
-def test_global_ranking_respects_floors_and_normalises_per_group():
-    sizes = {"a": 3, "b": 7, "c": 7, "d": 100, "e": 2}
-    scores = {g: torch.rand(n, generator=torch.Generator().manual_seed(n)) for g, n in sizes.items()}
-    scores["d"] = scores["d"] * 1000  # a layer on another scale is not spared by it
-    for total in (0, 1, 50, 109):
-        counts = global_counts(scores, total, min_filters=2)
-        assert sum(counts.values()) == total and counts["e"] == 0
-        assert all(counts[g] <= sizes[g] - 2 for g in ("a", "b", "c", "d"))
-    assert 0 < global_counts(scores, 50, min_filters=2)["d"] < 100
-    with pytest.raises(ValueError, match="cannot close 110 filters: min_filters=2 leaves 109"):
-        global_counts(scores, 110, min_filters=2)
 
 
 @pytest.mark.parametrize(
