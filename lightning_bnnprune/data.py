@@ -29,12 +29,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .registry import Registry
-from .stats import CIFAR10_MEAN, CIFAR10_STD
+from lightning_bnnprune.batches import ResumableBatchSampler, ResumableDataLoader, fit_position
+from lightning_bnnprune.registry import Registry
+from lightning_bnnprune.stats import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -138,7 +139,13 @@ class TensorImageDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
         if self.transform is not None:
-            x = self.transform(x)
+            seed = getattr(indices, "seed", None)  # a SeededBatch: draw from its own seed
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return list(zip(x.unbind(0), self.targets[idx].unbind(0), strict=True))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +255,30 @@ class ImageDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+        options = dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **options)
+        # The order and augmentation of each batch follow (run seed, epoch, batch) and the loader
+        # starts where the fit stands, so a run resumed from any checkpoint trains on the batches
+        # the uninterrupted run would (see batches.py). Its own generator: no global draws.
+        # Image folders (per-image transforms) get the exact order; their augmentation draws
+        # from the global (or worker) generator.
+        generator = torch.Generator()
+        batches = ResumableBatchSampler(
+            RandomSampler(dataset, generator=generator),
+            self.batch_size,
+            drop_last=False,
+            seed=torch.initial_seed(),  # the run's seed (seed_everything / `seed=`)
+            position=self._fit_position,
+        )
+        return ResumableDataLoader(dataset, batch_sampler=batches, generator=generator, **options)
+
+    def _fit_position(self, batches: int) -> tuple[int, int] | None:
+        return fit_position(self.trainer, batches)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, shuffle=True)

@@ -31,8 +31,8 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, call_main, tm
     assert "bnnprune summary" in proc.stdout and "test accuracy" in proc.stdout
     summary = _summary(run_dir)
     assert 0.0 <= summary["test_acc"] <= 1.0
-    assert summary["binarized_layers"] == 20  # resnet20_cifar: every conv but the stem
-    assert summary["choices"]["data"] == "digits" and summary["choices"]["binarize"] == "xnor"
+    assert summary["binarized_layers"] == 18  # resnet20_cifar: every conv but the stem and the two shortcuts
+    assert summary["choices"]["data"] == "digits" and summary["choices"]["binarize"] == "bireal"
     assert summary["epochs"] == 1 and summary["steps"] == 6
     pruning = summary["pruning"]  # the quickstart prunes (prune=msf) and removes the filters
     assert abs(pruning["pfr"] - 0.4) <= 0.01 and pruning["mac_ratio"] > 1 and pruning["compression"] > 1

@@ -67,7 +67,8 @@ def test_defaults_are_the_quickstart(compose_train):
     cfg = compose_train()
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.model.model_name == "resnet20_cifar"
-    assert cfg.binarize.kernel_quantizer == "xnor" and cfg.binarize.input_quantizer == "ste_sign"
+    assert cfg.binarize.kernel_quantizer == "xnor" and cfg.binarize.input_quantizer == "approx_sign"
+    assert list(cfg.binarize.keep_fp) == ["*.downsample.*"]  # Bi-Real Net's full-precision shortcuts
     assert cfg.seed == 0 and cfg.ckpt_path is None and cfg.test_after_fit is True
 
 
@@ -117,7 +118,8 @@ def test_every_option_composes_and_builds(compose_train, tmp_path, group, option
             assert run.binarize.kernel_quantizer == ("bdg" if option == "bdg" else "xnor")
             run.binarize.setup(run.trainer, run.model, "fit")
             # resnet20_cifar: 19 3x3 convs + 2 projection shortcuts, the stem stays full precision
-            assert run.binarize.num_swapped == 20
+            # (and with bireal the two shortcuts too)
+            assert run.binarize.num_swapped == (18 if option == "bireal" else 20)
     elif group == "prune":
         if option == "none":
             assert run.prune is None
