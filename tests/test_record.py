@@ -1,12 +1,14 @@
-"""The pruning record: what a removal cut, replayed on a fresh model; saving and reloading pruned
-models, and the errors a mismatching model gets."""
+"""The pruning record and its rebuild (pruning/record.py, pruning/rebuild.py): what a removal cut,
+replayed on a fresh model; saving and reloading pruned models, and the errors a mismatching model
+gets."""
 import pytest
 import timm
 import torch
 
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.pruning.record import load_pruned, replay, save_pruned
+from lightning_bnnprune.pruning.rebuild import replay
+from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters
 
 from test_surgery import binary_net, close_random, inputs

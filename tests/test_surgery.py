@@ -9,7 +9,8 @@ from torch import nn
 from lightning_bnnprune.binarize import binarize_model, binary_layers
 from lightning_bnnprune.pruning.gates import attach_gates, gates_of
 from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.pruning.record import PruningRecord, load_pruned, save_pruned, shape_manifest
+from lightning_bnnprune.pruning.rebuild import shape_manifest
+from lightning_bnnprune.pruning.record import PruningRecord, load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters, resolve_keep
 
 from conftest import randomise_norms

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ..introspect import example_batch
 from .gates import attach_gates, detach_gates, gates_of
 from .groups import GroupAnalysis
-from .record import PruningRecord, binarize_spec, shape_manifest, timm_spec
+from .rebuild import binarize_spec, shape_manifest, timm_spec
+from .record import PruningRecord
 from .slicing import IN, OUT, channel_count, slice_channels
 
 __all__ = ["remove_filters", "resolve_keep", "check_batch"]
