@@ -14,12 +14,17 @@ from lightning_bnnprune.pruning.surgery import remove_filters
 from test_surgery import binary_net, close_random, inputs
 
 
-def test_reload_into_a_model_that_does_not_match_is_a_clear_error(tmp_path):
+def removed():
+    """A binarised ``test_resnet`` with a seeded random 30-50 % of every group removed, and its record."""
     net = binary_net("test_resnet")
     x = inputs()
     analysis = find_channel_groups(net, x[:1])
     close_random(net, analysis)
-    record = remove_filters(net, analysis, example_inputs=x)
+    return net, remove_filters(net, analysis, example_inputs=x)
+
+
+def test_reload_into_a_model_that_does_not_match_is_a_clear_error(tmp_path):
+    net, record = removed()
     path = save_pruned(net, record, tmp_path / "p.pt")
     with pytest.raises(ValueError, match=r"does not match the pruning record before the removal: .*model \[5, \d+\], record \[10, \d+\]"):
         load_pruned(path, model=timm.create_model("test_resnet", num_classes=5))
@@ -35,11 +40,7 @@ def test_reload_into_a_model_that_does_not_match_is_a_clear_error(tmp_path):
 
 
 def test_replay_on_an_already_pruned_model_is_a_no_op(tmp_path):
-    net = binary_net("test_resnet")
-    x = inputs()
-    analysis = find_channel_groups(net, x[:1])
-    close_random(net, analysis)
-    record = remove_filters(net, analysis, example_inputs=x)
+    net, record = removed()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert replay(net, record) is net
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
