@@ -338,7 +338,7 @@ def calibrate(args: argparse.Namespace, dm: NpzDataModule, steps: int = 6) -> Di
     for i in range(steps + 2):
         x, y = (t.to(device) for t in batches[i % len(batches)])
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss = torch.nn.functional.cross_entropy(module(x), y)  # the module's forward: its memory format
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -352,7 +352,7 @@ def calibrate(args: argparse.Namespace, dm: NpzDataModule, steps: int = 6) -> Di
     with torch.no_grad():
         for i, (x, _) in enumerate(dm.test_dataloader()):
             t0 = time.perf_counter()
-            net(x.to(device))
+            module(x.to(device))
             eval_times.append(time.perf_counter() - t0)
             if i == 3:
                 break
