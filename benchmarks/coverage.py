@@ -212,10 +212,11 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         f"{len(ok)}/{len(pruned)}",
         "- *prunable share*: binary filters in prunable groups / all binary filters; *PFR (groups)*: pruned / "
         "prunable group channels; *PFR (all binary)*: pruned / all binary filters (the figure a user sees); "
-        "*exact*: max |logits pruned - logits gated|; *reload*: logits of the model rebuilt from its record "
+        "*groups (equal-count)*: prunable groups, in brackets those that lose equal counts per cell (they feed "
+        "a grouped conv or a split into equal parts); *exact*: max |logits pruned - logits gated|; *reload*: logits of the model rebuilt from its record "
         "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced).",
         "",
-        "| family | model | design | input | binary filters | prunable share | groups (grouped-conv) "
+        "| family | model | design | input | binary filters | prunable share | groups (equal-count) "
         "| PFR (groups) | PFR (all binary) | exact | reload | s | refused groups: reason |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -164,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     msf._teacher = counted_teacher
     msf_start = StartTimer(baton, 1)
-    pruning = StopTimer(msf_start, lambda: f"{msf._phase.name} ({msf._phase.groups[0]})", lambda: teacher_calls[0])
+    pruning = StopTimer(msf_start, lambda: f"{msf.phase.name} ({msf.phase.groups[0]})", lambda: teacher_calls[0])
     errors: List[BaseException] = []
     runs = [
         threading.Thread(target=_fit, args=(args, [plain_start, Binarize(), plain], 4 * per_phase, errors)),

@@ -24,10 +24,19 @@ the count per cell is fixed. Torch-Pruning prunes grouped convs more coarsely (t
 in every conv group, its ``ConvPruner.prune_in_channels``); balanced counts contain that choice and
 leave each conv group its own best channels.
 
+**Splits and summed paths.** The walk over the traced graph is :mod:`.tracing`'s (its own concat
+and split index maps, from autograd). Root channels that meet in one channel (split attention's
+radix paths summed, Res2Net's parts added to the previous part's output) become one *group
+channel*, kept or removed together. A split at a position written in a block's code (Res2Net's
+``self.width``, CSPNet's ``self.expand_chs // 2``) is exact when :mod:`.block_sizes` has a rule that
+moves the position with the cut; a split into equal parts also needs equal counts per part, a cell
+structure like a grouped conv's.
+
 Groups that touch something a channel cannot be removed from exactly (a norm that normalises
 *across* channels, a weight-standardised full-precision conv, a layer with per-channel parameters
-we do not know, a split into sizes fixed in the model's code, a grouped conv that gets its channels
-from several groups or has one channel per conv group) are not prunable; the reason names the layer.
+we do not know, a split or slice at positions fixed in code without a rule, a grouped conv that gets
+its channels from several groups or has one channel per conv group) are not prunable; the reason
+names the layer.
 """
 from __future__ import annotations
 
@@ -42,7 +51,9 @@ from torch import Tensor, nn
 
 from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
+from .block_sizes import owner_of
 from .slicing import IN, OUT, channel_count, is_depthwise, is_grouped
+from .tracing import CHANNEL_DIM, FAN_OUT, BlurPool2d, ChannelFlow, closure, trace
 
 __all__ = [
     "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
@@ -185,6 +196,8 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
         return (OUT if is_out else IN), ""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return NORM, ""
+    if BlurPool2d is not None and isinstance(module, BlurPool2d):
+        return NORM, ""  # one fixed filter per channel (anti-aliasing): cut with its channel
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         return None, f"{type(module).__name__} normalises across channels"
     if isinstance(module, nn.Parameter):
@@ -192,44 +205,163 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
     return None, f"{type(module).__name__} has per-channel parameters this library cannot slice"
 
 
-def _partition(model: nn.Module, members: Sequence[Member], size: int) -> Tuple[Tuple[int, ...], str]:
-    """``(parts, "")``: the cells of a group's channels that grouped convs require (``()`` when
-    none does), else ``((), reason)``.
+Buckets = Dict[int, List[int]]  # group channel -> the buckets (conv groups, split parts) its channels fall in
 
-    A channel's label lists the conv group it falls in at every grouped member; channels with the
-    same label form a cell. Equal removal per cell is equal removal per conv group when the cells
-    are equally large, every conv group holds as many cells, and each grouped member takes all its
-    channels from this group, one per group channel.
+
+def _partition(size: int, units: Sequence[Tuple[str, int, Buckets]]) -> Tuple[Tuple[int, ...], str]:
+    """``(parts, "")``: the cells of a group's channels that equal-count removal needs (``()`` when
+    nothing needs it), else ``((), reason)``.
+
+    Each *unit* ``(where, n, buckets)`` is something that stays valid only if its ``n`` buckets lose
+    equally many channels: a grouped conv (buckets: its conv groups) or a split into equal parts
+    (buckets: the parts). A channel's label lists its buckets in every unit; channels with the same
+    label form a cell. Removing the same number of channels from every cell removes the same number
+    from every bucket when the cells are equally large and every bucket holds as many cell members
+    (a group channel may reach several buckets: paths summed after a split).
     """
-    labels: Dict[int, Tuple[int, ...]] = {r: () for r in range(size)}
-    grouped = [m for m in members if m.role in (OUT, IN) and is_grouped(model.get_submodule(m.module))]
-    for k, member in enumerate(grouped):
-        conv = model.get_submodule(member.module)
-        channels = conv.out_channels if member.role == OUT else conv.in_channels
-        where = f"{member.module}: grouped conv (groups={conv.groups})"
-        if len(set(member.idxs)) != channels or len(set(member.root_idxs)) != len(member.idxs):
-            return (), f"{where} takes its {'output' if member.role == OUT else 'input'} channels from several groups"
-        width = channels // conv.groups
-        if width == 1:
-            return (), f"{where} has one {'output' if member.role == OUT else 'input'} channel per conv group"
-        for i, r in zip(member.idxs, member.root_idxs):
-            labels[r] = labels[r] + (k, i // width)
-    if not grouped:
+    if not units:
         return (), ""
-    cells: Dict[Tuple[int, ...], int] = {}
-    parts = tuple(cells.setdefault(labels[r], len(cells)) for r in range(size))
+    labels = {c: tuple(tuple(sorted(b.get(c, ()))) for _, _, b in units) for c in range(size)}
+    members: Dict[Tuple, List[int]] = {}
+    for c in range(size):
+        members.setdefault(labels[c], []).append(c)
+    smallest = min(len(v) for v in members.values())
+    if any(len(v) % smallest for v in members.values()):
+        smallest = 0
+    for label, chans in list(members.items()):
+        # a cell that is a multiple of the smallest one is cut into chunks of that size (by position):
+        # Res2NeXt's last split part meets no grouped conv, the other parts meet eight conv groups
+        # each; the chunks add constraints, never remove one, so removal stays exact
+        if smallest and len(chans) > smallest:
+            for j, c in enumerate(chans):
+                labels[c] = label + ((j // smallest,),)
+    cells: Dict[Tuple, int] = {}
+    parts = tuple(cells.setdefault(labels[c], len(cells)) for c in range(size))
     counts = [parts.count(c) for c in range(len(cells))]
-    per_conv_group = {(k, g): set() for k, member in enumerate(grouped)
-                      for g in range(model.get_submodule(member.module).groups)}
-    for label, cell in cells.items():
-        for k, g in zip(label[0::2], label[1::2]):
-            per_conv_group[(k, g)].add(cell)
-    if len(set(counts)) != 1 or len({len(v) for v in per_conv_group.values()}) != 1:
-        names = ", ".join(sorted({m.module for m in grouped}))
-        return (), f"{names}: grouped convs split the channels into unequal conv groups"
+    for k, (where, n, _) in enumerate(units):
+        per_bucket = [0] * n
+        for label in cells:
+            for b in label[k]:
+                per_bucket[b] += 1
+        if len(set(counts)) != 1 or len(set(per_bucket)) != 1:
+            return (), f"{where}: its channels fall unevenly into the group's cells"
     if counts[0] == 1:
-        return (), f"{grouped[0].module}: grouped conv leaves one channel per conv group"
+        return (), f"{units[0][0]}: leaves one channel per cell"
     return parts, ""
+
+
+def _grouped_unit(model: nn.Module, member: Member) -> Tuple[Optional[Tuple[str, int, Buckets]], str]:
+    """A grouped conv member as a :func:`_partition` unit, or ``(None, reason)``."""
+    conv = model.get_submodule(member.module)
+    channels = conv.out_channels if member.role == OUT else conv.in_channels
+    side = "output" if member.role == OUT else "input"
+    where = f"{member.module}: grouped conv (groups={conv.groups})"
+    if len(set(member.idxs)) != channels:
+        return None, f"{where} takes its {side} channels from several groups"
+    width = channels // conv.groups
+    if width == 1:
+        return None, f"{where} has one {side} channel per conv group"
+    buckets: Buckets = {}
+    for i, c in zip(member.idxs, member.root_idxs):
+        buckets.setdefault(c, []).append(i // width)
+    return (where, conv.groups, buckets), ""
+
+
+def _first_named(node, names: Dict[int, str], downstream: bool = False) -> str:
+    """The name of the nearest module upstream of a traced op (the layer whose output it cuts), or
+    downstream (a layer that reads it)."""
+    queue, seen = [node], set()
+    while queue:
+        n = queue.pop(0)
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if id(n.module) in names:
+            return names[id(n.module)]
+        queue.extend(n.outputs if downstream else n.inputs)
+    return ""
+
+
+def _identity_slice(node) -> bool:
+    """A slice keeping every channel (``x[:, :n]`` with ``n`` past the end) stays one after a cut."""
+    fn = node.grad_fn
+    try:
+        size = int(fn._saved_self_sym_sizes[1])
+        return (fn._saved_start or 0) == 0 and fn._saved_step == 1 and fn._saved_end >= size
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def _cuts(model: nn.Module, flow: ChannelFlow, node, pairs, names: Dict[int, str], classes: Dict[int, int]):
+    """For a split or slice the group's channels pass: ``(unit or None, reason)``.
+
+    A cut along channels at a position fixed in a block's code is exact only if the block's numbers
+    follow the new widths (:mod:`.block_sizes`); a split into equal parts by one number also needs
+    equal counts per part (a :func:`_partition` unit).
+    """
+    source = _first_named(node, names) or repr(node.module)
+    if node.type == tp.ops.OPTYPE.UNBIND:
+        return None, f"{source}: its output is split into fixed sizes (torch.split / chunk)"
+    if node.type == tp.ops.OPTYPE.SLICE:
+        fn, shape = node.grad_fn, getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        dim = fn._saved_dim % len(shape) if shape else getattr(fn, "_saved_dim", CHANNEL_DIM)
+        if dim != CHANNEL_DIM or _identity_slice(node) or owner_of(model, source) is not None:
+            return None, ""
+        return None, f"{source}: its output is sliced at channel positions fixed in the model's code"
+    layout = flow.split_layout(node)
+    if layout is None or layout[0] != CHANNEL_DIM:
+        return None, ""
+    # the block that splits is around the layer before (CSP, Res2Net) or around the parts' layers (MixNet)
+    owner = owner_of(model, source) or owner_of(model, _first_named(node, names, downstream=True))
+    if owner is None:
+        return None, f"{source}: its output is split into fixed sizes (torch.split / chunk)"
+    sizes = layout[1]
+    if len(set(sizes)) != 1:
+        return None, f"{owner}: splits its channels into unequal parts {sizes}"
+    buckets: Buckets = {}
+    for idx, root in pairs:
+        buckets.setdefault(classes[root], [])
+        part = idx // sizes[0]
+        if part not in buckets[classes[root]]:
+            buckets[classes[root]].append(part)
+    return (f"{owner}: split into {len(sizes)} parts", len(sizes), buckets), ""
+
+
+def _splits_channels(node) -> bool:
+    """A reshape that splits the channel dimension into several (split attention's
+    ``x.reshape(B, radix, C // radix, H, W)``): Torch-Pruning maps it as a flatten, which it is not."""
+    fn = node.grad_fn
+    try:
+        before = [int(v) for v in fn._saved_self_sym_sizes]
+        after = [int(v) for v in fn._input_metadata[0].shape]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    if len(after) <= len(before) or len(before) < 2:
+        return False
+    return any(math.prod(after[1:k]) == before[1] for k in range(3, len(after) + 1))
+
+
+def _tie(pairs_by_member: Sequence[Dict[int, set]], size: int) -> Dict[int, int]:
+    """Root channel -> group channel: roots that meet in one channel anywhere (paths summed,
+    e.g. split attention's radix paths) must be kept or removed together, as one group channel."""
+    parent = list(range(size))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for by_idx in pairs_by_member:
+        for roots in by_idx.values():
+            first, *rest = sorted(roots)
+            for r in rest:
+                a, b = find(first), find(r)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    reps = sorted({find(r) for r in range(size)})
+    rank = {rep: i for i, rep in enumerate(reps)}
+    return {r: rank[find(r)] for r in range(size)}
 
 
 def find_channel_groups(
@@ -241,7 +373,8 @@ def find_channel_groups(
 
     A group is prunable when one of its producers is a :class:`BinaryConv2d` and every member is
     a module whose channels can be cut exactly. The group is named after its first binary
-    producer, which owns the group's gate. The classifier's outputs are never pruned.
+    producer, which owns the group's gate. The classifier's outputs are never pruned. Root
+    channels that meet in one channel (summed paths) are one group channel (:func:`_tie`).
 
     Args:
         model: the (binarised) network, in any mode; it is traced once in eval mode.
@@ -257,81 +390,122 @@ def find_channel_groups(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unwrapped-parameter notices: such groups are refused below
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-            tp_groups = list(graph.get_all_groups(ignored_layers=classifier, root_module_types=[nn.Conv2d, nn.Linear]))
+            graph = trace(model, example_inputs)
     except Exception as err:  # noqa: BLE001  Torch-Pruning's tracer: the network stays whole, saying why
         why = f"Torch-Pruning cannot trace the network ({type(err).__name__}: {err})".replace("\n", " ")
         return GroupAnalysis(groups=[], refused={"(network)": f"(network): {why[:300]}"})
     finally:
         model.train(was_training)
 
+    flow = ChannelFlow(graph)
     order = {n: i for i, n in enumerate(names.values())}
     excluded = set(exclude)
     analysis = GroupAnalysis(groups=[])
-    for tp_group in tp_groups:
-        members: Dict[Tuple[str, str], Member] = {}
-        reason = ""
-        for item in tp_group:
-            module = item.dep.target.module
-            if isinstance(module, (tp.ops._SplitOp, tp.ops._UnbindOp)):
-                # the sizes of a split live in the model's code (torch.split(x, self.splits)): a cut
-                # channel would shift every later part
-                source = names.get(id(item.dep.source.module), repr(module))
-                reason = reason or f"{source}: its output is split into fixed sizes (torch.split / chunk)"
+    visited: set = set()
+    for root_module in list(graph.module2node):
+        if not isinstance(root_module, (nn.Conv2d, nn.Linear)) or root_module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(root_module)
+        if pruner is None or pruner.get_out_channels(root_module) is None:
+            continue
+        walk = closure(graph, flow, root_module)
+        if walk.fanned_out is not None:
+            if isinstance(root_module, BinaryConv2d) and not is_depthwise(root_module):
+                analysis.refused.setdefault(names[id(root_module)], (
+                    f"{_first_named(walk.fanned_out, names)}: channel mapping fans out past {FAN_OUT} "
+                    "entries per channel (a reshape Torch-Pruning reads as a flatten)"))
+            continue
+        reached = walk.reached
+        outs = {node.module for (node, fn), pairs in reached.items()
+                if pairs and graph.is_out_channel_pruning_fn(fn)}
+        visited |= outs
+        if any(m in outs for m in classifier):
+            continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut
+        by_key: Dict[Tuple[str, str], Dict[int, set]] = {}
+        cuts: List[Tuple[object, set]] = []
+        reason = reshaped = ""
+        for (node, fn), pairs in reached.items():
+            module = node.module
+            if node.type == tp.ops.OPTYPE.RESHAPE and _splits_channels(node):
+                # named after a layer's own reason if the walk meets one (ECA's Conv1d across channels)
+                reshaped = reshaped or (f"{_first_named(node, names)}: its channels are reshaped into several "
+                                        "dimensions (e.g. split attention's radix view), which Torch-Pruning maps as a flatten")
+                continue
+            if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
+                cuts.append((node, pairs))
+                continue
+            if node in flow.unmapped:
+                reason = reason or (f"{_first_named(node, names)}: channel mapping not traceable "
+                                    "(a concat or split autograd does not size)")
                 continue
             if id(module) not in names and not isinstance(module, nn.Parameter):
                 continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, concats
-            role, why = _classify(module, item.dep.handler.__name__)
+            role, why = _classify(module, fn.__name__)
             label = names.get(id(module), "<parameter>")
             if role is None:
                 reason = reason or f"{label}: {why}"
                 continue
-            if any(r is None for r in item.root_idxs):  # Torch-Pruning lost the channel mapping here
-                reason = reason or f"{label}: channel mapping not traceable (a reshape or custom op)"
+            if not pairs:
                 continue
-            root_idxs = tuple(int(r) for r in item.root_idxs)
-            idxs = tuple(int(i) for i in item.idxs)
-            key = (label, role)
-            pairs = dict(zip(idxs, root_idxs))
-            if key in members:  # the same module reached twice (a depthwise conv's in and out, a split)
-                seen = dict(zip(members[key].idxs, members[key].root_idxs))
-                if any(seen.get(i, r) != r for i, r in pairs.items()):
-                    reason = reason or f"{label}: a channel reached through two paths as different group channels"
-                    continue
-                pairs = {**seen, **pairs}
-            if max(pairs, default=-1) >= channel_count(module, IN if role == IN else OUT):
-                reason = reason or f"{label}: channel indices past its channels (a split Torch-Pruning maps wrongly)"
+            if max(i for i, _ in pairs) >= channel_count(module, IN if role == IN else OUT):
+                reason = reason or (f"{label}: channel indices past its channels "
+                                    "(a reshape or op Torch-Pruning maps wrongly)")
                 continue
-            ordered_pairs = sorted(pairs.items())
-            members[key] = Member(label, role, tuple(i for i, _ in ordered_pairs), tuple(r for _, r in ordered_pairs))
+            # the same module reached twice (a depthwise conv's in and out): one member
+            by_idx = by_key.setdefault((label, role), {})
+            for i, r in pairs:
+                by_idx.setdefault(i, set()).add(r)
         binary_producers = sorted(
-            (m.module for m in members.values()
-             if m.role == OUT and isinstance(model.get_submodule(m.module), BinaryConv2d)
-             and not is_depthwise(model.get_submodule(m.module))),
+            (label for (label, role) in by_key
+             if role == OUT and isinstance(model.get_submodule(label), BinaryConv2d)
+             and not is_depthwise(model.get_submodule(label))),
             key=order.get,
         )
         if not binary_producers:
             continue  # nothing binary to prune here (e.g. full-precision stems and heads)
         name = binary_producers[0]
+        reason = reason or reshaped
+        split_units: List[Tuple[str, int, Buckets]] = []
+        classes: Dict[int, int] = {}
+        if not reason:
+            roots = pruner.get_out_channels(root_module)
+            classes = _tie(list(by_key.values()) + [_by_idx(p) for _, p in cuts], roots)
+            for node, pairs in cuts:
+                unit, why = _cuts(model, flow, node, pairs, names, classes)
+                reason = reason or why
+                if unit is not None:
+                    split_units.append(unit)
         if reason:
-            analysis.refused[name] = reason
+            analysis.refused.setdefault(name, reason)  # the first walk that met the layer says why
             continue
         if excluded & set(binary_producers):
             analysis.refused[name] = "excluded by the user"
             continue
-        size = 1 + max(r for m in members.values() for r in m.root_idxs)
-        partial = next((m.module for m in members.values() if len(set(m.root_idxs)) != size), None)
-        if partial is not None:  # e.g. split attention: paths stacked, then summed channel by channel
-            analysis.refused[name] = f"{partial}: reads only part of the group's channels (stacked or summed paths)"
-            continue
-        ordered = sorted(members.values(), key=lambda m: (order.get(m.module, 0), m.role))
-        parts, why = _partition(model, ordered, size)
+        members = [Member(label, role, tuple(sorted(by_idx)), tuple(classes[min(by_idx[i])] for i in sorted(by_idx)))
+                   for (label, role), by_idx in by_key.items()]  # every root of a channel is in one class
+        ordered = sorted(members, key=lambda m: (order.get(m.module, 0), m.role))
+        units: List[Tuple[str, int, Buckets]] = []
+        for member in ordered:
+            if member.role in (OUT, IN) and is_grouped(model.get_submodule(member.module)):
+                unit, why = _grouped_unit(model, member)
+                reason = reason or why
+                if unit is not None:
+                    units.append(unit)
+        size = 1 + max(classes.values())
+        parts, why = _partition(size, units + split_units) if not reason else ((), reason)
         if why:
-            analysis.refused[name] = why
+            analysis.refused.setdefault(name, why)
             continue
         analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts))
     analysis.groups.sort(key=lambda g: order[g.name])
     return analysis
+
+
+def _by_idx(pairs) -> Dict[int, set]:
+    out: Dict[int, set] = {}
+    for i, r in pairs:
+        out.setdefault(i, set()).add(r)
+    return out
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .. import quantizers
 from ..binarize import REPLACED_RELU_ATTR, binary_layers, replace_relus
 from ..introspect import first_conv_name
 from ..layers import BinaryConv2d
+from .block_sizes import sync_block_sizes
 from .gates import is_gate_key
 from .slicing import slice_channels
 
@@ -61,6 +62,7 @@ def replay(model: nn.Module, record: PruningRecord) -> nn.Module:
     _mismatch(model, record.shapes_before, "before the removal")
     for name, dim, kept in record.removed:
         slice_channels(model.get_submodule(name), dim, kept)
+    sync_block_sizes(model)  # split / slice positions kept in block attributes follow the new widths
     _mismatch(model, record.shapes, "after replaying it")
     return model
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OUT", "IN", "channel_count", "is_depthwise", "is_grouped", "slice_channels"]
+__all__ = ["OUT", "IN", "channel_count", "is_blur_pool", "is_depthwise", "is_grouped", "slice_channels"]
 
 OUT, IN = "out", "in"
 
@@ -27,6 +27,12 @@ def is_depthwise(m: nn.Module) -> bool:
 def is_grouped(m: nn.Module) -> bool:
     """A grouped conv that is not depthwise: each of its conv groups must keep as many channels."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
+def is_blur_pool(m: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` (resnetblur, resnetaa): a per-channel buffer ``filt`` and a
+    ``channels`` count."""
+    return type(m).__name__ == "BlurPool2d" and isinstance(getattr(m, "filt", None), Tensor) and m.channels is not None
 
 
 def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
@@ -70,6 +76,8 @@ def channel_count(module: nn.Module, dim: str) -> int:
         return module.out_features if dim == OUT else module.in_features
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features
+    if is_blur_pool(module):
+        return module.filt.shape[0]
     raise TypeError(f"cannot count channels of {type(module).__name__}")
 
 
@@ -79,7 +87,8 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
     Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
     both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
     of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
-    included): weight, bias, running mean and variance.
+    included): weight, bias, running mean and variance; timm's ``BlurPool2d``: its per-channel
+    filter buffer.
 
     Raises:
         ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
@@ -121,5 +130,8 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             _set_param(module, name, 0, idx)
         module.num_features = n
+    elif is_blur_pool(module):  # timm's anti-aliasing: the same fixed filter for every channel
+        _set_param(module, "filt", 0, idx)
+        module.channels = n
     else:  # groups.py never makes such a member prunable; a hand-written record might
         raise TypeError(f"cannot slice channels of {type(module).__name__}")

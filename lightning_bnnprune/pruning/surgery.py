@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..introspect import example_batch
+from .block_sizes import sync_block_sizes
 from .gates import attach_gates, detach_gates, gates_of
 from .groups import GroupAnalysis
 from .rebuild import binarize_spec, shape_manifest, timm_spec
@@ -202,6 +203,7 @@ def remove_filters(
             kept = [i for i in range(channel_count(module, dim)) if i not in dropped]
             slice_channels(module, dim, kept)
             removed.append((name, dim, kept))
+        sync_block_sizes(model)  # split / slice positions kept in block attributes follow the new widths
         with torch.no_grad():
             pruned = _logits(model(example_inputs))
         diff = float((pruned - reference).abs().max()) if pruned.shape == reference.shape else float("inf")

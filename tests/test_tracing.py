@@ -1,0 +1,148 @@
+"""The channel walk over the traced graph: splits and slices at positions kept in block attributes
+(CSPNet, CS3DarkNet, Res2NeXt, DPN, ReXNet), anti-aliasing BlurPool2d, and Torch-Pruning's mappings
+that used to crash or time out. Each family: real timm model, tiny input, a random 40 % removed for
+real, logits equal to the gated network's, reload equal to the pruned one."""
+import pytest
+import timm
+import torch
+from timm.layers import BlurPool2d
+from torch import nn
+
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.layers import BinaryConv2d
+from lightning_bnnprune.pruning import attach_gates
+from lightning_bnnprune.pruning.block_sizes import rule_for
+from lightning_bnnprune.pruning.budget import allocate
+from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
+from lightning_bnnprune.pruning.record import load_pruned, save_pruned
+from lightning_bnnprune.pruning.surgery import remove_filters
+from lightning_bnnprune.pruning.tracing import FAN_OUT
+
+from conftest import randomise_norms
+
+
+def binary_net(name: str) -> nn.Module:
+    """Binarised, eval mode, random BN statistics (a wrong cut shows in the logits)."""
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10)
+    binarize_model(net)
+    randomise_norms(net)
+    return net.eval()
+
+
+def prune_40(net, tmp_path, size=32):
+    """Random 40 % of every prunable group (equal counts per cell), removed and checked against the
+    gated logits, saved and reloaded; returns the analysis, its prunable share and the reloaded net."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    analysis = find_channel_groups(net, x[:1])
+    share = coverage(net, analysis).share
+    names = [g.name for g in analysis.groups if g.capacity() > 0]
+    counts = allocate({n: analysis[n].size for n in names}, 0.4, total_filters=analysis.num_filters,
+                      quanta={n: analysis[n].num_parts for n in names})
+    g = torch.Generator().manual_seed(0)
+    masks = {n: ~analysis[n].keep_top(torch.rand(analysis[n].size, generator=g), counts[n]) for n in names}
+    gates = attach_gates(net, analysis)
+    for n, keep in masks.items():
+        gates[n].set_mask(keep)
+    with torch.no_grad():
+        gated = net(x)
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x, atol=1e-5)
+    with torch.no_grad():
+        pruned = net(x)
+    assert (pruned - gated).abs().max() <= 1e-5 and record.max_abs_diff <= 1e-5
+    loaded = load_pruned(save_pruned(net, record, tmp_path / "pruned.pt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned)
+    return analysis, share, loaded
+
+
+def binary_filters(net: nn.Module) -> int:
+    return sum(m.out_channels for m in net.modules() if isinstance(m, BinaryConv2d))
+
+
+@pytest.mark.parametrize("name, block, attr", [
+    ("cs3darknet_s", "stages.0", "expand_chs"),  # x.split(self.expand_chs // 2): used to crash the tracer
+    ("cspresnext50", "stages.0", "expand_chs"),  # the same split, blocks with grouped convs
+    ("res2next50", "layer1.0", "width"),  # torch.split(out, self.width): parts summed, grouped convs
+    ("dpn48b", "features.conv2_2", "num_1x1_c"),  # x[:, :self.num_1x1_c]: residual and dense paths
+])
+def test_splits_at_block_positions_are_pruned_to_the_target_exactly(tmp_path, name, block, attr):
+    net = binary_net(name)
+    before = getattr(net.get_submodule(block), attr)
+    filters = binary_filters(net)
+    analysis, share, loaded = prune_40(net, tmp_path)
+    assert not analysis.refused and share == 1.0
+    # the target over all binary filters, grouped convs and equal split parts included
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+    after = getattr(net.get_submodule(block), attr)
+    assert after < before  # the block's cut position followed its layers
+    assert getattr(loaded.get_submodule(block), attr) == after  # and the replay moved it the same way
+
+
+def test_equal_split_parts_lose_equal_counts(tmp_path):
+    net = binary_net("cs3darknet_s")
+    analysis, _, _ = prune_40(net, tmp_path)
+    stage = net.get_submodule("stages.1")
+    # conv_exp's output is split in two halves: both halves kept as many channels
+    assert stage.conv_exp.conv.out_channels == stage.expand_chs
+    assert stage.expand_chs % 2 == 0 and stage.blocks[0].conv1.conv.in_channels == stage.expand_chs // 2
+
+
+def test_blur_pool_filters_are_cut_with_their_channels(tmp_path):
+    net = binary_net("resnetblur18")
+    blurs = {n: m.channels for n, m in net.named_modules() if isinstance(m, BlurPool2d)}
+    assert blurs
+    analysis, _, loaded = prune_40(net, tmp_path)
+    assert any(m.module in blurs for g in analysis.groups for m in g.members)
+    for n, channels in blurs.items():
+        blur = net.get_submodule(n)
+        assert blur.channels == blur.filt.shape[0] < channels
+        assert loaded.get_submodule(n).filt.shape[0] == blur.channels
+
+
+def test_channel_padded_residual_is_exact_and_follows_in_channels(tmp_path):
+    net = binary_net("rexnet_100")
+    block = net.get_submodule("features.2")
+    assert block.use_shortcut
+    before = block.in_channels
+    prune_40(net, tmp_path)
+    first = block.conv_exp.conv if block.conv_exp is not None else block.conv_dw.conv
+    assert block.in_channels == first.in_channels < before
+
+
+def test_a_reshape_read_as_a_flatten_is_refused_by_name_not_a_time_out(tmp_path):
+    net = binary_net("gcresnet33ts")
+    analysis, share, _ = prune_40(net, tmp_path)
+    fanned = [why for why in analysis.refused.values() if "fans out" in why]
+    assert fanned and all(f"past {FAN_OUT}" in why for why in fanned)
+    assert 0.5 < share < 1.0  # the rest of the network is pruned
+
+
+def test_split_attention_is_refused_by_name():
+    net = binary_net("resnest14d")
+    analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
+    assert analysis.refused["layer1.0.conv2.conv"].endswith("which Torch-Pruning maps as a flatten")
+
+
+def test_a_slice_whose_block_has_no_rule_is_refused_by_name():
+    # DPN without "b": the residual width is c1x1_c's output minus the dense increment, which no
+    # layer shape gives, so x[:, :self.num_1x1_c] could not follow a cut
+    net = binary_net("dpn68")
+    block = net.get_submodule("features.conv2_2")
+    assert block.c1x1_c1 is None and rule_for(block) is None
+    assert rule_for(binary_net("dpn48b").get_submodule("features.conv2_2")) is not None
+    analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
+    assert any(why.endswith("sliced at channel positions fixed in the model's code") for why in analysis.refused.values())
+
+
+def test_mixed_kernel_splits_follow_their_convs(tmp_path):
+    from timm.layers.mixed_conv2d import MixedConv2d
+    net = binary_net("mixnet_s")
+    before = {n: list(m.splits) for n, m in net.named_modules() if isinstance(m, MixedConv2d) and len(m.splits) > 1}
+    analysis, share, loaded = prune_40(net, tmp_path)
+    assert share > 0.9  # was 0.09 while every mixed-kernel split was refused
+    cut = [n for n in before if sum(net.get_submodule(n).splits) < sum(before[n])]
+    assert cut
+    for n in cut:
+        mixed = net.get_submodule(n)
+        assert mixed.splits == [c.in_channels for c in mixed.values()] == loaded.get_submodule(n).splits
