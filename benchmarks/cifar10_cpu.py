@@ -58,12 +58,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnnprune import Binarize, GreedyFilterPruning, ImageClassifier, NpzDataModule, ZeroFilterPruning
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
-from lightning_bnnprune.pruning.groups import example_input_for, find_channel_groups
-from lightning_bnnprune.pruning.report import compression_report
-from lightning_bnnprune.pruning.surgery import remove_filters
+from lightning_bnnprune import (
+    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule,
+    ZeroFilterPruning, binarize_model, compression_report, find_channel_groups, remove_filters,
+)
+from lightning_bnnprune.introspect import example_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRUNING = ("msf", "greedy_l1", "stq", "random")  # strategies run at each target PFR
@@ -169,7 +168,7 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     net = ImageClassifier(args.model, num_classes=10).net
     binarize_model(net)
-    groups = [g.name for g in find_channel_groups(net, example_input_for(net)).groups]
+    groups = [g.name for g in find_channel_groups(net, example_batch(net)).groups]
     stages = math.ceil(len(groups) / args.msf_layers_per_stage)
     if args.full:
         selector, retrain = args.msf_phase_epochs
@@ -256,7 +255,7 @@ def evaluate(args: argparse.Namespace, module: pl.LightningModule, dm: NpzDataMo
 def unpruned_summary(module: ImageClassifier) -> Dict[str, Any]:
     """The compression report of the unpruned binary network (the same report, nothing cut)."""
     net = copy.deepcopy(module.net).cpu()
-    analysis = find_channel_groups(net, example_input_for(net))
+    analysis = find_channel_groups(net, example_batch(net))
     record = remove_filters(net, analysis, masks={g.name: torch.ones(g.size, dtype=torch.bool)
                                                   for g in analysis.groups})
     return dict(compression_report(net, record).summary)

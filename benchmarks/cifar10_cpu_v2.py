@@ -44,10 +44,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnnprune import Binarize, GreedyFilterPruning, ImageClassifier, NpzDataModule
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
-from lightning_bnnprune.pruning.groups import example_input_for, find_channel_groups
+from lightning_bnnprune import (
+    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule,
+    binarize_model, find_channel_groups,
+)
+from lightning_bnnprune.introspect import example_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
@@ -167,7 +168,7 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
         probe = copy.deepcopy(module.net)
         binarize_model(probe, **{k: v for k, v in binarize_cfg.items() if k in ("input_quantizer", "kernel_quantizer",
                                                                                 "keep_fp")})
-        groups = len(find_channel_groups(probe, example_input_for(probe)).groups)
+        groups = len(find_channel_groups(probe, example_batch(probe)).groups)
         pruner = msf_callback(args, MSF_CONFIGS[strategy.split(":", 1)[1]], pfr, groups)
     callbacks = [binarize] + ([pruner] if pruner else []) + [ReseedAtTrainStart(seed)]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, callbacks=callbacks,

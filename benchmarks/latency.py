@@ -1,7 +1,7 @@
 """CPU latency of a pruned binary network against the unpruned one, measured in the same run.
 
 Builds a binarised timm model, removes a seeded random ``--pfr`` share of every prunable channel
-group with :func:`lightning_bnnprune.pruning.surgery.remove_filters` (exactness-checked), then
+group with :func:`lightning_bnnprune.remove_filters` (exactness-checked), then
 times both models alternately (so load changes on the machine hit both alike) under
 ``torch.inference_mode``: ``--warmup`` untimed calls, then the median of ``--repeats`` timed ones,
 per batch size. The measured speedup is printed beside the MAC ratio the compression report
@@ -20,7 +20,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Tuple
@@ -28,23 +27,12 @@ from typing import Dict, List, Tuple
 import timm
 import torch
 
-import lightning_bnnprune  # noqa: F401  registers the CIFAR networks
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.pruning.report import compression_report
-from lightning_bnnprune.pruning.surgery import remove_filters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
 
-
-def _git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "lightning_bnnprune", "benchmarks/latency.py"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+from lightning_bnnprune import (  # noqa: E402
+    binarize_model, compression_report, find_channel_groups, remove_filters,
+)
+from _report import git_commit, write_markdown  # noqa: E402
 
 
 def _time(model: torch.nn.Module, x: torch.Tensor) -> Tuple[float, float]:
@@ -156,7 +144,7 @@ def main(argv: List[str] | None = None) -> int:
         f"## {args.model} at {args.size}x{args.size}, {args.pfr:.0%} of every group removed (CPU)",
         "",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- git commit: {_git_commit()}",
+        f"- git commit: {git_commit(('lightning_bnnprune', 'benchmarks/latency.py'))}",
         f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average at start {load[0]:.1f} (other processes share the machine)",
@@ -198,13 +186,7 @@ def main(argv: List[str] | None = None) -> int:
         ]
         lines += [f"| {k} | {u[k] * 1e3:.1f} | {p[k] * 1e3:.1f} | {u[k] / p[k]:.2f}x |" for k in ("conv", "other", "total")]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a" if args.append else "w") as f:
-            if args.append and f.tell():
-                f.write("\n")
-            f.write(text)
+    write_markdown(text, args.out, args.append)
     return 0
 
 

@@ -45,16 +45,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lightning_bnnprune  # noqa: E402,F401  (registers the CIFAR models)
-from lightning_bnnprune.binarize import binarize_model  # noqa: E402
-from lightning_bnnprune.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from lightning_bnnprune.layers import BinaryConv2d  # noqa: E402
+from lightning_bnnprune import (  # noqa: E402
+    BinaryConv2d, binarize_model, export_lce, export_packed, find_channel_groups, lce_predict,
+    remove_filters,
+)
+from lightning_bnnprune.stats import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from lightning_bnnprune.pruning import budget, criteria  # noqa: E402
-from lightning_bnnprune.pruning.export import export_packed  # noqa: E402
-from lightning_bnnprune.pruning.export_lce import export_lce, lce_predict  # noqa: E402
-from lightning_bnnprune.pruning.groups import find_channel_groups  # noqa: E402
 from lightning_bnnprune.pruning.report import storage_plan  # noqa: E402
-from lightning_bnnprune.pruning.surgery import remove_filters  # noqa: E402
-from lightning_bnnprune.callbacks.greedy import scores_for  # noqa: E402
+from lightning_bnnprune.pruning.criteria import scores_for  # noqa: E402
 
 NETWORKS = {"resnet20_cifar": 32, "resnet18_cifar": 32, "vgg11_cifar": 32, "resnet18": 64}
 

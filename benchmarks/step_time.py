@@ -1,6 +1,6 @@
 """Training-step time of MainSubsidiaryPruning's phases against plain binary training, in one run.
 
-Two real ``lightning.Trainer`` runs of the product's :class:`~lightning_bnnprune.module.ImageClassifier`
+Two real ``lightning.Trainer`` runs of the product's :class:`~lightning_bnnprune.ImageClassifier`
 on the same binarised model and the same batch, each in its own thread, take turns step by step
 (a baton passed at every batch end), so every pruning step is timed right after a plain step,
 under the same machine load:
@@ -32,7 +32,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -44,12 +43,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_bnnprune  # noqa: F401  registers the CIFAR networks
-from lightning_bnnprune import Binarize
-from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
-from lightning_bnnprune.module import ImageClassifier
-from lightning_bnnprune.pruning.groups import find_channel_groups
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
+
+from lightning_bnnprune import (  # noqa: E402
+    Binarize, ImageClassifier, MainSubsidiaryPruning, binarize_model, find_channel_groups,
+)
+from _report import git_commit  # noqa: E402
 
 
 class Baton:
@@ -104,19 +103,6 @@ class StopTimer(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.start.baton.finish(self.start.run)
-
-
-def _git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_bnnprune", "benchmarks/step_time.py"],
-            cwd=root, capture_output=True, text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _fit(args, callbacks, steps: int, errors: List[BaseException]) -> None:
@@ -178,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     msf._teacher = counted_teacher
     msf_start = StartTimer(baton, 1)
-    pruning = StopTimer(msf_start, lambda: f"{msf._phase.name} ({msf._phase.groups[0]})", lambda: teacher_calls[0])
+    pruning = StopTimer(msf_start, lambda: f"{msf.phase.name} ({msf.phase.groups[0]})", lambda: teacher_calls[0])
     errors: List[BaseException] = []
     runs = [
         threading.Thread(target=_fit, args=(args, [plain_start, Binarize(), plain], 4 * per_phase, errors)),
@@ -222,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"## MainSubsidiaryPruning step time: {args.model}, batch {args.batch_size} at {args.size}x{args.size} (CPU)",
         "",
         f"- command: `{command}`",
-        f"- git commit: {_git_commit()}",
+        f"- git commit: {git_commit(('lightning_bnnprune', 'benchmarks/step_time.py'))}",
         f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}, load average at start {load:.1f} (other processes share the machine)",
         f"- torch {torch.__version__}, lightning {L.__version__}, timm {timm.__version__}, "

@@ -34,7 +34,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -46,9 +45,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks
 
-import lightning_bnnprune  # noqa: F401,E402  registers the CIFAR networks
-from lightning_bnnprune.binarize import binarize_model  # noqa: E402
-from lightning_bnnprune.layers import BinaryConv2d  # noqa: E402
+from lightning_bnnprune import BinaryConv2d, binarize_model  # noqa: E402
+from _report import git_commit, write_markdown  # noqa: E402
 
 
 class _SignBefore(torch.autograd.Function):
@@ -141,17 +139,6 @@ def time_training(modes: Dict[str, nn.Module], batch: int, size: int, warmup: in
         for k in modes:
             times[k].append(step(k))
     return first, times
-
-
-def _git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "lightning_bnnprune", "benchmarks"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -252,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"## Throughput, {args.threads} thread(s)",
         "",
         f"- command: `{command}`",
-        f"- git commit: {_git_commit()}",
+        f"- git commit: {git_commit()}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f} (other processes share the machine: "
         "compare modes only within this run, by the CPU-time ratios)",
@@ -262,13 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"- wall time of the benchmark: {time.perf_counter() - started:.0f} s",
     ])
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a" if args.append else "w") as f:
-            if args.append and f.tell():
-                f.write("\n")
-            f.write(text)
+    write_markdown(text, args.out, args.append)
     return 0
 
 

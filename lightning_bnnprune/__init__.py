@@ -20,6 +20,7 @@ _EXPORTS = {
     "FilterPruning": ".callbacks",
     "GreedyFilterPruning": ".callbacks",
     "MainSubsidiaryPruning": ".callbacks",
+    "RandomStateCheckpoint": ".callbacks",
     "ZeroFilterPruning": ".callbacks",
     "CIFAR10DataModule": ".data",
     "CIFAR100DataModule": ".data",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "restore_pruned": ".pruning.record",
     "save_pruned": ".pruning.record",
     "compression_report": ".pruning.report",
+    "find_channel_groups": ".pruning.groups",  # what remove_filters needs
     "remove_filters": ".pruning.surgery",
 }
 

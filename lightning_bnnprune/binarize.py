@@ -10,47 +10,15 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Iterable, List, Optional, Set
 
 from torch import nn
 
 from . import quantizers
+from .introspect import classifier_names, first_conv_name
 from .layers import BinaryConv2d
 
-__all__ = [
-    "binarize_model", "binary_layers", "classifier_names", "find_networks", "full_precision_names",
-    "replace_relus", "RELU_REPLACEMENTS",
-]
-
-
-def _first_conv_name(model: nn.Module) -> Optional[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = cfg.get("first_conv")
-    for name in [names] if isinstance(names, str) else list(names or []):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        # timm sometimes names a wrapper (e.g. ConvNormAct): take the first conv inside it.
-        for sub_name, sub in module.named_modules():
-            if isinstance(sub, nn.Conv2d):
-                return f"{name}.{sub_name}" if sub_name else name
-    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def classifier_names(model: nn.Module) -> Set[str]:
-    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear``."""
-    by_id = {id(m): n for n, m in model.named_modules()}
-    heads: Set[str] = set()
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        head = get_classifier()
-        if isinstance(head, nn.Module) and id(head) in by_id:
-            heads.add(by_id[id(head)])
-    if not heads:
-        last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        heads.update(last_linear[-1:])
-    return heads
+__all__ = ["binarize_model", "binary_layers", "full_precision_names", "replace_relus", "RELU_REPLACEMENTS"]
 
 
 def full_precision_names(model: nn.Module, keep_fp: Iterable[str] = ()) -> Set[str]:
@@ -58,7 +26,7 @@ def full_precision_names(model: nn.Module, keep_fp: Iterable[str] = ()) -> Set[s
 
     ``keep_fp`` holds ``fnmatch`` patterns over module names (``"*.se.*"``, ``"head.*"``).
     """
-    keep = {n for n in [_first_conv_name(model)] if n is not None} | classifier_names(model)
+    keep = {n for n in [first_conv_name(model)] if n is not None} | classifier_names(model)
     patterns = list(keep_fp)
     names = [n for n, _ in model.named_modules()]
     for n in names:
@@ -67,32 +35,6 @@ def full_precision_names(model: nn.Module, keep_fp: Iterable[str] = ()) -> Set[s
         if any(fnmatch.fnmatchcase(n, p) for p in patterns):
             keep.add(n)
     return keep
-
-
-def find_networks(module: nn.Module, names: Optional[Sequence[str]] = None) -> List[str]:
-    """Attribute paths of the networks to binarise inside ``module`` (``""`` for ``module`` itself).
-
-    With ``names`` given they are checked and returned. Otherwise every outermost timm model
-    (anything with a ``pretrained_cfg`` and a ``get_classifier``) is a network; if there is none,
-    ``module`` itself is.
-    """
-    if names:
-        for name in names:
-            try:
-                module.get_submodule(name)
-            except AttributeError:
-                children = [n for n, _ in module.named_children()]
-                raise ValueError(
-                    f"network {name!r} not found in {type(module).__name__}; "
-                    f"its children are: {', '.join(children) or '(none)'}"
-                ) from None
-        return list(names)
-    found: List[str] = []
-    for name, sub in module.named_modules():
-        if hasattr(sub, "pretrained_cfg") and callable(getattr(sub, "get_classifier", None)):
-            if not any(name == f or name.startswith(f + ".") or f == "" for f in found):
-                found.append(name)
-    return found or [""]
 
 
 def _make_quantizer(identifier: quantizers.Identifier, kwargs: dict):

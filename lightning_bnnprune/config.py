@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_NAME = "train"  # conf/train.yaml, the app's primary config
+#: The app's config groups (``recipe`` lives in the ConfigStore, see :func:`register_recipes`).
+GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer", "recipe")
 RECIPE_GROUP = "recipe"
 
 

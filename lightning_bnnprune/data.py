@@ -21,7 +21,7 @@ Example::
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightning_bnnprune.batches import ResumableBatchSampler, ResumableDataLoader, fit_position
+from lightning_bnnprune.registry import Registry
+from lightning_bnnprune.stats import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -53,11 +55,8 @@ __all__ = [
     "create_datamodule",
 ]
 
-# Per-channel statistics of the CIFAR-10 training set (std over all pixels, not the per-image std
-# that some repositories copy around): the models' pretrained_cfg mean/std. The datamodules
-# compute theirs from the training split unless given.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# CIFAR10_MEAN / CIFAR10_STD: see lightning_bnnprune.stats. The datamodules compute their own
+# statistics from the training split unless given.
 
 Split = int | float
 
@@ -374,42 +373,25 @@ class _TensorDataModule(ImageDataModule):
         self.data_test = TensorImageDataset(x_test, y_test, eval_tf)
 
 
-_DM = TypeVar("_DM", bound=type[ImageDataModule])
-_DATAMODULES: dict[str, type[ImageDataModule]] = {}
-
-
-def register_datamodule(name: str) -> Callable[[_DM], _DM]:
-    """Class decorator: make a datamodule resolvable as ``create_datamodule(name)``.
-
-    Raises:
-        ValueError: If ``name`` is already registered.
-    """
-
-    def wrap(cls: _DM) -> _DM:
-        if name in _DATAMODULES:
-            raise ValueError(
-                f"datamodule {name!r} is already registered as {_DATAMODULES[name].__name__}"
-            )
-        _DATAMODULES[name] = cls
-        return cls
-
-    return wrap
+_DATAMODULES: Registry = Registry("datamodule", "datamodules", unknown="Unknown datamodule {name}; choose one of {choice_list}")
+#: Class decorator: make a datamodule resolvable as ``create_datamodule(name)`` (a name taken by
+#: another class is a ``ValueError``).
+register_datamodule = _DATAMODULES.register
 
 
 def list_datamodules() -> list[str]:
     """Registered datamodule names, sorted."""
-    return sorted(_DATAMODULES)
+    return list(_DATAMODULES.available())
 
 
 def create_datamodule(name: str, **kwargs: Any) -> ImageDataModule:
-    """Build the datamodule registered as ``name`` with ``kwargs``.
+    """Build the datamodule registered as ``name`` with ``kwargs`` (the Python-side twin of the
+    app's ``data=<name>``).
 
     Raises:
         ValueError: If ``name`` is not registered.
     """
-    if name not in _DATAMODULES:
-        raise ValueError(f"Unknown datamodule {name!r}; choose one of {list_datamodules()}")
-    return _DATAMODULES[name](**kwargs)
+    return _DATAMODULES.create(name, **kwargs)
 
 
 @register_datamodule("digits")

@@ -19,10 +19,12 @@ the physically pruned layer computes.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Tuple, Type, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from .registry import Registry
 
 __all__ = [
     "ste_sign",
@@ -36,23 +38,11 @@ __all__ = [
     "available",
 ]
 
-_REGISTRY: Dict[str, Type[nn.Module]] = {}
-
-
-def register(alias: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
-    """Class decorator: make a quantizer resolvable as ``get(alias)``."""
-
-    def wrap(cls: Type[nn.Module]) -> Type[nn.Module]:
-        _REGISTRY[alias] = cls
-        cls.alias = alias
-        return cls
-
-    return wrap
-
-
-def available() -> Tuple[str, ...]:
-    """The registered quantizer aliases, sorted."""
-    return tuple(sorted(_REGISTRY))
+_REGISTRY: Registry = Registry("quantizer", "quantizers")
+#: Class decorator: make a quantizer resolvable as ``get(alias)``.
+register = _REGISTRY.register
+#: The registered quantizer aliases, sorted.
+available = _REGISTRY.available
 
 
 def _sign(x: Tensor) -> Tensor:
@@ -236,11 +226,7 @@ def get(identifier: Identifier, **kwargs) -> Optional[nn.Module]:
     if identifier is None or isinstance(identifier, nn.Module):
         return identifier
     if isinstance(identifier, str):
-        if identifier not in _REGISTRY:
-            raise ValueError(
-                f"Unknown quantizer {identifier!r}; registered quantizers: {', '.join(available())}"
-            )
-        return _REGISTRY[identifier](**kwargs)
+        return _REGISTRY.create(identifier, **kwargs)
     if callable(identifier):
         return _Lambda(identifier)
     raise ValueError(

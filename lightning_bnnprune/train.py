@@ -31,14 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
 
 import hydra
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from lightning_bnnprune.config import ConfigError, conf_dir, recipe_names, register_recipes
+from lightning_bnnprune.config import CONFIG_NAME, GROUPS, ConfigError, conf_dir, register_recipes
+from lightning_bnnprune.errors import building, cli_overrides, one_line_error, squash
 
 # torch, timm and Lightning load only when a run starts (in `build`): printing a config
 # (`--cfg job`) or reporting a configuration mistake answers in about a second.
@@ -46,25 +44,28 @@ if TYPE_CHECKING:
     from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.loggers import Logger
 
-__all__ = ["Run", "build", "train", "main", "one_line_error"]
+# How a configuration mistake becomes one line: lightning_bnnprune.errors.
+__all__ = ["Run", "build", "train", "main"]
 
-CONFIG_NAME = "train"
-GROUPS = ("data", "model", "binarize", "prune", "callbacks", "logger", "trainer", "recipe")
 
 
 # ---------------------------------------------------------------------------------------- build
-def _instantiate_dict(cfg: Optional[DictConfig]) -> List[Any]:
+def _instantiate_dict(group: str, cfg: Optional[DictConfig]) -> List[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, logger)."""
-    if not cfg:
-        return []
-    return [instantiate(node, _convert_="all") for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    built = []
+    for name, node in (cfg or {}).items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            with building(f"{group}.{name}"):
+                built.append(instantiate(node, _convert_="all"))
+    return built
 
 
-def _instantiate_one(cfg: Optional[DictConfig]) -> Optional[Any]:
+def _instantiate_one(group: str, cfg: Optional[DictConfig]) -> Optional[Any]:
     """Instantiate a one-object group (binarize, prune); an empty option (``none``) gives None."""
     if not cfg or "_target_" not in cfg:
         return None
-    return instantiate(cfg, _convert_="all")
+    with building(group):
+        return instantiate(cfg, _convert_="all")
 
 
 def _pruning_summary(callbacks: Sequence[Callback]) -> Optional[Dict[str, Any]]:
@@ -114,14 +115,16 @@ def build(cfg: DictConfig) -> Run:
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
+    with building("data"):
+        datamodule: LightningDataModule = instantiate(cfg.data, _convert_="all")
     num_classes = cfg.model.get("num_classes") or datamodule.num_classes
-    model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
-    binarize = _instantiate_one(cfg.get("binarize"))
-    prune = _instantiate_one(cfg.get("prune"))
-    loggers: List[Logger] = _instantiate_dict(cfg.get("logger"))
+    with building("model"):
+        model: LightningModule = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    binarize = _instantiate_one("binarize", cfg.get("binarize"))
+    prune = _instantiate_one("prune", cfg.get("prune"))
+    loggers: List[Logger] = _instantiate_dict("logger", cfg.get("logger"))
     callbacks: List[Callback] = [cb for cb in (binarize, prune) if cb is not None]
-    for callback in _instantiate_dict(cfg.get("callbacks")):
+    for callback in _instantiate_dict("callbacks", cfg.get("callbacks")):
         # Lightning refuses these combinations; `trainer.enable_*=false` or `logger=none` win.
         if isinstance(callback, LearningRateMonitor) and not loggers:
             continue
@@ -130,7 +133,8 @@ def build(cfg: DictConfig) -> Run:
         if isinstance(callback, ModelCheckpoint) and not cfg.trainer.get("enable_checkpointing", True):
             continue
         callbacks.append(callback)
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    with building("trainer"):
+        trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     return Run(datamodule, model, binarize, prune, callbacks, loggers, trainer)
 
 
@@ -183,7 +187,7 @@ def _interrupted(cfg: DictConfig, run: Run, stop: SystemExit) -> None:
     sigterm = type(stop).__name__ == "SIGTERMException"
     output_dir = Path(str(cfg.paths.output_dir))
     last = output_dir / "checkpoints" / "last.ckpt"
-    kept = [o for o in _cli_overrides() if not re.match(r"^(hydra\.run\.dir|ckpt_path)=", o)]
+    kept = [o for o in cli_overrides() if not re.match(r"^(hydra\.run\.dir|ckpt_path)=", o)]
     resume = (f"resume with: bnnprune {' '.join(kept + [f'hydra.run.dir={output_dir}', f'ckpt_path={last}'])}"
               if last.is_file() else "no checkpoint was written yet")
     sys.stderr.write(f"bnnprune: interrupted by {'SIGTERM' if sigterm else 'SIGINT'} at step "
@@ -248,7 +252,7 @@ def _export(cfg: DictConfig, run: Run) -> Optional[str]:
     beside ``pruned.pt`` (else in the run folder), never overwriting (``-v1``... suffixes)."""
     if cfg.get("export") != "lce" or not run.trainer.is_global_zero:
         return None
-    from .binarize import find_networks
+    from .introspect import find_networks
     from .callbacks.base import FilterPruning
     from .pruning.export_lce import export_lce
 
@@ -317,7 +321,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         summary = train(cfg)
     except Exception as err:  # noqa: BLE001
-        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        message = None if _FULL_ERROR else one_line_error(err, cli_overrides())
         if _in_sweep():
             # One failed job is a row of the sweep summary (lightning_bnnprune.sweep), not the end
             # of the sweep: its summary.json says why, its log keeps the traceback.
@@ -338,7 +342,7 @@ def _in_sweep() -> bool:
 
 def _job_failed(cfg: DictConfig, err: BaseException, message: Optional[str]) -> None:
     """Record a failed sweep job: ``summary.json`` with ``status: failed`` and the one-line error."""
-    line = message or _squash(f"{type(err).__name__}: {err}").split("; ")[0]
+    line = message or squash(f"{type(err).__name__}: {err}").split("; ")[0]
     logging.getLogger(__name__).error("job failed: %s", line, exc_info=err)
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -379,114 +383,6 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
-def _options(group: str) -> List[str]:
-    """Choices of a config group (the recipe names for ``recipe``)."""
-    if group == "recipe":
-        return recipe_names()
-    folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def _cli_overrides() -> List[str]:
-    """The ``key=value`` arguments of the command line (Hydra's flags left out)."""
-    takes_value = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
-                   "--package", "-p", "--info", "-i", "--experimental-rerun"}
-    out, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg in takes_value:
-            skip = arg not in ("--info", "-i")
-        elif not arg.startswith("-"):
-            out.append(arg)
-    return out
-
-
-def _keys_of(parent: str, overrides: Sequence[str], bad_key: str) -> List[str]:
-    """Keys of ``parent`` (``""``: the top level) in the config the other overrides compose."""
-    from hydra import compose, initialize_config_dir
-
-    kept = [o for o in overrides if not re.match(rf"^[+~]*{re.escape(bad_key)}=", o)]
-    GlobalHydra.instance().clear()
-    for attempt in (kept, []):
-        try:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = compose(CONFIG_NAME, overrides=list(attempt))
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            return sorted(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else []
-        except Exception:  # noqa: BLE001  (a sweep or the same mistake: fall back to the defaults)
-            GlobalHydra.instance().clear()
-    return []
-
-
-def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The one-line message for a configuration mistake, or None for anything else.
-
-    ``overrides`` (the command line's ``key=value`` arguments) let an unknown key's message list
-    the keys of the config those overrides compose; without them the default config's.
-
-    Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
-    the keys that exist there), override syntax, missing mandatory values, errors raised while
-    building the configured objects, a run folder that already holds results, and Lightning's
-    ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
-    """
-    text = str(err)
-    found = re.search(r"Could not find '([^']*)'", text)
-    if isinstance(err, CompactHydraException) and found:
-        wanted = found.group(1)
-        group, _, name = wanted.rpartition("/")
-        group = group.strip("/")
-        if group:
-            choices = _options(group) or re.findall(r"^\t(\S+)$", text, flags=re.MULTILINE)
-            kind = "recipe" if group == "recipe" else f"{group} option"
-            return f"unknown {kind} '{name}'; choose one of: {', '.join(choices) or '(none)'}"
-        return f"unknown config '{name}'"
-    overridden = re.search(r"Could not (?:override|append to|delete from config)[^']*'([^']+)'", text)
-    if isinstance(err, CompactHydraException) and overridden:
-        key = overridden.group(1)
-        value_match = re.search(r"use \+(\S+)", text)
-        parent, _, leaf = key.rpartition(".")
-        if "not in struct" in text or "Key" in text and "not found" in text or "Could not override" in text:
-            keys = _keys_of(parent, overrides or (), key)
-            where = f"keys of {parent}" if parent else "top-level keys"
-            groups = [g for g in GROUPS if g not in keys] if not parent else []
-            hint = f"; to add a new key use +{value_match.group(1)}" if value_match else ""
-            listed = f"{where}: {', '.join(keys)}" if keys else f"{parent or 'the config'} has no keys here"
-            listed += f"; config groups: {', '.join(groups)}" if groups else ""
-            return f"unknown key '{key}'; {listed}{hint}"
-    if isinstance(err, InstantiationException):
-        cause = err.__cause__
-        full_key = re.search(r"full_key: (\S+)", text)
-        where = f"{full_key.group(1)}: " if full_key else ""
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else text.splitlines()[0]
-        return _squash(f"{where}{detail}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
-    if isinstance(err, OmegaConfBaseException):
-        first = text.splitlines()[0] if text else type(err).__name__
-        if "Missing mandatory value" in first:
-            key = first.split(":", 1)[-1].strip()
-            return f"{first}; set it on the command line: {key}=..."
-        return _squash(first)
-    if isinstance(err, CompactHydraException):
-        return _squash(text.split("Config search path")[0])
-    if _is_misconfiguration(err) and "'s schedule needs" in text:
-        # the pruning schedule's short-run rule, in the app's keys: trainer.max_*, schedule.*
-        text = re.sub(r"(?<![.\w])(max_steps|max_epochs)(?= >=)", r"trainer.\1", text)
-        return _squash(re.sub(r"(?<![.\w])(warmup|selector|retrain)=", r"schedule.\1=", text))
-    if _is_misconfiguration(err) or isinstance(err, FileNotFoundError):
-        return _squash(f"{type(err).__name__}: {err}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
-    return None
-
-
-def _is_misconfiguration(err: BaseException) -> bool:
-    """Lightning's ``MisconfigurationException`` (by name: Lightning may not be imported yet)."""
-    return any(c.__name__ == "MisconfigurationException" for c in type(err).__mro__)
-
-
-def _squash(text: str) -> str:
-    """Join the lines of a message into one."""
-    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
 def main() -> None:
     """Console entry point ``bnnprune``: Hydra's app with one-line configuration errors."""
     global _FULL_ERROR
@@ -507,7 +403,7 @@ def main() -> None:
         sys.stderr.write(f"bnnprune: error: {err.message}\n")
         sys.exit(2)
     except Exception as err:  # noqa: BLE001
-        message = None if _FULL_ERROR else one_line_error(err, _cli_overrides())
+        message = None if _FULL_ERROR else one_line_error(err, cli_overrides())
         if message is None:
             raise
         _remove_unused_sweep_dir()

@@ -25,30 +25,14 @@ from lightning_bnnprune.pruning.gates import attach_gates
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.surgery import remove_filters
 
+from conftest import UserModule, randomise_norms
+
 needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
 _INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
 needs_interpreter = pytest.mark.skipif(
     not (lce_available() and _INTERPRETER),
     reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomise_norms(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
 
 
 def pruned(name, size=32, share=0.4, round_to=1):
@@ -190,24 +174,6 @@ def test_without_the_extra_the_error_says_how_to_install(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ round_to
-def test_round_counts_keep_multiples_and_the_pfr_within_one_point():
-    sizes = {"a": 64, "b": 128, "c": 256, "d": 512}
-    for round_to in (8, 32):
-        counts = budget.allocate(sizes, 0.4, round_to=round_to)
-        kept = {k: sizes[k] - v for k, v in counts.items()}
-        assert all(v % round_to == 0 or v == sizes[k] for k, v in kept.items()), kept
-        assert abs(sum(counts.values()) / sum(sizes.values()) - 0.4) <= 0.01
-    assert budget.allocate(sizes, 0.4, round_to=1) == budget.allocate(sizes, 0.4)
-    assert budget.allocate(sizes, 0.4, round_to=32) == {"a": 32, "b": 64, "c": 96, "d": 192}
-
-
-def test_round_counts_refuses_an_unreachable_target_in_one_line():
-    with pytest.raises(ValueError, match=r"round_to=32 cannot keep the PFR within 1% of 0.4000: the nearest reachable is"):
-        budget.allocate({"a": 16, "b": 16, "c": 32, "d": 32, "e": 64}, 0.4, round_to=32)
-    with pytest.raises(ValueError, match=r"round_to must be an int >= 1, got 0"):
-        budget.round_counts({"a": 8}, {"a": 2}, 0)
-
-
 @pytest.mark.parametrize("cls, kwargs", [
     (GreedyFilterPruning, {"criterion": "l1"}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
 ])
@@ -223,28 +189,14 @@ def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
 
     from lightning_bnnprune import Binarize
 
-    class Module(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = timm.create_model("resnet18_cifar", num_classes=10)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     seed_everything(0)
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     pruning = GreedyFilterPruning("l1", target_pfr=0.4, round_to=32, input_size=(3, 32, 32))
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       callbacks=[Binarize(), pruning])
-    trainer.fit(Module(), DataLoader(data, batch_size=4))
-    rows = pruning.report._layer_rows()
+    trainer.fit(UserModule("resnet18_cifar", lr=0.01, optimizer=torch.optim.SGD), DataLoader(data, batch_size=4))
+    rows = pruning.report.layer_rows()
     binary = [r for r in rows if r["kind"] == "binary conv"]
     assert binary and all(r["filters_after"] % 32 == 0 for r in binary), binary[:3]
     assert any(r["filters_after"] < r["filters_before"] for r in binary)
@@ -301,17 +253,6 @@ def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
 
     from lightning_bnnprune import Binarize
 
-    class Net(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = timm.create_model("test_resnet", num_classes=10)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-4)
-
     class EmptyFive(ZeroFilterPruning):
         def setup(self, trainer, pl_module, stage):
             super().setup(trainer, pl_module, stage)
@@ -322,7 +263,7 @@ def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
     pruning = EmptyFive(round_to=4)
     kw = dict(kernel_quantizer="bdg", kernel_quantizer_kwargs={"zero_lower": True})
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
-    module = Net()
+    module = UserModule(attr="model", lr=1e-4)
     Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
             enable_model_summary=False, default_root_dir=tmp_path,
             callbacks=[Binarize(**kw), pruning]).fit(module, DataLoader(data, batch_size=8))

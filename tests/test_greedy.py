@@ -1,45 +1,22 @@
 """GreedyFilterPruning inside a real Trainer, on a timm network held by the user's own module."""
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
-from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning, global_counts
+from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.layers import BinaryConv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convs gain nothing from intra-op threads, and on a shared 2-core box they thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import UserModule
 
 
-class UserModule(LightningModule):
-    """A user's own module: the timm network under an arbitrary attribute name, AdamW with decay."""
-
-    def __init__(self, lr: float = 1e-2, weight_decay: float = 0.1):
-        super().__init__()
-        self.my_net = timm.create_model("test_resnet", num_classes=10)
-        self.example_input_array = torch.zeros(2, 3, 32, 32)
-        self.lr, self.weight_decay = lr, weight_decay
-
-    def forward(self, x):
-        return self.my_net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        # every parameter, the gates' logits included: they must still never move
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+def user_module() -> UserModule:
+    """A user's own module: the timm network under an arbitrary attribute name, AdamW with decay
+    over every parameter, the gates' logits included: they must still never move."""
+    return UserModule("test_resnet", attr="my_net", lr=1e-2, optimizer=torch.optim.AdamW, weight_decay=0.1,
+                      example_input_size=(3, 32, 32))
 
 
 class Probe(Callback):
@@ -71,7 +48,7 @@ def _loader(n=32, batch_size=8):
 
 def _fit(tmp_path, pruning, max_steps, extra=(), module=None, ckpt_path=None, **kwargs):
     seed_everything(0)
-    module = module or UserModule()
+    module = module or user_module()
     trainer = Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -210,19 +187,6 @@ def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_pat
     assert all(torch.equal(m, _masks(full)[n]) for n, m in _masks(resumed).items())
 
 
-def test_global_ranking_respects_floors_and_normalises_per_group():
-    sizes = {"a": 3, "b": 7, "c": 7, "d": 100, "e": 2}
-    scores = {g: torch.rand(n, generator=torch.Generator().manual_seed(n)) for g, n in sizes.items()}
-    scores["d"] = scores["d"] * 1000  # a layer on another scale is not spared by it
-    for total in (0, 1, 50, 109):
-        counts = global_counts(scores, total, min_filters=2)
-        assert sum(counts.values()) == total and counts["e"] == 0
-        assert all(counts[g] <= sizes[g] - 2 for g in ("a", "b", "c", "d"))
-    assert 0 < global_counts(scores, 50, min_filters=2)["d"] < 100
-    with pytest.raises(ValueError, match="cannot close 110 filters: min_filters=2 leaves 109"):
-        global_counts(scores, 110, min_filters=2)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -295,7 +259,7 @@ def test_after_fit_the_module_is_the_smaller_network_and_reloads(tmp_path):
     from lightning_bnnprune.pruning.record import load_pruned
 
     pruning = GreedyFilterPruning("binarization_error", target_pfr=0.4)
-    module = UserModule()
+    module = user_module()
     params_before = sum(p.numel() for p in module.my_net.parameters())
     _fit(tmp_path, pruning, max_steps=2, module=module)
     net = module.my_net

@@ -3,8 +3,7 @@ the fit-start line when refused groups cap the PFR."""
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -12,40 +11,17 @@ from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPrun
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.pruning.budget import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
-from lightning_bnnprune.pruning.record import slice_channels
+from lightning_bnnprune.pruning.slicing import slice_channels
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class UserModule(LightningModule):
-    def __init__(self, name: str):
-        super().__init__()
-        self.net = timm.create_model(name, num_classes=10)
-        self.example_input_array = torch.zeros(2, 3, 32, 32)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+from conftest import UserModule
 
 
 def _fit(tmp_path, name, pruning, max_steps):
     seed_everything(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
-    module = UserModule(name)
+    module = UserModule(name, example_input_size=(3, 32, 32))
     trainer = Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

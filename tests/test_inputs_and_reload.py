@@ -6,8 +6,7 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,31 +17,12 @@ from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.pruning.gates import gates_of
 from lightning_bnnprune.pruning.record import load_pruned
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import UserModule
 
 
-class Lit(LightningModule):
+def Lit(net: nn.Module) -> UserModule:
     """A user's module around any network (no example_input_array: the size comes from the data)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+    return UserModule(net, lr=1e-2)
 
 
 def small_cnn() -> nn.Module:  # not a timm model: the record names layers from the LightningModule

@@ -10,16 +10,6 @@ from lightning_bnnprune.models import CifarResNet, CifarVGG
 CIFAR_MODELS = ["resnet18_cifar", "resnet20_cifar", "vgg11_cifar", "nin_cifar"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box two threads per
-    # op spin against other processes (10x slower); restored so other test files are unaffected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

@@ -10,16 +10,6 @@ from lightning_bnnprune.data import DigitsDataModule, FakeDataModule
 from lightning_bnnprune.module import ImageClassifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box two threads per
-    # op spin against other processes (10x slower); restored so other test files are unaffected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(**kwargs):
     defaults = dict(
         accelerator="cpu",

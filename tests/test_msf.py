@@ -16,16 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_bnnprune.models  # noqa: F401  (registers resnet18_cifar in timm)
 from lightning_bnnprune import Binarize
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
+from lightning_bnnprune.pruning.distill import open_gates_forward
 from lightning_bnnprune.pruning.gates import gates_of
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Classifier(L.LightningModule):
@@ -91,7 +83,7 @@ class Recorder(Callback):
         self.snapshots.append((main_params(pl_module), gate_logits(pl_module)))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        phase = self.msf._phase
+        phase = self.msf.phase
         key = (phase.stage, phase.name, phase.groups)
         if not self.phases or self.phases[-1] != key:
             self.phases.append(key)
@@ -103,8 +95,8 @@ class Recorder(Callback):
         self.backwards += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.msf._phase.name == "selector":
-            for name in self.msf._phase.groups:
+        if self.msf.phase.name == "selector":
+            for name in self.msf.phase.groups:
                 self.learned[name] = self.msf.gates[name].logits.detach().clone()
 
     def on_train_end(self, trainer, pl_module):
@@ -227,9 +219,9 @@ def test_teacher_is_the_network_with_the_stage_gates_open_and_leaves_bn_statisti
     assert 0 < gate.num_open < 32  # the selector closed its share
     x = torch.randn(4, 3, 32, 32)
     net.train()
-    msf._phase = msf.schedule.phase_at(0)  # inside the selector of conv1.6
+    selector = msf.schedule.phase_at(0)  # the selector of conv1.6
     buffers = {n: b.clone() for n, b in net.named_buffers()}
-    teacher = msf._teacher(net, (x,), {})
+    teacher = open_gates_forward(net, selector.groups, (x,), {})
     assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())  # statistics untouched
     closed = gate.mask().clone()
     with torch.no_grad():

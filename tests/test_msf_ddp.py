@@ -40,7 +40,7 @@ class RankRecord(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         msf = next(cb for cb in trainer.callbacks if isinstance(cb, MainSubsidiaryPruning))
-        phase = msf._phase
+        phase = msf.phase
         if phase.start == trainer.global_step:  # the callback has just entered this phase
             self.boundaries[trainer.global_step] = {
                 "phase": (phase.stage, phase.name),

@@ -16,14 +16,6 @@ from lightning_bnnprune.pruning.gates import gates_of
 from test_msf import Classifier, gate_logits, loader, main_params, trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CosineClassifier(Classifier):
     """The user's own schedule: SGD with a cosine to 0 over ``total`` steps, stepped per batch."""
 
@@ -45,7 +37,7 @@ class StepLog(Callback):
         self.rows: List[tuple] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.rows.append((trainer.global_step, self.msf._phase.name, optimizer.param_groups[0]["lr"]))
+        self.rows.append((trainer.global_step, self.msf.phase.name, optimizer.param_groups[0]["lr"]))
 
 
 def test_final_retrain_restarts_the_learning_rate(tmp_path):

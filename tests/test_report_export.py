@@ -6,7 +6,6 @@ import warnings
 import pytest
 import timm
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_bnnprune.binarize import binarize_model
@@ -16,29 +15,13 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
 
+from conftest import randomise_norms
+
 PFR = 0.4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(n=2, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_norms(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
 
 
 def prune_share(name, share=PFR, **binarize_kwargs):

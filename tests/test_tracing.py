@@ -18,13 +18,7 @@ from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters
 from lightning_bnnprune.pruning.tracing import FAN_OUT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import randomise_norms
 
 
 def binary_net(name: str) -> nn.Module:
@@ -32,13 +26,7 @@ def binary_net(name: str) -> nn.Module:
     torch.manual_seed(0)
     net = timm.create_model(name, num_classes=10)
     binarize_model(net)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
+    randomise_norms(net)
     return net.eval()
 
 

@@ -29,7 +29,7 @@ def warm():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # the script sets its own

@@ -1,14 +1,13 @@
 """What every filter-pruning callback shares: finding the groups, owning the gates, removing at the end.
 
-Subclasses (``MainSubsidiaryPruning``, ``GreedyFilterPruning``) only decide *which* gates close
-and when; the groups, the gates and the physical removal at fit end are the same for all of them,
-so every strategy is measured through the same machinery.
+Subclasses (``MainSubsidiaryPruning``, ``GreedyFilterPruning``, ``ZeroFilterPruning``) only decide
+*which* gates close and when, through the override points of :class:`FilterPruning`; the groups,
+the gates and the physical removal at fit end are the same for all of them, so every strategy is
+measured through the same machinery. ``docs/extending.md`` shows a new strategy end to end.
 """
 from __future__ import annotations
 
 import copy
-import functools
-import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -21,15 +20,19 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..binarize import binary_layers, find_networks
+from ..binarize import binary_layers
+from ..introspect import example_batch, find_networks, input_size_of
+from ..pruning.budget import allocate, macs_per_channel
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
-from ..pruning.groups import GroupAnalysis, coverage, example_input_for, find_channel_groups
-from ..pruning.inputs import input_size_of
+from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
-from ..pruning.surgery import default_inputs, remove_filters, resolve_keep
+from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
+from ..pruning.surgery import check_batch, remove_filters, resolve_keep
 from .binarize import Binarize
+from .checks import ScheduleMisconfiguration, check, check_pfr, is_int, is_number
+from .wrapping import Captured, StepWrapper, student_output
 
 __all__ = ["FilterPruning"]
 
@@ -43,14 +46,29 @@ class FilterPruning(Callback):
     yet and a :class:`Binarize` callback is in the trainer, that callback runs first; with none
     it is an error (pruning full-precision filters is not what this library is for).
 
+    **A new strategy** subclasses this class and overrides only these (each has a default; call
+    ``super()`` in the Lightning hooks):
+
+    - :meth:`configure_gates`: once, when the groups and gates exist, before the optimizer is
+      built: plan the counts (:meth:`plan_counts`), freeze gates that a rule sets
+      (:meth:`freeze_gates`);
+    - Lightning's training hooks (``on_train_batch_start``, ``on_train_epoch_start``...): close
+      gates when the strategy decides, ``self.gates[name].set_mask(keep)``; a schedule with
+      lengths fits the trainer through :meth:`fit_schedule`;
+    - :meth:`final_masks`: at fit end, before the removal, the keep masks still to set;
+    - :meth:`distilling`: whether ``distill`` applies to this step;
+    - ``state_dict`` / ``load_state_dict``: what the strategy needs to resume (extend ``super()``'s).
+
     Args:
-        target_pfr: pruned filters / prunable filters to reach, in ``[0, 1)``.
+        target_pfr: pruned filters / prunable filters the strategy aims at, in ``[0, 1)``; None for
+            a strategy whose PFR is an outcome, not a target (``ZeroFilterPruning``). ``setup``
+            warns when groups that cannot be pruned cap it.
         network: attribute path of the network inside the LightningModule (default: the single
             timm model found, else the whole module).
         input_size: ``(C, H, W)`` of one input, for tracing, the removal check and the report's
             MACs; default: ``pl_module.example_input_array``, else the first training batch's
             shape, else the network's timm ``pretrained_cfg["input_size"]``
-            (:func:`~lightning_bnnprune.pruning.inputs.input_size_of`).
+            (:func:`~lightning_bnnprune.introspect.input_size_of`).
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
         remove_at_end: remove the pruned filters physically at the end of ``fit``: the
@@ -81,7 +99,7 @@ class FilterPruning(Callback):
 
     def __init__(
         self,
-        target_pfr: float,
+        target_pfr: Optional[float] = None,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
@@ -91,20 +109,13 @@ class FilterPruning(Callback):
         distill_temperature: float = 4.0,
         round_to: int = 1,
     ) -> None:
-        for label, value, low in (("distill", distill, 0.0), ("distill_temperature", distill_temperature, None)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or (value < low if low is not None else value <= 0):
-                bound = ">= 0" if low is not None else "> 0"
-                raise MisconfigurationException(f"`{label}` must be a number {bound}, got {value!r}")
-        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-            raise MisconfigurationException(f"`round_to` must be an int >= 1, got {round_to!r}")
-        if not isinstance(target_pfr, (int, float)) or not 0.0 <= float(target_pfr) < 1.0:
-            raise MisconfigurationException(f"`target_pfr` must be in [0, 1), got {target_pfr!r}")
-        if not isinstance(min_filters, int) or min_filters < 1:
-            raise MisconfigurationException(f"`min_filters` must be an int >= 1, got {min_filters!r}")
-        if input_size is not None and len(input_size) != 3:
-            raise MisconfigurationException(f"`input_size` must be (C, H, W), got {input_size!r}")
-        self.target_pfr = float(target_pfr)
+        check(is_number(distill) and distill >= 0, f"`distill` must be a number >= 0, got {distill!r}")
+        check(is_number(distill_temperature) and distill_temperature > 0,
+              f"`distill_temperature` must be a number > 0, got {distill_temperature!r}")
+        check(is_int(round_to, 1), f"`round_to` must be an int >= 1, got {round_to!r}")
+        check(is_int(min_filters, 1), f"`min_filters` must be an int >= 1, got {min_filters!r}")
+        check(input_size is None or len(input_size) == 3, f"`input_size` must be (C, H, W), got {input_size!r}")
+        self.target_pfr = None if target_pfr is None else check_pfr("target_pfr", target_pfr)
         self.network = network
         self.input_size = tuple(input_size) if input_size is not None else None
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -124,9 +135,7 @@ class FilterPruning(Callback):
         self.distill_temperature = float(distill_temperature)
         self.teacher: Optional[FrozenTeacher] = None
         self._teacher_state: Optional[Dict[str, Any]] = None
-        self._distill_undo: Optional[Any] = None
-        self._distill_captured: Optional[Any] = None
-        self._distill_capturing = False
+        self._distill_wrapper: Optional[StepWrapper] = None
         self._seen_input_size: Optional[Sequence[int]] = None
 
     # ------------------------------------------------------------------ set-up
@@ -134,7 +143,7 @@ class FilterPruning(Callback):
         return pl_module.get_submodule(self.network_path) if self.network_path else pl_module
 
     def _example_inputs(self, pl_module: "pl.LightningModule", net: nn.Module) -> torch.Tensor:
-        return example_input_for(net, self._input_shape(pl_module, net))
+        return example_batch(net, self._input_shape(pl_module, net))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -182,8 +191,73 @@ class FilterPruning(Callback):
             f"[{type(self).__name__}] {len(self.analysis.groups)} prunable channel groups, "
             f"{self.analysis.num_filters} filters{refused}"
         )
-        if note := coverage(net, self.analysis).note(self.target_pfr):  # refused groups cap the PFR: say so
+        note = coverage(net, self.analysis).note(self.target_pfr) if self.target_pfr is not None else None
+        if note:  # refused groups cap the PFR: say so
             rank_zero_warn(f"[{type(self).__name__}] {note}")
+        self.configure_gates(trainer, pl_module)
+
+    # ------------------------------------------------------------------ override points
+    def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Override point, called once at the end of ``setup``: ``self.analysis`` and
+        ``self.gates`` exist, the optimizer does not yet (so freezing a gate here keeps it out of
+        every gradient). Default: nothing (the gates stay open and trainable)."""
+
+    def freeze_gates(self) -> None:
+        """Gates that a rule sets, never the optimizer: their logits get ``requires_grad=False``
+        (they still sit in the user's optimizer, which skips parameters without a gradient)."""
+        for gate in self.gates.values():
+            gate.logits.requires_grad_(False)
+
+    def plan_counts(self, pl_module: "pl.LightningModule", names: Sequence[str], allocation: str = "uniform",
+                    total_filters: Optional[int] = None,
+                    scores: Optional[Dict[str, Tensor]] = None) -> Dict[str, int]:
+        """Filters to close in each of the groups ``names`` so that ``target_pfr`` is met: the
+        allocation every strategy shares (:func:`~lightning_bnnprune.pruning.budget.allocate`),
+        with ``min_filters``, ``round_to`` and grouped convs' cells; ``"macs"`` is measured at this
+        fit's input size, ``"global"`` ranks ``scores``. The PFR's denominator is ``total_filters``
+        (default: the filters of ``names``).
+
+        Raises:
+            MisconfigurationException: a target the floors cannot reach (the message gives the
+                largest reachable PFR).
+        """
+        groups = {name: self.analysis[name] for name in names}
+        macs = None
+        if allocation == "macs":
+            net = self.network_of(pl_module)
+            macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
+        try:
+            return allocate({n: g.size for n, g in groups.items()}, self.target_pfr, allocation, self.min_filters,
+                            total_filters=total_filters, macs_per_channel=macs, round_to=self.round_to,
+                            quanta={n: g.num_parts for n, g in groups.items()}, scores=scores, groups=groups)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+
+    def fit_schedule(self, trainer: "pl.Trainer", unit: str, lengths: Dict[str, int], repeats: Dict[str, int], *,
+                     scale_to_fit: bool, origin: int = 0, extra: int = 0) -> Dict[str, int]:
+        """The schedule rule every strategy shares (call it in ``on_fit_start`` or later): the
+        lengths that fit the trainer's ``max_steps`` / ``max_epochs`` from ``origin`` on, scaled
+        when ``scale_to_fit``, else a one-line error naming what would fit
+        (:func:`~lightning_bnnprune.pruning.schedule.fit_lengths`).
+
+        Raises:
+            MisconfigurationException: the schedule does not fit (see above).
+        """
+        available, knob, per_epoch = trainer_budget(trainer, unit, origin)
+        try:
+            fitted = fit_lengths(type(self).__name__, lengths, repeats, available, unit, knob=knob,
+                                 per_epoch=per_epoch, scale_to_fit=scale_to_fit, extra=extra, origin=origin)
+        except ScheduleTooLong as err:
+            raise ScheduleMisconfiguration(err) from None
+        if fitted != lengths:
+            rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {unit}: {fitted}")
+        return fitted
+
+    def final_masks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[Dict[str, Tensor]]:
+        """Override point, called at fit end before the removal (also with ``remove_at_end=False``):
+        ``{group: 0/1 keep vector}`` to set on the gates, or None to remove what the gates say now.
+        Default: None."""
+        return None
 
     # ------------------------------------------------------------------ figures
     def pfr(self) -> float:
@@ -220,56 +294,20 @@ class FilterPruning(Callback):
         self._install_distill(pl_module, net)
 
     def _install_distill(self, pl_module: "pl.LightningModule", net: nn.Module) -> None:
-        """Wrap ``training_step`` to add the loss; read the student's output with a forward hook."""
-        step = pl_module.training_step
-        had, old = "training_step" in pl_module.__dict__, pl_module.__dict__.get("training_step")
+        """Add the distillation loss to the user's ``training_step`` while :meth:`distilling`."""
 
-        def capture(module, args, kwargs, output):
-            if self._distill_capturing and self._distill_captured is None:
-                self._distill_captured = (args, kwargs, output)
-
-        @functools.wraps(step)
-        def training_step(*args: Any, **kwargs: Any):
-            if not self.distilling():
-                return step(*args, **kwargs)
-            self._distill_captured, self._distill_capturing = None, True
-            try:
-                out = step(*args, **kwargs)
-            finally:
-                self._distill_capturing = False
-            captured, self._distill_captured = self._distill_captured, None
-            loss = out.get("loss") if isinstance(out, dict) else out
-            if not isinstance(loss, Tensor):
-                return out  # the user skipped this batch
-            if captured is None or not isinstance(captured[2], Tensor):
-                raise MisconfigurationException(
-                    f"{type(self).__name__}(distill=...) needs the network's output as a tensor, but "
-                    f"`training_step` did not call `{self.network_path or 'forward'}` or it returned "
-                    f"{type(captured[2]).__name__ if captured else 'nothing'}; pass distill=0 or `network=` "
-                    "the module that returns logits"
-                )
-            s_args, s_kwargs, student = captured
+        def add_distillation(loss: Tensor, captured: Optional[Captured]) -> Tensor:
+            s_args, s_kwargs, student = student_output(captured, type(self).__name__, self.network_path, "distill")
             kd = distillation_loss(student, self.teacher(*s_args, **s_kwargs), self.distill_temperature)
             pl_module.log("prune/distill", kd.detach(), on_step=True, on_epoch=False)
-            total = loss + self.distill * kd
-            return {**out, "loss": total} if isinstance(out, dict) else total
+            return loss + self.distill * kd
 
-        pl_module.training_step = training_step
-        handle = net.register_forward_hook(capture, with_kwargs=True)
-
-        def undo() -> None:
-            handle.remove()
-            if had:
-                pl_module.training_step = old
-            else:
-                pl_module.__dict__.pop("training_step", None)
-
-        self._distill_undo = undo
+        self._distill_wrapper = StepWrapper(pl_module, net, self.distilling, add_distillation)
 
     def _uninstall_distill(self) -> None:
-        if self._distill_undo is not None:
-            self._distill_undo()
-            self._distill_undo = None
+        if self._distill_wrapper is not None:
+            self._distill_wrapper.remove()
+            self._distill_wrapper = None
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -312,7 +350,11 @@ class FilterPruning(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._uninstall_distill()
-        if not self.remove_at_end or self.analysis is None or self.record is not None:
+        if self.analysis is None or self.record is not None:
+            return
+        for name, keep in (self.final_masks(trainer, pl_module) or {}).items():
+            self.gates[name].set_mask(keep)
+        if not self.remove_at_end:
             return
         net = self.network_of(pl_module)
         keep = resolve_keep(net, self.analysis, min_filters=self.min_filters)
@@ -328,7 +370,7 @@ class FilterPruning(Callback):
         # the seeded check batch is the same on every rank too.
         self.record = remove_filters(
             net, self.analysis, masks=keep,
-            example_inputs=default_inputs(net, self._input_shape(pl_module, net)),
+            example_inputs=check_batch(net, self._input_shape(pl_module, net)),
             min_filters=self.min_filters, network_path=self.network_path,
         )
         self._pruned_in_place = not spawned

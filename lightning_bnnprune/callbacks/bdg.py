@@ -13,13 +13,13 @@ from typing import Dict, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from ..layers import BinaryConv2d
 from ..pruning.criteria import binary_producers
-from ..pruning.groups import OUT
+from ..pruning.slicing import OUT
 from .base import FilterPruning
+from .checks import check, is_number
 
 __all__ = ["ZeroFilterPruning"]
 
@@ -61,17 +61,14 @@ class ZeroFilterPruning(FilterPruning):
         remove_at_end: bool = True,
         round_to: int = 1,
     ) -> None:
-        super().__init__(0.0, network, input_size, exclude, min_filters, remove_at_end, round_to=round_to)
-        if not atol >= 0:
-            raise MisconfigurationException(f"`atol` must be >= 0, got {atol!r}")
+        super().__init__(None, network, input_size, exclude, min_filters, remove_at_end, round_to=round_to)
+        check(is_number(atol) and atol >= 0, f"`atol` must be >= 0, got {atol!r}")
         self.atol = float(atol)
         self.empty_share: Optional[float] = None
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        for gate in self.gates.values():
-            gate.logits.requires_grad_(False)  # decided at the end, never by the optimizer
+    def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.freeze_gates()  # decided at the end, never by the optimizer
         if self.atol == 0 and not any(
             getattr(m.kernel_quantizer, "zero_lower", False)
             for m in self.network_of(pl_module).modules() if isinstance(m, BinaryConv2d)
@@ -109,12 +106,13 @@ class ZeroFilterPruning(FilterPruning):
         return keep
 
     @override
+    def final_masks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Dict[str, torch.Tensor]:
+        keep = self.empty_channels(pl_module)
+        self.empty_share = sum(int((k == 0).sum()) for k in keep.values()) / max(sum(k.numel() for k in keep.values()), 1)
+        rank_zero_info(f"[{type(self).__name__}] {self.empty_share:.1%} of prunable filters are all zero")
+        return keep
+
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.record is None and self.analysis is not None:
-            for name, keep in self.empty_channels(pl_module).items():
-                self.gates[name].set_mask(keep)
-            self.empty_share = self.pfr()
-            rank_zero_info(f"[{type(self).__name__}] {self.empty_share:.1%} of prunable filters are all zero")
         super().on_fit_end(trainer, pl_module)
-        if self.summary is not None:
-            self.summary["empty_filter_share"] = self.empty_share
+        self.summary["empty_filter_share"] = self.empty_share

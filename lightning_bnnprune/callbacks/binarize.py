@@ -11,9 +11,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from .. import quantizers
-from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers, find_networks
+from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers
+from ..introspect import find_networks
 from ..layers import BinaryConv2d
 from ..quantizers import BinaryDomainWeight
+from .checks import check
 
 __all__ = ["Binarize"]
 
@@ -83,27 +85,16 @@ class Binarize(Callback):
             quantizers.get(kernel_quantizer, **(kernel_quantizer_kwargs or {}))
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from None
-        if kernel_quantizer is None:
-            raise MisconfigurationException(
-                f"`kernel_quantizer` is required; registered: {', '.join(quantizers.available())}"
-            )
-        if weight_clip is not None and not weight_clip > 0:
-            raise MisconfigurationException(f"`weight_clip` must be > 0 or None, got {weight_clip!r}")
-        if relu is not None and relu not in RELU_REPLACEMENTS:
-            raise MisconfigurationException(
-                f"Unknown `relu` replacement {relu!r}; choose one of: {', '.join(RELU_REPLACEMENTS)} or None"
-            )
+        check(kernel_quantizer is not None,
+              f"`kernel_quantizer` is required; registered: {', '.join(quantizers.available())}")
+        check(weight_clip is None or weight_clip > 0, f"`weight_clip` must be > 0 or None, got {weight_clip!r}")
+        check(relu is None or relu in RELU_REPLACEMENTS,
+              f"Unknown `relu` replacement {relu!r}; choose one of: {', '.join(RELU_REPLACEMENTS)} or None")
         if sparsity is not None:
-            if not 0.0 < float(sparsity) < 1.0:
-                raise MisconfigurationException(f"`sparsity` (EC) must be in (0, 1) or None, got {sparsity!r}")
-            if not isinstance(kernel_quantizer, (str, BinaryDomainWeight)) or (
-                isinstance(kernel_quantizer, str) and kernel_quantizer != "bdg"
-            ):
-                raise MisconfigurationException(
-                    f"`sparsity` constrains the 'bdg' weight domain; got kernel_quantizer={kernel_quantizer!r}"
-                )
-            if not 0.0 < float(sparsity_gamma) < 1.0:
-                raise MisconfigurationException(f"`sparsity_gamma` must be in (0, 1), got {sparsity_gamma!r}")
+            check(0.0 < float(sparsity) < 1.0, f"`sparsity` (EC) must be in (0, 1) or None, got {sparsity!r}")
+            check(isinstance(kernel_quantizer, BinaryDomainWeight) or kernel_quantizer == "bdg",
+                  f"`sparsity` constrains the 'bdg' weight domain; got kernel_quantizer={kernel_quantizer!r}")
+            check(0.0 < float(sparsity_gamma) < 1.0, f"`sparsity_gamma` must be in (0, 1), got {sparsity_gamma!r}")
         if isinstance(keep_fp, str):
             keep_fp = [keep_fp]
         self.input_quantizer = input_quantizer

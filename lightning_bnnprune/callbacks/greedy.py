@@ -16,59 +16,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
-from ..pruning.groups import ChannelGroup
-from ..pruning.schedule import UNITS, ScheduleTooLong, fit_lengths, trainer_budget
+from ..pruning.schedule import UNITS
 from .base import FilterPruning
+from .checks import check, is_int
 
-__all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS", "global_counts"]
+__all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS"]
 
 MODES = ("oneshot", "layerwise")
 #: The fixed allocations shared with MainSubsidiaryPruning (same counts per layer at the same
 #: target, so the strategies differ only in which filters they pick), plus a criterion-driven one.
-ALLOCATIONS = budget.ALLOCATIONS + ("global",)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int,
-                  groups: Optional[Dict[str, ChannelGroup]] = None) -> Dict[str, int]:
-    """Filters to close per group from one ranking across groups.
-
-    Scores are normalised per group by their mean magnitude (Torch-Pruning's ``"mean"`` group
-    normaliser), so criteria on different scales per layer compare; then the ``total`` lowest
-    channels network-wide are closed, each group keeping at least ``min_filters``. A group that
-    feeds a grouped conv (``groups[name].num_parts = p > 1``) closes ``p`` channels at a time, the
-    next-lowest of every cell, ranked by their mean score.
-    """
-    groups = groups or {}
-    parts = {g: groups[g].num_parts if g in groups else 1 for g in scores}
-    caps = {g: groups[g].capacity(min_filters) if g in groups else max(0, s.numel() - min_filters)
-            for g, s in scores.items()}
-    if total > sum(caps.values()):
-        raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
-    entries = []
-    for order, (g, s) in enumerate(scores.items()):
-        norm = s / s.abs().mean().clamp(min=1e-12)
-        if parts[g] > 1:  # unit k: the k-th lowest channel of every cell
-            cells = torch.tensor(groups[g].parts)
-            norm = torch.stack([norm[cells == c].sort().values for c in range(parts[g])]).mean(0)
-        entries.extend((float(v), order, i, g) for i, v in enumerate(norm))
-    counts = {g: 0 for g in scores}
-    taken = 0
-    for _, _, _, g in sorted(entries):
-        if taken == total:
-            break
-        if counts[g] + parts[g] <= caps[g] and taken + parts[g] <= total:
-            counts[g] += parts[g]
-            taken += parts[g]
-    return counts
+ALLOCATIONS = budget.ALLOCATIONS + (budget.GLOBAL,)
 
 
 class GreedyFilterPruning(FilterPruning):
@@ -113,7 +74,7 @@ class GreedyFilterPruning(FilterPruning):
         scale_to_fit: shrink ``warmup`` (and ``retrain``) when the trainer's ``max_steps`` /
             ``max_epochs`` cannot hold the schedule, as :class:`MainSubsidiaryPruning` does
             (``False``: that is an error naming the lengths that would fit).
-        network, input_size, exclude, remove_at_end, round_to, **kwargs: see :class:`FilterPruning`.
+        network, input_size, exclude, remove_at_end, round_to: see :class:`FilterPruning`.
         distill, distill_temperature: distillation from the unpruned start network once filters
             are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
 
@@ -157,7 +118,6 @@ class GreedyFilterPruning(FilterPruning):
         distill_temperature: float = 4.0,
         round_to: int = 1,
         scale_to_fit: bool = False,
-        **kwargs: Any,
     ) -> None:
         super().__init__(
             target_pfr=target_pfr,
@@ -169,34 +129,21 @@ class GreedyFilterPruning(FilterPruning):
             distill=distill,
             distill_temperature=distill_temperature,
             round_to=round_to,
-            **kwargs,
         )
-        if not _is_int(seed):
-            raise MisconfigurationException(f"`seed` must be an int, got {seed!r}")
+        check(is_int(seed), f"`seed` must be an int, got {seed!r}")
         try:
             self.criterion = criteria.get(criterion, **({"seed": seed} if criterion == "random" else {}))
         except ValueError as err:
             raise MisconfigurationException(f"`criterion`: {err}") from None
-        if mode not in MODES:
-            raise MisconfigurationException(f"`mode` must be one of {', '.join(MODES)}; got {mode!r}")
-        if allocation not in ALLOCATIONS:
-            raise MisconfigurationException(
-                f"`allocation` must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}"
-            )
-        if unit not in UNITS:
-            raise MisconfigurationException(f"`unit` must be one of {', '.join(UNITS)}; got {unit!r}")
-        if not _is_int(warmup) or warmup < 0:
-            raise MisconfigurationException(f"`warmup` must be an int >= 0 ({unit}), got {warmup!r}")
-        if mode == "layerwise" and (not _is_int(retrain) or retrain < 1):
-            raise MisconfigurationException(
-                f"mode='layerwise' needs `retrain` as an int >= 1 ({unit} of retraining between layers), "
-                f"got {retrain!r}"
-            )
-        if mode == "oneshot" and retrain is not None:
-            raise MisconfigurationException(
-                f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
-                f"(training after the pruning is all retraining), got {retrain!r}"
-            )
+        check(mode in MODES, f"`mode` must be one of {', '.join(MODES)}; got {mode!r}")
+        check(allocation in ALLOCATIONS, f"`allocation` must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+        check(unit in UNITS, f"`unit` must be one of {', '.join(UNITS)}; got {unit!r}")
+        check(is_int(warmup, 0), f"`warmup` must be an int >= 0 ({unit}), got {warmup!r}")
+        check(mode != "layerwise" or is_int(retrain, 1),
+              f"mode='layerwise' needs `retrain` as an int >= 1 ({unit} of retraining between layers), got {retrain!r}")
+        check(mode != "oneshot" or retrain is None,
+              f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
+              f"(training after the pruning is all retraining), got {retrain!r}")
         self.criterion_name = (
             criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
         )
@@ -227,16 +174,13 @@ class GreedyFilterPruning(FilterPruning):
         return len(self.done) == sum(len(s) for s in self.stages)
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        for gate in self.gates.values():
-            gate.logits.requires_grad_(False)  # fixed by rule, never by the optimizer
+    def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.freeze_gates()  # fixed by rule, never by the optimizer
         names = [g.name for g in self.analysis.groups if g.capacity(self.min_filters) > 0]  # others stay whole
         self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
-        sizes = {n: self.analysis[n].size for n in names}
         if self.allocation != "global":
             if self.counts is None:
-                self.counts = self._allocate(sizes, pl_module)
+                self.counts = self.plan_counts(pl_module, names, self.allocation, self.analysis.num_filters)
             return
         capacity = sum(self.analysis[n].capacity(self.min_filters) for n in names)
         if self.num_to_close > capacity:
@@ -246,37 +190,15 @@ class GreedyFilterPruning(FilterPruning):
                 f"(PFR {capacity / self.analysis.num_filters:.4f})"
             )
 
-    def _allocate(self, sizes: Dict[str, int], pl_module: "pl.LightningModule") -> Dict[str, int]:
-        macs = None
-        if self.allocation == "macs":
-            net = self.network_of(pl_module)
-            macs = budget.macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
-        try:
-            return budget.allocate(
-                sizes, self.target_pfr, self.allocation, self.min_filters,
-                total_filters=self.analysis.num_filters, macs_per_channel=macs,
-                quanta={n: self.analysis[n].num_parts for n in sizes}, round_to=self.round_to,
-            )
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
         if not self.stages:
             return
-        available, knob, per_epoch = trainer_budget(trainer, self.unit)
         lengths = {"warmup": self.warmup} | ({"retrain": self.retrain} if self.mode == "layerwise" else {})
-        try:  # the rule every strategy shares (pruning.schedule.fit_lengths)
-            fitted = fit_lengths(
-                type(self).__name__, lengths, {"warmup": 1, "retrain": len(self.stages) - 1}, available,
-                self.unit, knob=knob, per_epoch=per_epoch, scale_to_fit=self.scale_to_fit, extra=1,
-            )
-        except ScheduleTooLong as err:
-            raise MisconfigurationException(str(err)) from None
-        if fitted != lengths:
-            self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
-            rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}: {fitted}")
+        fitted = self.fit_schedule(trainer, self.unit, lengths, {"warmup": 1, "retrain": len(self.stages) - 1},
+                                   scale_to_fit=self.scale_to_fit, extra=1)
+        self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
             f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
@@ -301,15 +223,15 @@ class GreedyFilterPruning(FilterPruning):
         pl_module.log("prune/pfr", self.pfr(), on_step=False, on_epoch=True)
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.analysis is not None and not self.finished:
+    def final_masks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.finished:
             # Training stopped early (early stopping, a shorter run): reach the target anyway.
             rank_zero_warn(
                 f"{type(self).__name__}: fit ended before the schedule did; pruning the remaining "
                 f"{sum(len(s) for s in self.stages) - len(self.done)} group(s) now, without retraining"
             )
             self._prune_due(trainer, pl_module, math.inf, at="fit end")
-        super().on_fit_end(trainer, pl_module)
+        return None  # the gates now say it all
 
     # ------------------------------------------------------------------ pruning
     def _prune_due(
@@ -328,15 +250,7 @@ class GreedyFilterPruning(FilterPruning):
         if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
-            counts = global_counts(scores, self.num_to_close, self.min_filters,
-                                   {n: self.analysis[n] for n in everything})
-            try:
-                self.counts = budget.round_counts(
-                    {n: self.analysis[n].size for n in everything}, counts, self.round_to,
-                    self.min_filters, self.num_to_close, self.analysis.num_filters,
-                    quanta={n: self.analysis[n].num_parts for n in everything})
-            except ValueError as err:
-                raise MisconfigurationException(str(err)) from None
+            self.counts = self.plan_counts(pl_module, everything, self.allocation, self.analysis.num_filters, scores)
         # Score the whole stage before closing anything, so one-shot scores see the unpruned net.
         scores = {name: scores_for(self.criterion, net, self.analysis[name]) for name in names}
         for name in names:

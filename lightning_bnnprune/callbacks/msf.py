@@ -1,57 +1,50 @@
 """``MainSubsidiaryPruning``: Xu et al.'s learned filter selector, layer by layer, inside one ``fit``.
 
 Xu, Dong, Li, Su, "Main/Subsidiary Network: Learning to Prune Filters in Binary Neural Networks"
-(CVPR 2019). See METHOD.md, section 2, and the class docstring for the choices this
-implementation makes where the paper or its code is silent.
+(CVPR 2019). See ``docs/method.md`` (the selector, section 2) and the class docstring for the
+choices this implementation makes where the paper or its code is silent. The callback does the
+callback's job (arguments, phases, what trains when); the maths lives in the pruning core: the
+schedule (:mod:`~lightning_bnnprune.pruning.schedule`), the budget
+(:mod:`~lightning_bnnprune.pruning.budget`), the selector's loss
+(:mod:`~lightning_bnnprune.pruning.selector`) and the distillation
+(:mod:`~lightning_bnnprune.pruning.distill`); the wrapper of the user's ``training_step``
+(:mod:`.wrapping`) and the per-step learning rates (:mod:`.phase_rates`) are shared pieces.
+
+Size: about 600 lines, a third of them the class docstring and the 27 arguments' checks (every
+argument is validated in ``__init__`` and documented, the Lightning way); the rest is one state
+machine (enter / leave a phase, resume into one) that reads best in one place.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import criteria
-from ..pruning.budget import (
-    ALLOCATIONS, allocate, budget_term, budget_weight, enforce_keep, enforce_keep_across, gradient_spread,
-    macs_per_channel, rank_logits,
-)
+from ..pruning.budget import ALLOCATIONS, enforce_keep, enforce_keep_across, rank_logits
 from ..pruning.criteria import Criterion, scores_for
-from ..pruning.distill import distillation_loss
-from ..pruning.gates import GATE_ATTR
-from ..pruning.groups import OUT
-from ..pruning.schedule import (
-    DONE, FINAL, RETRAIN, SELECTOR, UNITS, WARMUP, LayerwiseSchedule, Phase, ScheduleTooLong, fit_lengths, trainer_budget,
-)
+from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, LayerwiseSchedule, Phase
+from ..pruning.selector import BudgetUnit, SelectorLoss
+from ..pruning.slicing import OUT
 from .base import FilterPruning
+from .checks import check, is_int, is_number
+from .phase_params import PhaseParameters
+from .phase_rates import PhaseRates
+from .wrapping import Captured, InstancePatch, StepWrapper, student_output
 
-__all__ = ["MainSubsidiaryPruning", "MSF_ALLOCATIONS", "distillation_loss"]
+__all__ = ["MainSubsidiaryPruning", "MSF_ALLOCATIONS"]
 
 _DEFAULT_RETRAIN_LR = 1e-4
 #: The fixed shares of :func:`~lightning_bnnprune.pruning.budget.allocate`, plus counts learned
 #: over each stage's groups together.
 MSF_ALLOCATIONS = ALLOCATIONS + ("learned",)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise MisconfigurationException(message)
-
-
-def _is_int(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MainSubsidiaryPruning(FilterPruning):
@@ -68,7 +61,7 @@ class MainSubsidiaryPruning(FilterPruning):
 
        - *selector*: only the stage's gate logits train, with Adam (``gate_lr``) in an optimizer
          of the callback's own; every main weight is frozen (bit-identical) and the user's
-         optimizer state is left untouched. The loss is (Xu et al.'s selector loss, METHOD.md section 2)
+         optimizer state is left untouched. The loss is Xu et al.'s selector loss (``docs/method.md``, 2.2)
 
          .. math:: L = L_{user} + \lambda_{kd}\, T^2\, \mathrm{KL}(\sigma(t/T) \| \sigma(s/T)) + B,
 
@@ -89,34 +82,15 @@ class MainSubsidiaryPruning(FilterPruning):
     with ``"loss"``) is wrapped for the fit, and the network's output, the student, is read by a
     forward hook. The learning-rate schedulers of the user keep running through every phase.
 
-    Where the paper and its code are silent (*choices*):
+    Where the paper and its code are silent, the choices (the budget that replaces the L0
+    penalty, the gates' start, learned counts, frozen weights, DDP) are set out in
+    ``docs/method.md``, sections 2.3 and 2.4. The final PFR is the target, up to rounding.
+    Learned counts (``allocation="learned"``) are learned across the groups of a stage only (e.g.
+    one stage of all groups, ``layers_per_stage`` >= the number of groups).
 
-    - Budget: the official L0 penalty passes no gradient; a hinge on the share of open gates is
-      used instead, weighted so that its push on each logit is ``budget_strength`` times the
-      spread of the loss gradients over the layer's gates, then the exact share is enforced (see
-      :mod:`lightning_bnnprune.pruning.budget`). The final PFR is the target, up to rounding.
-    - Gate start: the stage's logits start at ``+gate_init`` (open) when its selector begins, so
-      that no gate closes before Adam has averaged some steps of gradient, and gates close one
-      by one as the loss lets them. With ``gate_init_criterion`` they start from a greedy rule's
-      ranking instead (:func:`~lightning_bnnprune.pruning.budget.rank_logits`): the rule's
-      choice is the starting selection, and with ``gate_lr=0`` the selection *is* the rule's.
-    - Learned counts (``allocation="learned"``): the groups of a stage share one keep budget
-      (the budget term over their gates together, then the highest logits across them stay,
-      each group keeping ``max(min_filters, ceil(layer_floor * n))``); a stage's budget is the
-      global target minus what earlier stages closed and later stages are planned to close
-      (uniform plan), so the global PFR is met. With one group per stage they equal the uniform
-      counts: the counts are learned only across the groups of a stage (e.g. one stage of all
-      groups, ``layers_per_stage`` >= the number of groups).
-    - Frozen weights get ``requires_grad=False`` (autograd then stops at the selected layer),
-      except under DDP without ``find_unused_parameters``, whose reducer needs every gradient;
-      in every case gradients outside the phase are dropped before the user's optimizer steps.
-      Batch-norm running statistics follow the student's forward as in the user's training; the
-      teacher's forward leaves them untouched.
-    - Under DDP gate gradients are all-reduced with the rest, so gates are identical on every
-      rank; this is checked (``all_gather``) at every phase boundary.
-    - Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 3 done),
-      ``msf/kd``, ``msf/budget``, ``msf/pfr`` and ``msf/kept/<group>`` go to the logger; the
-      progress bar shows ``msf=selector 3``.
+    Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 3 done),
+    ``msf/kd``, ``msf/budget``, ``msf/pfr`` and ``msf/kept/<group>`` go to the logger; the
+    progress bar shows ``msf=selector 3``.
 
     A :class:`~lightning_bnnprune.Binarize` callback must be in the trainer if the network is not
     binary yet: it is then run first; without it the network has nothing to prune and it is an
@@ -212,39 +186,39 @@ class MainSubsidiaryPruning(FilterPruning):
     ) -> None:
         super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end,
                          distill=distill, distill_temperature=distill_temperature, round_to=round_to)
-        _check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
+        check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
         for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0),
                                     ("final_retrain", final_retrain, 0)):
-            _check(_is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
-        _check(_is_int(layers_per_stage, 1), f"`layers_per_stage` must be an int >= 1, got {layers_per_stage!r}")
-        _check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
-        _check(_is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
-        _check(_is_number(layer_floor) and 0 <= layer_floor < 1,
-               f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
-        _check(layer_floor == 0 or allocation == "learned",
-               f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
+            check(is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
+        check(is_int(layers_per_stage, 1), f"`layers_per_stage` must be an int >= 1, got {layers_per_stage!r}")
+        check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
+        check(is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
+        check(is_number(layer_floor) and 0 <= layer_floor < 1,
+              f"`layer_floor` must be in [0, 1), got {layer_floor!r}")
+        check(layer_floor == 0 or allocation == "learned",
+              f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
         # learned counts move filters between the groups of a stage after allocation: no multiple kept
-        _check(round_to == 1 or allocation != "learned",
-               f"`round_to` > 1 needs allocation in ('uniform', 'size', 'macs'), got allocation='learned'")
+        check(round_to == 1 or allocation != "learned",
+              f"`round_to` > 1 needs allocation in ('uniform', 'size', 'macs'), got allocation='learned'")
         try:
             self.gate_init_criterion = None if gate_init_criterion is None else criteria.get(gate_init_criterion)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(f"`gate_init_criterion`: {err}") from None
-        _check(gate_init is None or (_is_number(gate_init) and 0 <= gate_init <= 1),
-               f"`gate_init` must be None or in [0, 1], got {gate_init!r}")
+        check(gate_init is None or (is_number(gate_init) and 0 <= gate_init <= 1),
+              f"`gate_init` must be None or in [0, 1], got {gate_init!r}")
         for label, value in (("retrain_lr", retrain_lr), ("retrain_lr_factor", retrain_lr_factor)):
-            _check(value is None or (_is_number(value) and value > 0), f"`{label}` must be None or > 0, got {value!r}")
-        _check(retrain_lr is None or retrain_lr_factor is None,
-               f"pass `retrain_lr` or `retrain_lr_factor`, not both (got {retrain_lr!r} and {retrain_lr_factor!r})")
-        _check(_is_number(lambda_kd) and lambda_kd >= 0, f"`lambda_kd` must be a number >= 0, got {lambda_kd!r}")
-        _check(lambda_budget is None or (_is_number(lambda_budget) and lambda_budget >= 0),
-               f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
-        _check(_is_number(temperature) and temperature > 0, f"`temperature` must be > 0, got {temperature!r}")
-        _check(_is_number(budget_strength) and budget_strength > 0,
-               f"`budget_strength` must be a number > 0, got {budget_strength!r}")
+            check(value is None or (is_number(value) and value > 0), f"`{label}` must be None or > 0, got {value!r}")
+        check(retrain_lr is None or retrain_lr_factor is None,
+              f"pass `retrain_lr` or `retrain_lr_factor`, not both (got {retrain_lr!r} and {retrain_lr_factor!r})")
+        check(is_number(lambda_kd) and lambda_kd >= 0, f"`lambda_kd` must be a number >= 0, got {lambda_kd!r}")
+        check(lambda_budget is None or (is_number(lambda_budget) and lambda_budget >= 0),
+              f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
+        check(is_number(temperature) and temperature > 0, f"`temperature` must be > 0, got {temperature!r}")
+        check(is_number(budget_strength) and budget_strength > 0,
+              f"`budget_strength` must be a number > 0, got {budget_strength!r}")
         if layers is not None:
             layers = [layers] if isinstance(layers, str) else list(layers)
-            _check(bool(layers), "`layers` must name at least one group, or be None for all")
+            check(bool(layers), "`layers` must name at least one group, or be None for all")
         self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
         self.layers_per_stage = layers_per_stage
         self.layers = layers
@@ -268,51 +242,31 @@ class MainSubsidiaryPruning(FilterPruning):
         self._loaded: Dict[str, Any] = {}
         # run-time state, rebuilt in on_fit_start
         self._gate_optimizer: Optional[torch.optim.Optimizer] = None
-        self._trainable: List[nn.Parameter] = []
-        self._frozen: List[nn.Parameter] = []
-        self._main: List[nn.Parameter] = []
-        self._requires_grad: Dict[str, bool] = {}
-        self._toggle = True
-        self._patches: List[Tuple[Any, str, bool, Any]] = []
-        self._hook: Optional[Any] = None
-        self._capturing = False
-        self._captured: Optional[Tuple[tuple, dict, Any]] = None
-        self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[float]]] = None
+        self._params: Optional[PhaseParameters] = None  # what trains in the phase (on_train_start)
+        self._wrapper: Optional[StepWrapper] = None
+        self._bar_patch: Optional[InstancePatch] = None
+        self._rates: Optional[PhaseRates] = None
         self._origin = 0
-        self._grad_spread: Dict[str, float] = {}
+        self._loss = SelectorLoss(self.lambda_kd, self.temperature, self.budget_strength, lambda_budget)
         self._stage_prune: Dict[int, int] = {}  # learned counts: filters each stage closes (resumed)
         self._goal = 0
-        self._base_lrs: Dict[int, float] = {}
-        self._lr_hooks: List[Any] = []
 
     # ------------------------------------------------------------------ set-up
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.schedule is not None or self.analysis is None:
+    def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.schedule is not None:
             return
         names = self._resolve_layers()
         sizes = {name: self.analysis[name].size for name in names}
-        macs = None
-        if self.allocation == "macs":
-            net = self.network_of(pl_module)
-            macs = macs_per_channel(net, self.analysis, self._example_inputs(pl_module, net))
         learned = self.allocation == "learned"
-        try:
-            # learned: the uniform counts are the plan the stages' budgets start from
-            self.prune_counts = allocate(
-                sizes, self.target_pfr, "uniform" if learned else self.allocation, self.min_filters,
-                macs_per_channel=macs, quanta={name: self.analysis[name].num_parts for name in names},
-                round_to=self.round_to,
-            )
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
+        # learned: the uniform counts are the plan the stages' budgets start from
+        self.prune_counts = self.plan_counts(pl_module, names, "uniform" if learned else self.allocation)
         self._goal = sum(self.prune_counts.values())  # round(target_pfr * filters of the pruned groups)
         if learned:
             room = sum(n - self._floor(name) for name, n in sizes.items())
-            _check(sum(self.prune_counts.values()) <= room,
-                   f"target_pfr={self.target_pfr} needs {sum(self.prune_counts.values())} filters pruned, but "
-                   f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
+            check(sum(self.prune_counts.values()) <= room,
+                  f"target_pfr={self.target_pfr} needs {sum(self.prune_counts.values())} filters pruned, but "
+                  f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
         self.schedule = LayerwiseSchedule.from_groups(
             names, self.selector, self.retrain, self.warmup, self.layers_per_stage, self.unit, self.final_retrain
         )
@@ -330,17 +284,17 @@ class MainSubsidiaryPruning(FilterPruning):
         owner = {m.module: g.name for g in groups for m in g.members if m.role == OUT}
         owner.update({g.name: g.name for g in groups})
         unknown = [n for n in self.layers if n not in owner]
-        _check(not unknown, f"`layers` names unknown prunable layers {unknown}; prunable groups: "
-                            f"{', '.join(g.name for g in groups)}")
+        check(not unknown, f"`layers` names unknown prunable layers {unknown}; prunable groups: "
+                           f"{', '.join(g.name for g in groups)}")
         chosen = {owner[n] for n in self.layers}
         return [g.name for g in groups if g.name in chosen]
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
-        _check(pl_module.automatic_optimization,
-               f"{type(self).__name__} adds its loss terms to the loss Lightning back-propagates: "
-               "manual optimisation (automatic_optimization=False) is not supported")
+        check(pl_module.automatic_optimization,
+              f"{type(self).__name__} adds its loss terms to the loss Lightning back-propagates: "
+              "manual optimisation (automatic_optimization=False) is not supported")
         self._install(trainer, pl_module)
 
     @override
@@ -362,53 +316,34 @@ class MainSubsidiaryPruning(FilterPruning):
         self._fit_schedule(trainer)
         rank_zero_info(f"[{type(self).__name__}] target PFR {self.target_pfr:.3f} "
                        f"({self.allocation}: prune {self.prune_counts})\n{self.schedule}")
-        # the final retrain restarts the user's schedule from its initial rate (torch's schedulers
-        # keep it as "initial_lr"; without a scheduler the rate is constant anyway)
-        self._base_lrs = {id(g): g["lr"] for opt in trainer.optimizers for g in opt.param_groups}
-        # A phase's rate is put back right after the optimizer's step: Lightning steps the user's
-        # schedulers before on_train_batch_end, and they must see (and update) their own rate.
-        self._lr_hooks = [opt.register_step_post_hook(lambda *_: self._restore_lr()) for opt in trainer.optimizers]
-        self._main, self._requires_grad = [], {}
-        gate_params = {id(g.logits) for g in self.gates.values()}
-        for name, p in pl_module.named_parameters():
-            self._requires_grad[name] = p.requires_grad
-            if p.requires_grad and id(p) not in gate_params:
-                self._main.append(p)
-        # DDP without find_unused_parameters expects a gradient for every parameter it wraps
-        ddp = trainer.strategy.model
-        self._toggle = not (isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters)
-        if not self._toggle:
+        self._rates = PhaseRates(trainer.optimizers)  # retrain and final rates, one step at a time
+        self._params = PhaseParameters(trainer, pl_module, own=[g.logits for g in self.gates.values()])
+        if not self._params.toggle:
             rank_zero_info(f"[{type(self).__name__}] DDP without find_unused_parameters: frozen weights still get "
                            "(discarded) gradients; DDPStrategy(find_unused_parameters=True) makes selector steps cheaper")
         if self._phase is not None:  # resumed: rebuild the phase we were in, without re-initialising
             self._enter(trainer, pl_module, self._phase, fresh=False)
 
     def _fit_schedule(self, trainer: "pl.Trainer") -> None:
-        """Check the trainer can hold the schedule from where it starts; scale it if asked (the
-        rule every strategy shares: :func:`~lightning_bnnprune.pruning.schedule.fit_lengths`)."""
+        """Check the trainer can hold the schedule from where it starts; scale it if asked."""
         s = self.schedule
-        available, knob, per_epoch = trainer_budget(trainer, self.unit, self._origin)
         wanted = {"warmup": s.warmup, "selector": s.selector, "retrain": s.retrain}
         repeats = {"warmup": 1, "selector": s.num_stages, "retrain": s.num_stages}
         if s.final:  # the final retrain scales with the rest (at least one unit)
             wanted["final"], repeats["final"] = s.final, 1
-        try:
-            lengths = fit_lengths(
-                type(self).__name__, wanted, repeats, available, self.unit,
-                knob=knob, per_epoch=per_epoch, scale_to_fit=self.scale_to_fit and self._phase is None,
-                origin=self._origin,
-            )
-        except ScheduleTooLong as err:
-            raise MisconfigurationException(str(err)) from None
-        if lengths == wanted:
-            return
-        self.schedule = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"], s.unit,
-                                          final=lengths.get("final", 0))
-        rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {self.unit}")
+        lengths = self.fit_schedule(trainer, self.unit, wanted, repeats,
+                                    scale_to_fit=self.scale_to_fit and self._phase is None, origin=self._origin)
+        if lengths != wanted:
+            self.schedule = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"],
+                                              s.unit, final=lengths.get("final", 0))
 
     def _install(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Wrap ``training_step``, hook the network's output, put the phase on the progress bar."""
-        self._patch(pl_module, "training_step", self._wrapped_training_step(pl_module))
+        """Add the selector's loss terms to ``training_step`` and put the phase on the progress bar."""
+        self._wrapper = StepWrapper(
+            pl_module, self.network_of(pl_module),
+            active=lambda: self._phase is not None and self._phase.name == SELECTOR,
+            extra=lambda loss, captured: self._selector_loss(pl_module, loss, captured),
+        )
         bar = trainer.progress_bar_callback
         if bar is not None:
             get_metrics = bar.get_metrics
@@ -420,32 +355,22 @@ class MainSubsidiaryPruning(FilterPruning):
                     items["msf"] = self._short(self._phase)
                 return items
 
-            self._patch(bar, "get_metrics", with_phase)
-        self._hook = self.network_of(pl_module).register_forward_hook(self._capture, with_kwargs=True)
-
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        had = attr in obj.__dict__
-        self._patches.append((obj, attr, had, obj.__dict__.get(attr)))
-        setattr(obj, attr, value)
+            self._bar_patch = InstancePatch(bar, "get_metrics", with_phase)
 
     def _uninstall(self, pl_module: "pl.LightningModule") -> None:
         """Undo :meth:`_install` and every phase setting: the module leaves the fit as it came."""
-        for obj, attr, had, old in reversed(self._patches):
-            if had:
-                setattr(obj, attr, old)
-            else:
-                obj.__dict__.pop(attr, None)
-        self._patches = []
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._restore_lr()
-        for handle in self._lr_hooks:
-            handle.remove()
-        self._lr_hooks = []
-        for name, p in pl_module.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
+        if self._wrapper is not None:
+            self._wrapper.remove()
+            self._wrapper = None
+        if self._bar_patch is not None:
+            self._bar_patch.undo()
+            self._bar_patch = None
+        if self._rates is not None:
+            self._rates.remove()
+            self._rates = None
+        if self._params is not None:
+            self._params.restore(pl_module)
+            self._params = None
         self._gate_optimizer = None
 
     # ------------------------------------------------------------------ phases
@@ -502,7 +427,7 @@ class MainSubsidiaryPruning(FilterPruning):
         if phase.name == SELECTOR:
             logits = [self.gates[name].logits for name in phase.groups]
             if fresh:
-                self._grad_spread = {}
+                self._loss.spread = {}
                 init = self.gate_init
                 if init is None:
                     init = min(0.5, self.gate_lr * self._selector_steps(trainer) / 4)
@@ -512,17 +437,10 @@ class MainSubsidiaryPruning(FilterPruning):
             self._gate_optimizer = torch.optim.Adam(logits, lr=self.gate_lr)
             if not fresh and self._loaded.get("gate_optimizer") is not None:
                 self._gate_optimizer.load_state_dict(self._loaded["gate_optimizer"])
-            self._trainable = logits
+            self._params.train_only(pl_module, logits)
         else:
             self._gate_optimizer = None
-            self._trainable = list(self._main)
-        trainable = {id(p) for p in self._trainable}
-        self._frozen = [p for p in pl_module.parameters() if id(p) not in trainable]
-        if self._toggle:
-            for p in self._trainable:
-                p.requires_grad_(True)
-            for p in self._frozen:
-                p.requires_grad_(False)
+            self._params.train_only(pl_module, self._params.main)
         self._loaded.pop("gate_optimizer", None)
         if fresh:
             rank_zero_info(f"[{type(self).__name__}] {self._position(trainer)} {self.unit}: "
@@ -564,6 +482,11 @@ class MainSubsidiaryPruning(FilterPruning):
             diff = (gathered != gathered[0]).any(0).sum().item()
             raise RuntimeError(f"[{type(self).__name__}] gates differ across ranks at the {when} ({diff} filters)")
 
+    @property
+    def phase(self) -> Optional[Phase]:
+        """The phase of the schedule the fit is in (None before the first training batch)."""
+        return self._phase
+
     @staticmethod
     def _short(phase: Phase) -> str:
         return phase.name if phase.stage < 0 or phase.name in (DONE, FINAL) else f"{phase.name} {phase.stage + 1}"
@@ -574,82 +497,23 @@ class MainSubsidiaryPruning(FilterPruning):
         return self._phase is not None and self._phase.name in (RETRAIN, FINAL, DONE) and super().distilling()
 
     # ------------------------------------------------------------------ selector loss
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._capturing and self._captured is None:
-            self._captured = (args, kwargs, output)
-
-    def _wrapped_training_step(self, pl_module: "pl.LightningModule"):
-        step = pl_module.training_step
-
-        @functools.wraps(step)
-        def training_step(*args: Any, **kwargs: Any):
-            if self._phase is None or self._phase.name != SELECTOR:
-                return step(*args, **kwargs)
-            self._captured, self._capturing = None, True
-            try:
-                out = step(*args, **kwargs)
-            finally:
-                self._capturing = False
-            try:
-                return self._selector_loss(pl_module, out)
-            finally:
-                self._captured = None
-
-        return training_step
-
-    def _selector_loss(self, pl_module: "pl.LightningModule", out: Any) -> Any:
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, Tensor):
-            return out  # the user skipped this batch
-        net = self.network_of(pl_module)
-        kd = loss.new_zeros(())
-        if self.lambda_kd > 0:
-            if self._captured is None or not isinstance(self._captured[2], Tensor):
-                raise MisconfigurationException(
-                    f"{type(self).__name__}: distillation needs the network's output as a tensor, but "
-                    f"`training_step` did not call `{self.network_path or 'forward'}` or it returned "
-                    f"{type(self._captured[2]).__name__ if self._captured else 'nothing'}; pass lambda_kd=0 "
-                    "or `network=` the module that returns logits"
-                )
-            args, kwargs, student = self._captured
-            if any(self.gates[name].num_open < self.gates[name].logits.numel() for name in self._phase.groups):
-                kd = distillation_loss(student, self._teacher(net, args, kwargs), self.temperature)
-            # else the student is the teacher: the loss and its gradient are 0, skip the forward
-        task = loss + self.lambda_kd * kd
-        budget = sum(
-            budget_term(torch.cat([self.gates[n]() for n in names]), 1.0 - prune / size, self._budget_weight(key, size))
-            for key, names, prune, size in self._budget_units()
-        )
-        total = task + budget
+    def _selector_loss(self, pl_module: "pl.LightningModule", loss: Tensor, captured: Optional[Captured]) -> Tensor:
+        """The user's loss plus the selector's terms (:class:`~lightning_bnnprune.pruning.selector.SelectorLoss`)."""
+        student = student_output(captured, type(self).__name__, self.network_path, "lambda_kd") if self.lambda_kd > 0 else None
+        kd, budget = self._loss.terms(self.network_of(pl_module), self.gates, self._phase.groups, self._budget_units(),
+                                      loss, student)
         pl_module.log("msf/kd", kd.detach(), on_step=True, on_epoch=False)
         pl_module.log("msf/budget", budget.detach(), on_step=True, on_epoch=False)
-        if isinstance(out, dict):
-            return {**out, "loss": total}
-        return total
+        return loss + self.lambda_kd * kd + budget
 
-    def _budget_units(self) -> List[Tuple[str, List[str], int, int]]:
-        """``(key, groups, filters to close, filters)`` of each budget term of the selector: one
-        per group, or one per stage with learned counts (its groups share the budget)."""
+    def _budget_units(self) -> List[BudgetUnit]:
+        """The selector's budget units: one per group, or one per stage with learned counts (its
+        groups share the budget)."""
         phase = self._phase
-        units = ([(f"stage{phase.stage}", list(phase.groups), self._stage_prune[phase.stage])]
-                 if self.allocation == "learned" else [(n, [n], self.prune_counts[n]) for n in phase.groups])
-        return [(key, names, prune, sum(self.gates[n].logits.numel() for n in names)) for key, names, prune in units]
-
-    def _budget_weight(self, key: str, size: int) -> float:
-        if self.lambda_budget is not None:
-            return float(self.lambda_budget)
-        # 0 on a phase's first step: the loss alone starts the ranking
-        return budget_weight(self._grad_spread.get(key, 0.0), size, self.budget_strength)
-
-    @torch.no_grad()
-    def _teacher(self, net: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-        """The network with the stage's gates all open (``m = 0`` is open), its batch-norm
-        statistics left as they are: one forward, no gradient, no copy of the module."""
-        overrides = {
-            f"{name}.{GATE_ATTR}.logits": torch.zeros_like(self.gates[name].logits) for name in self._phase.groups
-        }
-        overrides.update({n: b.clone() for n, b in net.named_buffers()})
-        return functional_call(net, overrides, args, kwargs, strict=False)
+        units = ([(f"stage{phase.stage}", tuple(phase.groups), self._stage_prune[phase.stage])]
+                 if self.allocation == "learned" else [(n, (n,), self.prune_counts[n]) for n in phase.groups])
+        return [BudgetUnit(key, names, close, sum(self.gates[n].logits.numel() for n in names))
+                for key, names, close in units]
 
     # ------------------------------------------------------------------ optimisation
     @override
@@ -658,45 +522,26 @@ class MainSubsidiaryPruning(FilterPruning):
         if self._phase is None:
             return
         if self._gate_optimizer is not None:
-            for key, names, _, _ in self._budget_units():  # the budget's scale: spread of the gradients, averaged
-                logits = [self.gates[n].logits for n in names]
-                if all(t.grad is not None for t in logits):
-                    grads, values = torch.cat([t.grad for t in logits]), torch.cat([t.detach() for t in logits])
-                    spread = gradient_spread(grads, values)
-                    old = self._grad_spread.get(key)
-                    self._grad_spread[key] = spread if old is None else 0.9 * old + 0.1 * spread
+            self._loss.observe(self.gates, self._budget_units())  # the budget's scale, averaged
             if self.gate_lr > 0:
                 self._gate_optimizer.step()  # gradients already averaged over ranks by DDP
             self._gate_optimizer.zero_grad(set_to_none=True)
-        # nothing outside the phase may move: the user's optimizer skips parameters without grad
-        for p in self._frozen:
-            p.grad = None
-        if self._phase.name == RETRAIN:  # put back right after the step (see on_train_start)
-            self._saved_lrs = (optimizer, [group["lr"] for group in optimizer.param_groups])
-            for group in optimizer.param_groups:
-                group["lr"] = (
-                    group["lr"] * self.retrain_lr_factor if self.retrain_lr_factor is not None
-                    else self.retrain_lr if self.retrain_lr is not None else _DEFAULT_RETRAIN_LR
-                )
+        self._params.drop_frozen_grads()  # nothing outside the phase may move
+        if self._phase.name == RETRAIN:
+            self._rates.set(optimizer, lambda group: (
+                group["lr"] * self.retrain_lr_factor if self.retrain_lr_factor is not None
+                else self.retrain_lr if self.retrain_lr is not None else _DEFAULT_RETRAIN_LR))
         elif self._phase.name == FINAL:  # a cosine restarted from the initial rate, to 0 over the phase
             start = self._steps(trainer, self._origin + self._phase.start)
             length = max(1, self._steps(trainer, self.schedule.final))
             factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (trainer.global_step - start) / length)))
-            self._saved_lrs = (optimizer, [group["lr"] for group in optimizer.param_groups])
-            for group in optimizer.param_groups:
-                group["lr"] = group.get("initial_lr", self._base_lrs.get(id(group), group["lr"])) * factor
-
-    def _restore_lr(self) -> None:
-        if self._saved_lrs is not None:
-            optimizer, lrs = self._saved_lrs
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self._saved_lrs = None
+            self._rates.set(optimizer, lambda group: self._rates.base(group) * factor)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._restore_lr()
+        if self._rates is not None:
+            self._rates.restore()
         if self._phase is None:
             return
         pl_module.log("msf/stage", float(self._phase.stage), on_step=True, on_epoch=False)
@@ -742,7 +587,7 @@ class MainSubsidiaryPruning(FilterPruning):
             "prune_counts": dict(self.prune_counts),
             "phase": None if phase is None else {"stage": phase.stage, "name": phase.name, "start": phase.start},
             "gate_optimizer": self._gate_optimizer.state_dict() if self._gate_optimizer is not None else None,
-            "grad_spread": dict(self._grad_spread),
+            "grad_spread": dict(self._loss.spread),
             "stage_prune": dict(self._stage_prune),
         }
         return state
@@ -755,7 +600,7 @@ class MainSubsidiaryPruning(FilterPruning):
             return
         self._loaded = {k: state[k] for k in ("origin", "schedule", "prune_counts", "gate_optimizer")}
         self._loaded["stage_prune"] = state.get("stage_prune")
-        self._grad_spread = dict(state.get("grad_spread", {}))
+        self._loss.spread = dict(state.get("grad_spread", {}))
         if state["phase"] is not None and state["schedule"] is not None:
             schedule = LayerwiseSchedule(**state["schedule"])
             self._phase = schedule.phase_at(int(state["phase"]["start"]))

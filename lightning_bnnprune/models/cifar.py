@@ -36,7 +36,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from lightning_bnnprune.data import CIFAR10_MEAN, CIFAR10_STD
+from lightning_bnnprune.stats import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ["ConvBnAct", "CifarResNet", "CifarVGG", "MlpConv", "NetworkInNetwork"]
 
@@ -75,8 +75,9 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class _ClassifierMixin:
-    """timm's head interface (``get_classifier`` / ``reset_classifier`` / ``forward_head``) for
-    models that end in ``global_pool -> dropout -> fc``."""
+    """timm's model interface (``get_classifier`` / ``reset_classifier`` / ``forward_head``,
+    ``forward_features`` with gradient checkpointing) for models made of a ``features`` trunk and
+    a ``global_pool -> dropout -> fc`` head."""
 
     num_features: int
     num_classes: int
@@ -84,6 +85,17 @@ class _ClassifierMixin:
     global_pool: nn.Module
     fc: nn.Module
     training: bool
+    features: nn.Module
+    grad_checkpointing: bool
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
+        return self.features(x)
 
     def _make_head(self, num_classes: int, global_pool: str) -> None:
         self.num_classes = num_classes
@@ -269,15 +281,6 @@ class CifarVGG(_ClassifierMixin, nn.Module):
         self._make_head(num_classes, global_pool)
         _init_weights(self)
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
-        return self.features(x)
-
 
 class MlpConv(nn.Sequential):
     """One Network-in-Network "mlpconv" block: a spatial conv then 1x1 convs, each with BN + ReLU.
@@ -345,15 +348,6 @@ class NetworkInNetwork(_ClassifierMixin, nn.Module):
         self.num_features = 192
         self._make_head(num_classes, global_pool)
         _init_weights(self)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
-        return self.features(x)
 
 
 def _cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from .budget import allocate
 from .export import export_packed, load_packed
 from .gates import FilterGate, attach_gates, detach_gates, gates_of
 from .groups import ChannelGroup, GroupAnalysis, Member, find_channel_groups
-from .record import PruningRecord, load_pruned, rebuild, replay, restore_pruned, save_pruned
+from .rebuild import rebuild, replay
+from .record import PruningRecord, load_pruned, restore_pruned, save_pruned
 from .report import CompressionReport, compression_report
 from .schedule import LayerwiseSchedule, Phase
 from .surgery import remove_filters, resolve_keep

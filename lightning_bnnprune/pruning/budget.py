@@ -2,7 +2,7 @@
 layer's gates to its share.
 
 **Allocation.** The user asks for one global PFR (pruned filters / prunable filters, sec. 5 of
-METHOD.md). :func:`allocate` turns it into a number of filters to prune per group: the pruned
+``docs/method.md``). :func:`allocate` turns it into a number of filters to prune per group: the pruned
 ratio of group ``l`` is ``r_l = min(c * w_l, cap_l)``, with ``c`` found by water-filling so that
 the counts add up to the global target, ``cap_l = 1 - min_filters / n_l`` (never prune a layer to
 zero) and the weight ``w_l``:
@@ -24,7 +24,7 @@ target; it must end within :data:`ROUND_TOLERANCE` of it.
 
 **Budget term.** Xu et al. (CVPR 2019) add ``lambda_s * ||m_l||_0`` to the selector loss; the L0 norm of the
 mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
-``lambda_s`` would need tuning per architecture. *Choice* (METHOD.md sec. 2): a hinge on the
+``lambda_s`` would need tuning per architecture. *Choice* (``docs/method.md``, section 2.3): a hinge on the
 share of open gates, the form of the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD
 2023),
 
@@ -60,11 +60,12 @@ from torch import Tensor, nn
 from .groups import OUT, ChannelGroup, GroupAnalysis
 
 __all__ = [
-    "ALLOCATIONS", "ROUND_TOLERANCE", "allocate", "budget_term", "budget_weight", "enforce_keep",
+    "ALLOCATIONS", "GLOBAL", "ROUND_TOLERANCE", "allocate", "global_counts", "budget_term", "budget_weight", "enforce_keep",
     "enforce_keep_across", "gradient_spread", "macs_per_channel", "rank_logits", "round_counts",
 ]
 
 ALLOCATIONS = ("uniform", "size", "macs")
+GLOBAL = "global"  # counts from one ranking of every channel by a criterion's scores (global_counts)
 ROUND_TOLERANCE = 0.01  # the global PFR after rounding stays within 1 point of the target
 
 
@@ -96,13 +97,16 @@ def allocate(
     macs_per_channel: Optional[Mapping[str, float]] = None,
     round_to: int = 1,
     quanta: Optional[Mapping[str, int]] = None,
+    scores: Optional[Mapping[str, Tensor]] = None,
+    groups: Optional[Mapping[str, ChannelGroup]] = None,
 ) -> Dict[str, int]:
     """Filters to prune in each group so that the global PFR is ``target_pfr``.
 
     Args:
         sizes: ``{group name: number of filters}`` of the groups that may be pruned.
         target_pfr: pruned / prunable filters, in ``[0, 1)``.
-        allocation: one of :data:`ALLOCATIONS` (see the module docstring).
+        allocation: one of :data:`ALLOCATIONS` (see the module docstring), or :data:`GLOBAL`
+            with ``scores`` (:func:`global_counts`).
         min_filters: the fewest filters a group keeps; groups this small stay whole.
         total_filters: the PFR's denominator, default ``sum(sizes)`` (more when some prunable
             groups are left out of the schedule: they count, but stay whole).
@@ -115,6 +119,8 @@ def allocate(
             cell. Their counts are multiples, rounded by largest remainder among them; the groups
             with ``q = 1`` make up what is left, so the total stays exact whenever there are enough
             of them.
+        scores, groups: :data:`GLOBAL` only: ``{group: channel scores}`` (higher = keep) and
+            ``{group: ChannelGroup}`` for the cells of grouped convs, see :func:`global_counts`.
 
     Returns:
         ``{group name: filters to prune}``, summing to ``round(target_pfr * total_filters)``
@@ -124,7 +130,7 @@ def allocate(
         ValueError: an unknown allocation, missing MACs, or a target the floors cannot reach
             (the message gives the largest reachable PFR).
     """
-    if allocation not in ALLOCATIONS:
+    if allocation not in ALLOCATIONS and not (allocation == GLOBAL and scores is not None):
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if not 0.0 <= target_pfr < 1.0:
         raise ValueError(f"target_pfr must be in [0, 1), got {target_pfr!r}")
@@ -139,6 +145,9 @@ def allocate(
             f"target_pfr={target_pfr} needs {goal} of {total_filters} filters pruned, but keeping "
             f"min_filters={min_filters} per layer allows at most {sum(caps.values())} (PFR {reachable:.4f})"
         )
+    if allocation == GLOBAL:  # one ranking across groups; rounded by the same rule as the others
+        counts = global_counts(scores, goal, min_filters, groups)
+        return round_counts(sizes, counts, round_to, min_filters, goal, total_filters, quanta)
     if allocation == "uniform":
         weights = {k: 1.0 for k in sizes}
     elif allocation == "size":
@@ -366,3 +375,37 @@ def macs_per_channel(model: nn.Module, analysis: GroupAnalysis, example_inputs: 
                 cost += module.in_features if member.role == OUT else module.out_features
         costs[group.name] = cost
     return costs
+
+
+def global_counts(scores: Dict[str, Tensor], total: int, min_filters: int,
+                  groups: Optional[Dict[str, ChannelGroup]] = None) -> Dict[str, int]:
+    """Filters to close per group from one ranking across groups.
+
+    Scores are normalised per group by their mean magnitude (Torch-Pruning's ``"mean"`` group
+    normaliser), so criteria on different scales per layer compare; then the ``total`` lowest
+    channels network-wide are closed, each group keeping at least ``min_filters``. A group that
+    feeds a grouped conv (``groups[name].num_parts = p > 1``) closes ``p`` channels at a time, the
+    next-lowest of every cell, ranked by their mean score.
+    """
+    groups = groups or {}
+    parts = {g: groups[g].num_parts if g in groups else 1 for g in scores}
+    caps = {g: groups[g].capacity(min_filters) if g in groups else max(0, s.numel() - min_filters)
+            for g, s in scores.items()}
+    if total > sum(caps.values()):
+        raise ValueError(f"cannot close {total} filters: min_filters={min_filters} leaves {sum(caps.values())}")
+    entries = []
+    for order, (g, s) in enumerate(scores.items()):
+        norm = s / s.abs().mean().clamp(min=1e-12)
+        if parts[g] > 1:  # unit k: the k-th lowest channel of every cell
+            cells = torch.tensor(groups[g].parts)
+            norm = torch.stack([norm[cells == c].sort().values for c in range(parts[g])]).mean(0)
+        entries.extend((float(v), order, i, g) for i, v in enumerate(norm))
+    counts = {g: 0 for g in scores}
+    taken = 0
+    for _, _, _, g in sorted(entries):
+        if taken == total:
+            break
+        if counts[g] + parts[g] <= caps[g] and taken + parts[g] <= total:
+            counts[g] += parts[g]
+            taken += parts[g]
+    return counts

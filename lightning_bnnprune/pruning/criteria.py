@@ -23,13 +23,15 @@ Registered criteria (resolve with :func:`get`, in the manner of :func:`..quantiz
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, Iterator, Tuple, Type, Union
+from typing import Callable, Iterator, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
-from .groups import OUT, ChannelGroup
+from ..registry import Registry
+from .groups import ChannelGroup
+from .slicing import OUT
 
 __all__ = [
     "Criterion",
@@ -44,23 +46,11 @@ __all__ = [
 ]
 
 Criterion = Callable[[nn.Module, ChannelGroup], Tensor]
-_REGISTRY: Dict[str, Type] = {}
-
-
-def register(alias: str) -> Callable[[Type], Type]:
-    """Class decorator: make a criterion resolvable as ``get(alias)``."""
-
-    def wrap(cls: Type) -> Type:
-        _REGISTRY[alias] = cls
-        cls.alias = alias
-        return cls
-
-    return wrap
-
-
-def available() -> Tuple[str, ...]:
-    """The registered criterion names, sorted."""
-    return tuple(sorted(_REGISTRY))
+_REGISTRY: Registry = Registry("criterion", "criteria")
+#: Class decorator: make a criterion resolvable as ``get(alias)``.
+register = _REGISTRY.register
+#: The registered criterion names, sorted.
+available = _REGISTRY.available
 
 
 def get(identifier: Union[str, Criterion], **kwargs) -> Criterion:
@@ -74,9 +64,7 @@ def get(identifier: Union[str, Criterion], **kwargs) -> Criterion:
         TypeError: for a keyword the named criterion does not take.
     """
     if isinstance(identifier, str):
-        if identifier not in _REGISTRY:
-            raise ValueError(f"Unknown criterion {identifier!r}; registered criteria: {', '.join(available())}")
-        return _REGISTRY[identifier](**kwargs)
+        return _REGISTRY.create(identifier, **kwargs)
     if callable(identifier):
         return identifier
     raise ValueError(

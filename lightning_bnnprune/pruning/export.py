@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
-from .record import PruningRecord, rebuild, shape_manifest
+from .rebuild import rebuild, shape_manifest
+from .record import PruningRecord
 from .report import storage_plan
 
 __all__ = ["export_packed", "load_packed", "PackedKernel", "MAGIC"]
@@ -117,7 +118,7 @@ def load_packed(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     Args:
         path: the file.
         model: a freshly built network of the recorded architecture, if the record cannot build
-            one by itself (see :func:`~.record.rebuild`).
+            one by itself (see :func:`~.rebuild.rebuild`).
 
     Returns:
         the network in eval mode; its binary convs hold 0/1 kernels and a :class:`PackedKernel`.

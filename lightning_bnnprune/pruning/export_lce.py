@@ -24,6 +24,10 @@ own zero-padding correction is wrong on maps smaller than the kernel (measured: 
 2x2 map is off by ~0.7); there the bit tensor is padded with +1 (``PAD`` of zero words) and a
 constant ``-m * conv(border, k)`` is added after the convolution, which is exact too.
 
+Size: about 680 lines, one self-contained writer (the flatbuffer builder, the layer lowering and
+the interpreter bridge share private helpers and nothing else in the package uses them); kept in
+one module so that the optional ``lce`` extra touches one file.
+
 Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
 logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
 under the folded batch norm's rounding and flip one bit (see ``benchmarks/results/lce_export.md``).

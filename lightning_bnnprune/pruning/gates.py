@@ -20,11 +20,12 @@ from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
 from ..quantizers import ste_sign
-from .groups import IN, ChannelGroup, GroupAnalysis
+from .groups import ChannelGroup, GroupAnalysis
+from .slicing import IN
 
-__all__ = ["FilterGate", "attach_gates", "detach_gates", "gates_of", "GATE_ATTR"]
+__all__ = ["FilterGate", "attach_gates", "detach_gates", "gates_of", "is_gate_key", "GATE_ATTR"]
 
-GATE_ATTR = "filter_gate"
+GATE_ATTR = "filter_gate"  # the owner conv's attribute: state-dict keys "<owner>.filter_gate.logits"
 _HOOK_ATTR = "_bnnprune_gate_hook"
 
 
@@ -74,6 +75,15 @@ def gates_of(model: nn.Module) -> Dict[str, FilterGate]:
         for name, m in model.named_modules()
         if isinstance(getattr(m, GATE_ATTR, None), FilterGate)
     }
+
+
+def is_gate_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a gate (gates are not part of the network's weights).
+
+    >>> is_gate_key("layer1.0.conv1.filter_gate.logits"), is_gate_key("layer1.0.conv1.weight")
+    (True, False)
+    """
+    return f".{GATE_ATTR}." in f".{key}"
 
 
 Entry = Tuple[FilterGate, Tensor, Tensor]  # gate, consumer channel idxs, group channel per idx

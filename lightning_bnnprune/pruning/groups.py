@@ -49,17 +49,17 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from ..binarize import classifier_names
+from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
 from .block_sizes import owner_of
-from .record import channel_count
+from .slicing import IN, OUT, channel_count, is_depthwise, is_grouped
 from .tracing import CHANNEL_DIM, FAN_OUT, BlurPool2d, ChannelFlow, closure, trace
 
 __all__ = [
-    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups", "example_input_for",
+    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
 ]
 
-OUT, NORM, IN = "out", "norm", "in"
+NORM = "norm"  # a member role beside slicing.OUT / slicing.IN: a norm, cut along its only dimension
 
 
 @dataclass(frozen=True)
@@ -181,28 +181,11 @@ class GroupAnalysis:
         return sum(g.size for g in self.groups)
 
 
-def example_input_for(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """A one-sample input: ``input_size`` if given, else the model's timm ``pretrained_cfg``."""
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
-    device = next(model.parameters()).device
-    return torch.randn(1, *input_size, device=device)
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
-
-
 def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]:
     """``(role, "")`` for a member we can remove channels from exactly, else ``(None, reason)``."""
     is_out = handler_name.endswith("out_channels")
     if isinstance(module, nn.Conv2d):
-        if _is_depthwise(module):
+        if is_depthwise(module):
             return OUT, ""
         if is_out:
             return OUT, ""
@@ -395,10 +378,11 @@ def find_channel_groups(
 
     Args:
         model: the (binarised) network, in any mode; it is traced once in eval mode.
-        example_inputs: one input batch; default from :func:`example_input_for`.
+        example_inputs: one input batch; default :func:`~lightning_bnnprune.introspect.example_batch`
+            (one sample at the model's published input size).
         exclude: names of binary convs whose groups must stay whole.
     """
-    example_inputs = example_input_for(model) if example_inputs is None else example_inputs
+    example_inputs = example_batch(model) if example_inputs is None else example_inputs
     names = {id(m): n for n, m in model.named_modules()}
     classifier = [model.get_submodule(n) for n in classifier_names(model)]
     was_training = model.training
@@ -426,7 +410,7 @@ def find_channel_groups(
             continue
         walk = closure(graph, flow, root_module)
         if walk.fanned_out is not None:
-            if isinstance(root_module, BinaryConv2d) and not _is_depthwise(root_module):
+            if isinstance(root_module, BinaryConv2d) and not is_depthwise(root_module):
                 analysis.refused.setdefault(names[id(root_module)], (
                     f"{_first_named(walk.fanned_out, names)}: channel mapping fans out past {FAN_OUT} "
                     "entries per channel (a reshape Torch-Pruning reads as a flatten)"))
@@ -474,7 +458,7 @@ def find_channel_groups(
         binary_producers = sorted(
             (label for (label, role) in by_key
              if role == OUT and isinstance(model.get_submodule(label), BinaryConv2d)
-             and not _is_depthwise(model.get_submodule(label))),
+             and not is_depthwise(model.get_submodule(label))),
             key=order.get,
         )
         if not binary_producers:
@@ -502,7 +486,7 @@ def find_channel_groups(
         ordered = sorted(members, key=lambda m: (order.get(m.module, 0), m.role))
         units: List[Tuple[str, int, Buckets]] = []
         for member in ordered:
-            if member.role in (OUT, IN) and _is_grouped(model.get_submodule(member.module)):
+            if member.role in (OUT, IN) and is_grouped(model.get_submodule(member.module)):
                 unit, why = _grouped_unit(model, member)
                 reason = reason or why
                 if unit is not None:

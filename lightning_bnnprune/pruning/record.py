@@ -9,35 +9,28 @@ architecture name and keyword arguments, and which layers were binarised with wh
 Every field is a ``str``/``int``/``float``/``list``/``dict``, so the record is JSON-able, picklable,
 and loads with ``torch.load(weights_only=True)``.
 
-The replay (:func:`replay`) slices tensors by name, without tracing the model again, which is why
-it lives with the record: a freshly built network of the same architecture becomes the pruned one
-before its weights load.
+A freshly built network of the same architecture becomes the pruned one before its weights
+load: :func:`~.rebuild.rebuild` binarises it as recorded and replays the cuts by name, without
+tracing it again. This module holds the record and its files (:func:`save_pruned`,
+:func:`load_pruned`, :func:`restore_pruned` for Lightning checkpoints).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .. import quantizers
-from ..binarize import REPLACED_RELU_ATTR, binary_layers, replace_relus
-from ..layers import BinaryConv2d
-from .block_sizes import sync_block_sizes
+from .gates import is_gate_key
+from .rebuild import rebuild
 
-__all__ = [
-    "PruningRecord", "slice_channels", "replay", "shape_manifest", "rebuild",
-    "save_pruned", "load_pruned", "restore_pruned", "CHECKPOINT_KEY", "FORMAT",
-]
+__all__ = ["PruningRecord", "save_pruned", "read_pruned", "load_pruned", "restore_pruned", "CHECKPOINT_KEY", "FORMAT"]
 
-OUT, IN = "out", "in"
 FORMAT = "lightning_bnnprune.pruned/1"
 CHECKPOINT_KEY = "bnnprune_record"  # where the pruning callbacks put the record in a Lightning checkpoint
-_GATE_KEY = ".filter_gate."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -91,10 +84,6 @@ class PruningRecord:
         """Pruned filter ratio: pruned group channels / prunable group channels."""
         return self.num_pruned / max(self.num_filters, 1)
 
-    def manifest_text(self) -> str:
-        """The shapes after removal in timm's ``_prune`` style, one ``key:[shape]`` per line."""
-        return "\n".join(f"{k}:{list(v)}" for k, v in self.shapes.items())
-
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -119,279 +108,6 @@ class PruningRecord:
         return cls.from_dict(json.loads(text))
 
 
-# ---------------------------------------------------------------- slicing
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_blur_pool(m: nn.Module) -> bool:
-    # timm's BlurPool2d (resnetblur, resnetaa): a per-channel buffer ``filt`` and a ``channels`` count
-    return type(m).__name__ == "BlurPool2d" and isinstance(getattr(m, "filt", None), Tensor) and m.channels is not None
-
-
-def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
-    old = getattr(module, name, None)
-    if old is None:
-        return
-    new = old.detach().index_select(dim, idx.to(old.device)).clone()
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, new)  # a registered buffer stays registered
-
-
-def _check_balanced(conv: nn.Conv2d, dim: str, idx: Tensor, size: int) -> None:
-    """A grouped conv stays a grouped conv only if each of its conv groups keeps as many channels."""
-    per_group = torch.bincount(idx // (size // conv.groups), minlength=conv.groups)
-    if len(set(per_group.tolist())) != 1:
-        raise ValueError(
-            f"a grouped conv (groups={conv.groups}) must keep the same number of {dim}put channels in every "
-            f"conv group; these keep {per_group.tolist()}"
-        )
-
-
-def _cut_grouped_inputs(conv: nn.Conv2d, idx: Tensor, size: int) -> None:
-    """Keep input channels ``idx`` of a grouped conv: each conv group's filters keep the inputs of
-    their own group that survive (a gather, since groups may keep different positions)."""
-    g, width = conv.groups, size // conv.groups
-    local = (idx % width).view(g, -1)  # idx is sorted and balanced: row j is conv group j's kept inputs
-    w = conv.weight.detach()
-    w = w.view(g, w.shape[0] // g, width, *w.shape[2:])
-    index = local.to(w.device).view(g, 1, -1, *([1] * (w.dim() - 3))).expand(-1, w.shape[1], -1, *w.shape[3:])
-    new = w.gather(2, index).reshape(-1, local.shape[1], *w.shape[3:]).clone()
-    conv.weight = nn.Parameter(new, requires_grad=conv.weight.requires_grad)
-
-
-def channel_count(module: nn.Module, dim: str) -> int:
-    """How many channels ``module`` has along ``dim``."""
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels if dim == OUT or _is_depthwise(module) else module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features if dim == OUT else module.in_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    if _is_blur_pool(module):
-        return module.filt.shape[0]
-    raise TypeError(f"cannot count channels of {type(module).__name__}")
-
-
-def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
-    """Keep only channels ``keep`` of ``module`` along ``dim`` (``"out"`` or ``"in"``), in place.
-
-    Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
-    both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
-    of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
-    included): weight, bias, running mean and variance; timm's ``BlurPool2d``: its per-channel
-    filter buffer.
-
-    Raises:
-        ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
-            unequally; TypeError: on another module type.
-    """
-    if dim not in (OUT, IN):
-        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
-    size = channel_count(module, dim)
-    keep = sorted(set(int(i) for i in keep))
-    if not keep or keep[0] < 0 or keep[-1] >= size:
-        raise ValueError(f"kept channels {keep[:3]}...{keep[-3:]} out of range for {size} channels")
-    idx = torch.tensor(keep, dtype=torch.long)
-    n = len(keep)
-    if isinstance(module, nn.Conv2d):
-        depthwise = _is_depthwise(module)
-        if module.groups > 1 and not depthwise:
-            _check_balanced(module, dim, idx, size)
-        if dim == OUT or depthwise:
-            _set_param(module, "weight", 0, idx)
-            _set_param(module, "bias", 0, idx)
-            module.out_channels = n
-            if depthwise:
-                module.in_channels = module.groups = n
-        elif module.groups > 1:
-            _cut_grouped_inputs(module, idx, size)
-            module.in_channels = n
-        else:
-            _set_param(module, "weight", 1, idx)
-            module.in_channels = n
-    elif isinstance(module, nn.Linear):
-        if dim == OUT:
-            _set_param(module, "weight", 0, idx)
-            _set_param(module, "bias", 0, idx)
-            module.out_features = n
-        else:
-            _set_param(module, "weight", 1, idx)
-            module.in_features = n
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _set_param(module, name, 0, idx)
-        module.num_features = n
-    elif _is_blur_pool(module):  # timm's anti-aliasing: the same fixed filter for every channel
-        _set_param(module, "filt", 0, idx)
-        module.channels = n
-    else:  # groups.py never makes such a member prunable; a hand-written record might
-        raise TypeError(f"cannot slice channels of {type(module).__name__}")
-
-
-def shape_manifest(model: nn.Module) -> Dict[str, List[int]]:
-    """``{state_dict key: shape}`` of ``model``, without filter gates (they are not the network)."""
-    return {k: list(v.shape) for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
-
-
-def _diff(model: nn.Module, expected: Mapping[str, Sequence[int]]) -> List[str]:
-    have = shape_manifest(model)
-    lines = [f"{k}: model {have.get(k)}, record {list(v)}" for k, v in expected.items() if have.get(k) != list(v)]
-    lines += [f"{k}: in the model, not in the record" for k in have if k not in expected]
-    return lines
-
-
-def _mismatch(model: nn.Module, expected: Mapping[str, Sequence[int]], what: str) -> None:
-    lines = _diff(model, expected)
-    if lines:
-        more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
-        raise ValueError(
-            f"the model does not match the pruning record {what}: " + "; ".join(lines[:5]) + more
-        )
-
-
-def replay(model: nn.Module, record: PruningRecord) -> nn.Module:
-    """Cut ``model`` (an unpruned network of the recorded architecture) as ``record`` says.
-
-    The model's shapes are checked against the record's manifest before anything is cut, so a
-    model of the wrong architecture, width or binarisation is a ``ValueError`` that names the
-    first mismatching tensors, never a size-mismatch traceback from ``load_state_dict``. A model
-    that already has the pruned shapes is returned as it is (replaying twice is harmless).
-    """
-    if not _diff(model, record.shapes):
-        return model
-    _mismatch(model, record.shapes_before, "before the removal")
-    for name, dim, kept in record.removed:
-        slice_channels(model.get_submodule(name), dim, kept)
-    sync_block_sizes(model)  # split / slice positions kept in block attributes follow the new widths
-    _mismatch(model, record.shapes, "after replaying it")
-    return model
-
-
-# ---------------------------------------------------------------- rebuilding
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return float(value.detach())
-    return value if isinstance(value, (bool, int, float, str, type(None))) else None
-
-
-def describe_quantizer(q: Optional[nn.Module]) -> Tuple[bool, Optional[str], Dict[str, Any]]:
-    """``(ok, alias, kwargs)`` that rebuild quantizer ``q`` through :func:`quantizers.get`."""
-    if q is None:
-        return True, None, {}
-    alias = getattr(type(q), "alias", None)
-    if alias is None or alias not in quantizers.available():
-        return False, None, {}
-    kwargs = {}
-    for p in inspect.signature(type(q).__init__).parameters.values():
-        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(q, p.name):
-            continue
-        value = _plain(getattr(q, p.name))
-        if value is not None:
-            kwargs[p.name] = value
-    return True, alias, kwargs
-
-
-def binarize_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
-    """The :class:`BinaryConv2d` layers of ``model`` and their quantizers, or ``None`` when they
-    differ between layers or are not registered (then the network cannot be rebuilt by name)."""
-    spec: Optional[Dict[str, Any]] = None
-    for name in binary_layers(model):
-        layer = model.get_submodule(name)
-        ok_in, in_alias, in_kwargs = describe_quantizer(layer.input_quantizer)
-        ok_k, k_alias, k_kwargs = describe_quantizer(layer.kernel_quantizer)
-        if not (ok_in and ok_k):
-            return None
-        k_kwargs = {k: v for k, v in k_kwargs.items() if k not in ("tau", "phi")}  # learnt: come with the weights
-        this = dict(input_quantizer=in_alias, input_quantizer_kwargs=in_kwargs,
-                    kernel_quantizer=k_alias, kernel_quantizer_kwargs=k_kwargs)
-        if spec is None:
-            spec = dict(this, layers=[])
-        elif any(spec[k] != v for k, v in this.items()):
-            return None
-        spec["layers"].append(name)
-    if spec is not None:  # ReLUs that binarize_model replaced (see binarize.RELU_REPLACEMENTS)
-        spec["relus"] = {n: getattr(m, REPLACED_RELU_ATTR) for n, m in model.named_modules()
-                         if hasattr(m, REPLACED_RELU_ATTR)}
-    return spec
-
-
-def timm_spec(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
-    """timm's architecture name and the shape-relevant keywords this library can read back
-    (``num_classes``, ``in_chans``). Other constructor keywords cannot be read from a built
-    model: pass them to :func:`~lightning_bnnprune.pruning.surgery.remove_filters` as
-    ``timm_kwargs`` (a wrong guess is caught by the manifest check at load time)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
-    if not name:
-        return None, {}
-    kwargs: Dict[str, Any] = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kwargs["num_classes"] = model.num_classes
-    first = cfg.get("first_conv")
-    for candidate in [first] if isinstance(first, str) else list(first or []):
-        try:
-            conv = next(m for m in model.get_submodule(candidate).modules() if isinstance(m, nn.Conv2d))
-        except (AttributeError, StopIteration):
-            continue
-        kwargs["in_chans"] = conv.in_channels
-        break
-    return name, kwargs
-
-
-def _binarize_as_recorded(model: nn.Module, spec: Dict[str, Any]) -> None:
-    for name in spec["layers"]:
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no layer {name!r} that the record binarised") from None
-        if isinstance(conv, BinaryConv2d):
-            continue
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"the record binarised {name!r}, but the model's {name!r} is a {type(conv).__name__}")
-        model.set_submodule(name, BinaryConv2d.from_conv(
-            conv,
-            input_quantizer=quantizers.get(spec["input_quantizer"], **spec["input_quantizer_kwargs"]),
-            kernel_quantizer=quantizers.get(spec["kernel_quantizer"], **spec["kernel_quantizer_kwargs"]),
-        ))
-    for name, replacement in spec.get("relus", {}).items():
-        replace_relus(model, replacement, names=[name])
-
-
-def rebuild(record: PruningRecord, model: Optional[nn.Module] = None) -> nn.Module:
-    """The pruned network's module tree (weights not loaded): ``model`` if given, else
-    ``timm.create_model(record.timm_name, **record.timm_kwargs)``; binarised as recorded if it has
-    no binary layer yet; then cut by :func:`replay`.
-
-    Raises:
-        ValueError: when there is nothing to rebuild from, or the model does not match the record.
-    """
-    if model is None:
-        if record.timm_name is None or record.binarize_kwargs is None:
-            raise ValueError(
-                "the pruning record cannot rebuild the network by itself "
-                f"(timm_name={record.timm_name!r}, binarize_kwargs={'set' if record.binarize_kwargs else None}): "
-                "pass model=<a freshly built network of the same architecture>"
-            )
-        import timm
-
-        from .. import models  # noqa: F401  registers the CIFAR networks the record may name
-
-        model = timm.create_model(record.timm_name, pretrained=False, **record.timm_kwargs)
-    if not binary_layers(model):
-        if record.binarize_kwargs is None:
-            raise ValueError("the record does not say how the network was binarised: pass a binarised model=")
-        _binarize_as_recorded(model, record.binarize_kwargs)
-    elif record.binarize_kwargs is not None:
-        have, want = set(binary_layers(model)), set(record.binarize_kwargs["layers"])
-        if have != want:
-            diff = sorted(have ^ want)[:5]
-            raise ValueError(f"the model's binary layers differ from the record's, e.g. {diff}")
-    return replay(model, record)
-
-
 # ---------------------------------------------------------------- files
 def save_pruned(model: nn.Module, record: PruningRecord, path: PathLike) -> str:
     """Write the pruned network's weights and its record to one ``torch.save`` file.
@@ -406,7 +122,7 @@ def save_pruned(model: nn.Module, record: PruningRecord, path: PathLike) -> str:
         the path written.
     """
     path = os.fspath(path)
-    state = {k: v for k, v in model.state_dict().items() if _GATE_KEY not in f".{k}"}
+    state = {k: v for k, v in model.state_dict().items() if not is_gate_key(k)}
     _mismatch_state(state, record)
     torch.save({"format": FORMAT, "record": record.to_dict(), "state_dict": state}, path)
     return path
@@ -549,7 +265,7 @@ def restore_pruned(
             "pruned checkpoint written at the end of fit"
         )
     record = PruningRecord.from_dict(ckpt[CHECKPOINT_KEY])
-    state = {k: v for k, v in ckpt["state_dict"].items() if _GATE_KEY not in f".{k}"}
+    state = {k: v for k, v in ckpt["state_dict"].items() if not is_gate_key(k)}
     prefix = f"{record.network_path}." if record.network_path else ""
     try:
         net = module.get_submodule(record.network_path) if record.network_path else module

@@ -1,6 +1,6 @@
 """The compression report of a removal: filters, parameters, MACs and stored bits, per layer and in total.
 
-Figures (``../shared/METHOD.md`` sec. 5):
+Figures (``docs/method.md``, section 6):
 
 - **PFR** = pruned group channels / prunable group channels.
 - **MAC ratio** = MACs of the original / MACs of the pruned network (a reduction factor, like
@@ -31,7 +31,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..introspect import DEFAULT_INPUT_SIZE
 from ..layers import BinaryConv2d
+from .gates import is_gate_key
 from .record import PruningRecord
 
 __all__ = ["CompressionReport", "compression_report", "storage_plan", "StoredTensor"]
@@ -74,7 +76,7 @@ def storage_plan(model: nn.Module) -> List[StoredTensor]:
     binary = {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
     plan: List[StoredTensor] = []
     for key, value in model.state_dict().items():
-        if ".filter_gate." in f".{key}" or not value.is_floating_point():
+        if is_gate_key(key) or not value.is_floating_point():
             continue
         layer = _layer_of(key, set(binary))
         if layer in binary and key == f"{layer}.weight":
@@ -140,7 +142,8 @@ class CompressionReport:
                 f"{s['params_after']/1e6:.3f}M | compression {s['compression']:.1f}x vs FP32 "
                 f"({s['bits_before'] / 8e6:.2f} MB -> {s['bits_after'] / 8e6:.3f} MB){inner}")
 
-    def _layer_rows(self) -> List[Dict[str, Any]]:
+    def layer_rows(self) -> List[Dict[str, Any]]:
+        """The rows of the conv and linear layers (norms and other tensors left out)."""
         return [r for r in self.rows if r["kind"] in ("binary conv", "conv", "linear")]
 
     def to_markdown(self) -> str:
@@ -149,7 +152,7 @@ class CompressionReport:
         cols = ("layer", "kind", "filters_before", "filters_after", "in_before", "in_after",
                 "params_after", "macs_after", "bits_after", "compression", "limit")
         out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        for r in self._layer_rows():
+        for r in self.layer_rows():
             out.write("| " + " | ".join(_fmt(r[c]) for c in cols) + " |\n")
         out.write(self._refused_markdown())
         return out.getvalue()
@@ -164,7 +167,7 @@ class CompressionReport:
     def __str__(self) -> str:
         lines = [self.headline(), f"{'layer':<40} {'kind':<11} {'filters':>11} {'in':>11} "
                  f"{'MACs':>9} {'bits':>10} {'compr.':>7} {'limit':>6}"]
-        for r in self._layer_rows():
+        for r in self.layer_rows():
             lines.append(
                 f"{r['layer'][:40]:<40} {r['kind']:<11} {r['filters_before']:>5}->{r['filters_after']:<5} "
                 f"{r['in_before']:>5}->{r['in_after']:<5} {r['macs_after']:>9} {r['bits_after']:>10} "
@@ -186,7 +189,7 @@ class CompressionReport:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        rows = [r for r in self._layer_rows() if r["filters_before"]]
+        rows = [r for r in self.layer_rows() if r["filters_before"]]
         fig = Figure(figsize=(max(6.0, 0.18 * len(rows) + 2), 4.0), layout="tight")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -240,7 +243,7 @@ def compression_report(model: nn.Module, record: PruningRecord) -> CompressionRe
     binary = {n for n, m in modules.items() if isinstance(m, BinaryConv2d)}
     params = {k for k, _ in model.named_parameters()}
     state = model.state_dict()
-    input_size = list(record.input_size or (3, 224, 224))  # a record without one predates the field
+    input_size = list(record.input_size or DEFAULT_INPUT_SIZE)  # a record without one predates the field
     positions = _positions(model, input_size)
 
     layers: Dict[str, Dict[str, Any]] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES",
@@ -209,7 +209,38 @@ class LayerwiseSchedule:
 
 # ------------------------------------------------------------------ the short-run rule
 class ScheduleTooLong(ValueError):
-    """A pruning schedule that the trainer's length cannot hold (the message says what fits)."""
+    """A pruning schedule that the trainer's length cannot hold (the message says what fits).
+
+    It keeps its figures as fields, so that an app can say the same in its own keys
+    (:meth:`message`, e.g. ``trainer.max_steps`` and ``schedule.warmup``) without parsing text.
+    ``fits`` is None when even the shortest schedule does not fit.
+    """
+
+    def __init__(self, owner: str, unit: str, lengths: Mapping[str, int], repeats: Mapping[str, int], extra: int,
+                 available: float, knob: str, knob_value: int, per_epoch: int, shortest: int,
+                 fits: Optional[Mapping[str, int]] = None) -> None:
+        self.owner, self.unit, self.lengths, self.repeats, self.extra = owner, unit, dict(lengths), dict(repeats), extra
+        self.available, self.knob, self.knob_value, self.per_epoch = available, knob, knob_value, per_epoch
+        self.shortest, self.fits = shortest, None if fits is None else dict(fits)
+        super().__init__(self.message())
+
+    @property
+    def needed(self) -> int:
+        return sum(self.repeats[k] * v for k, v in self.lengths.items()) + self.extra
+
+    def message(self, name: Callable[[str], str] = lambda key: key) -> str:
+        """The one-line message, with every length and the trainer argument spelt ``name(key)``."""
+        formula = " + ".join(f"{self.repeats[k]} x {name(k)}={v}" if self.repeats[k] != 1 else f"{name(k)}={v}"
+                             for k, v in self.lengths.items() if self.repeats[k]) + (f" + {self.extra}" if self.extra else "")
+        wanted = f"{name(self.knob)} >= {self.knob_value}"
+        if self.knob == "max_epochs" and self.unit == "steps":
+            wanted += f" ({self.per_epoch} steps per epoch)"
+        head = (f"{self.owner}'s schedule needs {self.needed} {self.unit} ({formula}) "
+                f"but the trainer runs {int(self.available)}")
+        if self.fits is None:
+            return f"{head}, and even the shortest schedule needs {self.shortest}: set {wanted}"
+        fits = ", ".join(f"{name(k)}={v}" for k, v in self.fits.items())
+        return f"{head}: set {wanted}, or shorten the schedule to fit, e.g. {fits} (scale_to_fit=True does this)"
 
 
 def trainer_budget(trainer: Any, unit: str, origin: int = 0) -> Tuple[float, str, int]:
@@ -282,15 +313,11 @@ def fit_lengths(
     if available >= needed:
         return dict(lengths)
     shortest = sum(repeats[k] * least[k] for k in lengths) + extra
-    formula = " + ".join(f"{repeats[k]} x {k}={v}" if repeats[k] != 1 else f"{k}={v}"
-                         for k, v in lengths.items() if repeats[k]) + (f" + {extra}" if extra else "")
-    if knob == "max_epochs" and unit == "steps":
-        wanted = f"{knob} >= {math.ceil((origin + needed) / per_epoch)} ({per_epoch} steps per epoch)"
-    else:
-        wanted = f"{knob} >= {origin + needed}"
-    head = f"{owner}'s schedule needs {needed} {unit} ({formula}) but the trainer runs {int(available)}"
+    knob_value = math.ceil((origin + needed) / per_epoch) if knob == "max_epochs" and unit == "steps" else origin + needed
+    too_long = dict(owner=owner, unit=unit, lengths=lengths, repeats=repeats, extra=extra, available=available,
+                    knob=knob, knob_value=knob_value, per_epoch=per_epoch, shortest=shortest)
     if available < shortest:
-        raise ScheduleTooLong(f"{head}, and even the shortest schedule needs {shortest}: set {wanted}")
+        raise ScheduleTooLong(**too_long)
     factor = available / needed
     scaled = {k: max(least[k], int(v * factor)) for k, v in lengths.items() if k != "warmup"}
     while sum(repeats[k] * v for k, v in scaled.items()) + extra > available:  # floors at `least` overshoot
@@ -301,6 +328,4 @@ def fit_lengths(
         scaled = {"warmup": max(least["warmup"], min(int(lengths["warmup"] * factor), spare)), **scaled}
     if scale_to_fit:
         return scaled
-    fits = ", ".join(f"{k}={v}" for k, v in scaled.items())
-    raise ScheduleTooLong(f"{head}: set {wanted}, or shorten the schedule to fit, e.g. {fits} "
-                          f"(scale_to_fit=True does this)")
+    raise ScheduleTooLong(**too_long, fits=scaled)

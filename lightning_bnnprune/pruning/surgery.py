@@ -14,7 +14,7 @@ analysis' name-keyed records, for three reasons:
 - the same slicing replays the :class:`~.record.PruningRecord` on a freshly built model without
   tracing it, which is how pruned models reload.
 
-Exactness (``../shared/METHOD.md`` sec. 4): in eval mode the pruned network's logits equal the
+Exactness (``docs/method.md``, section 5): in eval mode the pruned network's logits equal the
 gated network's; :func:`remove_filters` measures it on every call and raises if it fails.
 """
 from __future__ import annotations
@@ -24,29 +24,23 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..introspect import example_batch
 from .block_sizes import sync_block_sizes
 from .gates import attach_gates, detach_gates, gates_of
-from .groups import IN, OUT, GroupAnalysis
-from .record import PruningRecord, binarize_spec, channel_count, shape_manifest, slice_channels, timm_spec
+from .groups import GroupAnalysis
+from .rebuild import binarize_spec, shape_manifest, timm_spec
+from .record import PruningRecord
+from .slicing import IN, OUT, channel_count, slice_channels
 
-__all__ = ["remove_filters", "resolve_keep", "default_inputs"]
+__all__ = ["remove_filters", "resolve_keep", "check_batch"]
 
 KeepSpec = Union[Tensor, Sequence[int], Sequence[bool]]
 
 
-def default_inputs(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch: int = 4,
-                   seed: int = 0) -> Tensor:
-    """A seeded random batch at ``input_size`` (default: timm's ``pretrained_cfg["input_size"]``).
-
-    Seeded with a private generator: every DDP rank checks on the same inputs and the global RNG
-    is left alone.
-    """
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *input_size, generator=g)
-    return x.to(next(model.parameters()).device)
+def check_batch(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tensor:
+    """The exactness check's batch: four samples, seeded with a private generator, so every DDP
+    rank checks on the same inputs and the global random state is left alone."""
+    return example_batch(model, input_size, batch=4, seed=0)
 
 
 def _as_keep(name: str, size: int, spec: KeepSpec) -> Tensor:
@@ -171,8 +165,8 @@ def remove_filters(
         analysis: :func:`~.groups.find_channel_groups` of ``model``.
         masks: ``{group name: kept channel indices or bool/0-1 mask}``; groups not named follow
             their gates (or stay whole).
-        example_inputs: a batch for the check (default: :func:`default_inputs`, a seeded batch at
-            the model's timm input size).
+        example_inputs: a batch for the check (default: :func:`check_batch`, a seeded batch at
+            the model's published input size).
         atol: the largest allowed ``max |logits_pruned - logits_gated|``.
         min_filters: the fewest channels any group keeps.
         timm_name, timm_kwargs: how to rebuild the unbinarised network with ``timm.create_model``
@@ -190,7 +184,7 @@ def remove_filters(
     """
     keep = resolve_keep(model, analysis, masks, min_filters)
     if example_inputs is None:
-        example_inputs = default_inputs(model)
+        example_inputs = check_batch(model)
     was_training = model.training
     try:
         model.eval()

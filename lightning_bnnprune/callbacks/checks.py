@@ -1,0 +1,52 @@
+"""Argument checks of the callbacks: one style, one exception.
+
+Every callback validates its arguments in ``__init__`` (the Lightning way) and refuses a bad one
+with a :class:`MisconfigurationException` naming the argument, the rule and the value given; the
+app prints that message as its one-line error.
+
+    >>> is_int(3, least=1), is_int(True), is_number(float("nan"))
+    (True, False, False)
+    >>> check_pfr("target_pfr", 1.0)
+    Traceback (most recent call last):
+    ...
+    lightning.fabric.utilities.exceptions.MisconfigurationException: `target_pfr` must be in [0, 1), got 1.0
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+__all__ = ["ScheduleMisconfiguration", "check", "check_pfr", "is_int", "is_number"]
+
+
+class ScheduleMisconfiguration(MisconfigurationException):
+    """A strategy's schedule that the trainer cannot hold; ``schedule`` keeps the figures
+    (:class:`~lightning_bnnprune.pruning.schedule.ScheduleTooLong`) for an app to restate."""
+
+    def __init__(self, schedule: Exception) -> None:
+        super().__init__(str(schedule))
+        self.schedule = schedule
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ``MisconfigurationException(message)`` unless ``ok``."""
+    if not ok:
+        raise MisconfigurationException(message)
+
+
+def is_int(value: Any, least: Optional[int] = None) -> bool:
+    """An ``int`` (not a ``bool``), at least ``least`` if given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
+def is_number(value: Any) -> bool:
+    """A finite ``int`` or ``float`` (not a ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_pfr(label: str, value: Any) -> float:
+    """A pruned filter ratio in ``[0, 1)``, as a float."""
+    check(is_number(value) and 0.0 <= float(value) < 1.0, f"`{label}` must be in [0, 1), got {value!r}")
+    return float(value)

@@ -1,0 +1,137 @@
+"""Cutting channels out of a layer's tensors, in place: the one operation every removal is made of.
+
+``"out"`` is a layer's output side (a conv's or linear layer's filters, a norm's channels, all the
+channels of a depthwise conv), ``"in"`` its input side. The physical removal
+(:mod:`.surgery`) and the replay of a saved record (:mod:`.record`) both cut through
+:func:`slice_channels`, and the channel groups (:mod:`.groups`) count through
+:func:`channel_count`, so the three agree on what a channel of a layer is.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OUT", "IN", "channel_count", "is_blur_pool", "is_depthwise", "is_grouped", "slice_channels"]
+
+OUT, IN = "out", "in"
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv with one filter per input channel (``groups == in == out``): its channels are cut
+    on both sides at once."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise: each of its conv groups must keep as many channels."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
+def is_blur_pool(m: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` (resnetblur, resnetaa): a per-channel buffer ``filt`` and a
+    ``channels`` count."""
+    return type(m).__name__ == "BlurPool2d" and isinstance(getattr(m, "filt", None), Tensor) and m.channels is not None
+
+
+def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
+    old = getattr(module, name, None)
+    if old is None:
+        return
+    new = old.detach().index_select(dim, idx.to(old.device)).clone()
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, new)  # a registered buffer stays registered
+
+
+def _check_balanced(conv: nn.Conv2d, dim: str, idx: Tensor, size: int) -> None:
+    """A grouped conv stays a grouped conv only if each of its conv groups keeps as many channels."""
+    per_group = torch.bincount(idx // (size // conv.groups), minlength=conv.groups)
+    if len(set(per_group.tolist())) != 1:
+        raise ValueError(
+            f"a grouped conv (groups={conv.groups}) must keep the same number of {dim}put channels in every "
+            f"conv group; these keep {per_group.tolist()}"
+        )
+
+
+def _cut_grouped_inputs(conv: nn.Conv2d, idx: Tensor, size: int) -> None:
+    """Keep input channels ``idx`` of a grouped conv: each conv group's filters keep the inputs of
+    their own group that survive (a gather, since groups may keep different positions)."""
+    g, width = conv.groups, size // conv.groups
+    local = (idx % width).view(g, -1)  # idx is sorted and balanced: row j is conv group j's kept inputs
+    w = conv.weight.detach()
+    w = w.view(g, w.shape[0] // g, width, *w.shape[2:])
+    index = local.to(w.device).view(g, 1, -1, *([1] * (w.dim() - 3))).expand(-1, w.shape[1], -1, *w.shape[3:])
+    new = w.gather(2, index).reshape(-1, local.shape[1], *w.shape[3:]).clone()
+    conv.weight = nn.Parameter(new, requires_grad=conv.weight.requires_grad)
+
+
+def channel_count(module: nn.Module, dim: str) -> int:
+    """How many channels ``module`` has along ``dim``."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if dim == OUT or is_depthwise(module) else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if dim == OUT else module.in_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if is_blur_pool(module):
+        return module.filt.shape[0]
+    raise TypeError(f"cannot count channels of {type(module).__name__}")
+
+
+def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
+    """Keep only channels ``keep`` of ``module`` along ``dim`` (``"out"`` or ``"in"``), in place.
+
+    Handles ``nn.Conv2d`` (and :class:`BinaryConv2d`; a depthwise conv loses the same channels on
+    both sides and its ``groups``; a grouped conv keeps its ``groups`` and must keep the same number
+    of channels in each conv group), ``nn.Linear`` and every batch norm (timm's ``BatchNormAct2d``
+    included): weight, bias, running mean and variance; timm's ``BlurPool2d``: its per-channel
+    filter buffer.
+
+    Raises:
+        ValueError: on a bad ``dim``, an index out of range or a grouped conv's conv groups kept
+            unequally; TypeError: on another module type.
+    """
+    if dim not in (OUT, IN):
+        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
+    size = channel_count(module, dim)
+    keep = sorted(set(int(i) for i in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= size:
+        raise ValueError(f"kept channels {keep[:3]}...{keep[-3:]} out of range for {size} channels")
+    idx = torch.tensor(keep, dtype=torch.long)
+    n = len(keep)
+    if isinstance(module, nn.Conv2d):
+        depthwise = is_depthwise(module)
+        if module.groups > 1 and not depthwise:
+            _check_balanced(module, dim, idx, size)
+        if dim == OUT or depthwise:
+            _set_param(module, "weight", 0, idx)
+            _set_param(module, "bias", 0, idx)
+            module.out_channels = n
+            if depthwise:
+                module.in_channels = module.groups = n
+        elif module.groups > 1:
+            _cut_grouped_inputs(module, idx, size)
+            module.in_channels = n
+        else:
+            _set_param(module, "weight", 1, idx)
+            module.in_channels = n
+    elif isinstance(module, nn.Linear):
+        if dim == OUT:
+            _set_param(module, "weight", 0, idx)
+            _set_param(module, "bias", 0, idx)
+            module.out_features = n
+        else:
+            _set_param(module, "weight", 1, idx)
+            module.in_features = n
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _set_param(module, name, 0, idx)
+        module.num_features = n
+    elif is_blur_pool(module):  # timm's anti-aliasing: the same fixed filter for every channel
+        _set_param(module, "filt", 0, idx)
+        module.channels = n
+    else:  # groups.py never makes such a member prunable; a hand-written record might
+        raise TypeError(f"cannot slice channels of {type(module).__name__}")
