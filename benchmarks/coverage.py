@@ -37,13 +37,17 @@ import timm
 import torch
 from torch import nn
 
-from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune import (
+    binarize_model,
+    compression_report,
+    find_channel_groups,
+    load_pruned,
+    remove_filters,
+    save_pruned,
+)
 from lightning_bnnprune.pruning.budget import allocate
 from lightning_bnnprune.pruning.criteria import RandomScore
-from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
-from lightning_bnnprune.pruning.record import load_pruned, save_pruned
-from lightning_bnnprune.pruning.report import compression_report
-from lightning_bnnprune.pruning.surgery import remove_filters
+from lightning_bnnprune.pruning.groups import coverage
 
 # (family, smallest model, designs it covers); input 64x64 unless INPUT says otherwise.
 FAMILIES: List[Tuple[str, str, str]] = [

@@ -2,7 +2,7 @@
 toward >= 80 % test top-1, resumable, over as many sittings as it takes.
 
 Run the same command again and it continues exactly where it stopped: model, optimizer, learning
-rate schedule, loop counters and the data order (a :class:`~lightning_bnnprune.data.StepSeededLoader`:
+rate schedule, loop counters and the data order (a :class:`~lightning_bnnprune.batches.StepSeededLoader`:
 the batch and its augmentation are a function of the seed and the global step) all come from the
 newest readable checkpoint under ``<out>/ckpt``. A checkpoint is written every ``--ckpt-every``
 steps and at every epoch's end; after each epoch the script rewrites ``<out>/manifest.json``
@@ -49,7 +49,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_bnnprune import Binarize, ImageClassifier, NpzDataModule
-from lightning_bnnprune.data import StepSeededLoader
+from lightning_bnnprune.batches import StepSeededLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWNSAMPLE = "*.downsample.*"  # the 1x1 stage-change shortcuts of timm's ResNet

@@ -11,15 +11,19 @@ epoch's order itself and skips the batches already trained on; each batch carrie
 augmentation seed (:class:`SeededBatch`), which :class:`~lightning_bnnprune.data.TensorImageDataset`
 applies. Under DDP Lightning swaps the sampler for a ``DistributedSampler`` (it keeps this batch
 sampler) and the epoch is set here, before the first index is drawn.
+
+:class:`StepSeededLoader` is the same idea without a ``DataLoader``, keyed on the global step
+(``benchmarks/warm_start.py`` trains with it).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
-__all__ = ["ResumableBatchSampler", "ResumableDataLoader", "SeededBatch", "fit_position", "mix_seed"]
+__all__ = ["ResumableBatchSampler", "ResumableDataLoader", "SeededBatch", "StepSeededLoader", "fit_position", "mix_seed"]
 
 
 def mix_seed(*parts: int) -> int:
@@ -120,3 +124,71 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.seed = int(state.get("seed", self.batch_sampler.seed))
+
+
+class StepSeededLoader:
+    """Training batches that are a function of ``(seed, global step)`` only, so a run resumed from
+    any checkpoint (mid-epoch included) sees exactly the batches an uninterrupted run would.
+
+    Step ``s`` takes batch ``s mod N`` of epoch ``s // N`` (``N = len(self)``): epoch ``e`` is the
+    permutation seeded by ``(seed, e)``, and each batch's augmentation draws from the global RNG
+    re-seeded by ``(seed, e, batch)`` inside :func:`torch.random.fork_rng` (the caller's RNG is
+    left untouched). Each ``iter()`` starts at the step ``step()`` returns when the first batch is
+    drawn and runs to the end of that epoch, which is how Lightning's loop consumes a loader after
+    a restart. Lightning's own ``DataLoader`` resume replays the epoch from its start (its
+    samplers' state is not in the checkpoint), and its prefetch makes a counting loader off by one.
+
+    Args:
+        dataset: A sized dataset; ``__getitems__`` is used when present (one transform per batch).
+        batch_size: Samples per batch (the last batch of an epoch may be smaller).
+        seed: Seed of the order and the augmentation.
+        step: Returns the optimizer steps done so far, e.g. ``lambda: trainer.global_step``.
+            One batch per step: no gradient accumulation.
+
+    Raises:
+        ValueError: If ``batch_size`` is not a positive int or the dataset is empty.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, step: Callable[[], int]
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the dataset is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.step = step
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)  # type: ignore[arg-type]
+
+    def _seed(self, *parts: int) -> int:
+        return mix_seed(self.seed, *parts)
+
+    def __iter__(self):
+        # A generator: the start step is read at the first next(), after Lightning restored the
+        # checkpoint's loops, not when the loader is built.
+        epoch, first = divmod(int(self.step()), len(self))
+        n = len(self.dataset)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed(epoch)))
+        fetch = getattr(self.dataset, "__getitems__", None)
+        for b in range(first, len(self)):
+            indices = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._seed(epoch, b))
+                items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+            yield default_collate(items)
+
+    # The state is the trainer's global step, which the checkpoint holds already; defining these
+    # tells Lightning the loader resumes mid-epoch (else it warns that it cannot).
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data order used seed={state['seed']}, this loader"
+                f" seed={self.seed}"
+            )

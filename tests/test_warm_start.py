@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.data import StepSeededLoader, TensorImageDataset
+from lightning_bnnprune.batches import StepSeededLoader
+from lightning_bnnprune.data import TensorImageDataset
 from lightning_bnnprune.layers import BinaryConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -37,6 +37,10 @@ Groups that touch something a channel cannot be removed from exactly (a norm tha
 we do not know, a split or slice at positions fixed in code without a rule, a grouped conv that gets
 its channels from several groups or has one channel per conv group) are not prunable; the reason
 names the layer.
+
+Size: about 550 lines, one concept (from traced couplings to prunable groups with their cells and
+refusal reasons); the graph walk itself is in :mod:`.tracing` and the block rules in
+:mod:`.block_sizes`. A third of it is the per-module classification that names each refusal.
 """
 from __future__ import annotations
 
