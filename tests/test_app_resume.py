@@ -34,7 +34,11 @@ ARGS = [
 
 def _app(args, cwd: Path) -> list:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK", "NODE_RANK")}
-    return [sys.executable, "-m", "lightning_bnnprune.train", *args], dict(cwd=cwd, env=env, text=True)
+    # SIGINT as a terminal delivers it: a shell without job control starts background commands
+    # with SIGINT ignored, and a child inherits that (then Ctrl-C could not reach the run at all)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return [sys.executable, "-m", "lightning_bnnprune.train", *args], dict(
+        cwd=cwd, env=env, text=True, preexec_fn=default_sigint)
 
 
 def _run(args, cwd: Path) -> subprocess.CompletedProcess:
