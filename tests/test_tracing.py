@@ -1,7 +1,8 @@
 """The channel walk over the traced graph: splits and slices at positions kept in block attributes
 (CSPNet, CS3DarkNet, Res2NeXt, DPN, ReXNet), anti-aliasing BlurPool2d, and Torch-Pruning's mappings
 that used to crash or time out. Each family: real timm model, tiny input, a random 40 % removed for
-real, logits equal to the gated network's, reload equal to the pruned one."""
+real, logits equal to the gated network's, reload equal to the pruned one. Radix attention
+(ResNeSt, SKNet) traced in its split/add form."""
 import pytest
 import timm
 import torch
@@ -17,6 +18,7 @@ from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters
 from lightning_bnnprune.pruning.tracing import FAN_OUT
+from lightning_bnnprune.pruning.traceable import TRACEABLE_FORMS, traceable_attention
 
 from conftest import randomise_norms
 
@@ -118,10 +120,68 @@ def test_a_reshape_read_as_a_flatten_is_refused_by_name_not_a_time_out(tmp_path)
     assert 0.5 < share < 1.0  # the rest of the network is pruned
 
 
-def test_split_attention_is_refused_by_name():
-    net = binary_net("resnest14d")
-    analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
-    assert analysis.refused["layer1.0.conv2.conv"].endswith("which Torch-Pruning maps as a flatten")
+def resnest_2x(width: int = 16) -> nn.Module:
+    """ResNeSt with two cardinal groups (radix 2): RadixSoftmax's transpose reorders fc2's channels."""
+    torch.manual_seed(0)
+    net = timm.create_model("resnest14d", cardinality=2, base_width=width, num_classes=10)
+    binarize_model(net)
+    randomise_norms(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: binary_net("resnest14d"), lambda: binary_net("skresnet18"), resnest_2x],
+                         ids=["resnest14d", "skresnet18", "resnest_2x"])
+def test_radix_attention_trace_form_computes_the_real_forward(make):
+    net = make()
+    blocks = [m for m in net.modules() if type(m) in TRACEABLE_FORMS]
+    assert blocks
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        real = net(x)
+        with traceable_attention(net):
+            assert all("forward" in vars(b) for b in blocks)
+            traced = net(x)
+    assert (traced - real).abs().max() <= 1e-5
+    assert not any("forward" in vars(b) for b in blocks)  # the class's forward is back
+
+
+@pytest.mark.parametrize("name, attn", [("resnest14d", "layer2.0.conv2"), ("skresnet18", "layer2.0.conv1")])
+def test_split_attention_is_pruned_to_the_target_exactly(tmp_path, name, attn):
+    # the radix paths' channel j, fc2's (or fc_select's) logits for it and the output channel j are
+    # one group channel: all pruned together, the paths keep equal widths
+    net = binary_net(name)
+    filters = binary_filters(net)
+    block = net.get_submodule(attn)
+    widths_before = block.fc1.in_channels if name == "resnest14d" else block.attn.fc_reduce.in_channels
+    analysis, share, loaded = prune_40(net, tmp_path)
+    assert not analysis.refused and share == 1.0
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+    if name == "resnest14d":
+        width = block.fc1.in_channels
+        assert block.conv.out_channels == block.fc2.out_channels == block.radix * width
+    else:
+        width = block.attn.fc_reduce.in_channels
+        assert all(p.conv.out_channels == width for p in block.paths)
+        assert block.attn.fc_select.out_channels == block.num_paths * width
+        assert block.in_channels == sum(p.conv.in_channels for p in block.paths)  # its input split followed
+    assert width < widths_before
+    assert loaded.get_submodule(attn).state_dict().keys() == block.state_dict().keys()
+
+
+def test_split_attention_with_cardinal_groups_is_removed_exactly():
+    net = resnest_2x()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = find_channel_groups(net, x[:1])
+    assert not analysis.refused
+    names = [g.name for g in analysis.groups if g.capacity() > 0]
+    counts = allocate({n: analysis[n].size for n in names}, 0.4, total_filters=analysis.num_filters,
+                      quanta={n: analysis[n].num_parts for n in names})
+    g = torch.Generator().manual_seed(0)
+    masks = {n: ~analysis[n].keep_top(torch.rand(analysis[n].size, generator=g), counts[n]) for n in names}
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x, atol=1e-5)
+    assert record.max_abs_diff <= 1e-5
+    block = net.get_submodule("layer3.0.conv2")
+    assert block.conv.groups == 4 and block.fc2.out_channels == block.conv.out_channels == 2 * block.fc1.in_channels
 
 
 def test_a_slice_whose_block_has_no_rule_is_refused_by_name():

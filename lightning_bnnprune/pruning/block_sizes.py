@@ -3,7 +3,8 @@
 Some blocks cut their features at a position written in the block, not read from the tensor:
 ``x.split(self.expand_chs // 2)`` (CSPNet's cross stage), ``torch.split(out, self.width)``
 (Res2Net), ``x[:, :self.num_1x1_c]`` (DPN's dual path), ``x[:, 0:self.in_channels] + shortcut``
-(ReXNet's channel-padded residual), ``torch.split(x, self.splits)`` (MixNet's mixed kernels). After filters are removed those numbers must follow the layers'
+(ReXNet's channel-padded residual), ``torch.split(x, self.splits)`` (MixNet's mixed kernels), ``torch.split(x, self.in_channels //
+self.num_paths)`` (SKNet's selective kernel). After filters are removed those numbers must follow the layers'
 new widths, or the block cuts in the wrong place. Each rule here derives a block's numbers from its
 layers' shapes, so the same rule serves the removal and the replay of a record on a freshly built
 model (:func:`sync_block_sizes`), and nothing extra is stored.
@@ -54,10 +55,25 @@ def _mixed_conv(block: nn.Module) -> Optional[Dict[str, Any]]:
             "out_channels": sum(c.out_channels for c in convs)}
 
 
+def _selective_kernel(block: nn.Module) -> Optional[Dict[str, int]]:
+    # forward: torch.split(x, self.in_channels // self.num_paths) when the input is split by path
+    first = block.paths[0].conv
+    ins = sum(p.conv.in_channels for p in block.paths) if block.split_input else first.in_channels
+    return {"in_channels": ins, "out_channels": first.out_channels}
+
+
+def _split_attn(block: nn.Module) -> Optional[Dict[str, int]]:
+    # nothing to follow: the real forward reads its widths from the tensor; the rule vouches for the
+    # splits of its trace-time form (:mod:`.traceable`), which cut where the tensor's width says
+    return {}
+
+
 def _rules() -> Dict[type, Rule]:
     rules: Dict[type, Rule] = {}
     try:
         from timm.layers.mixed_conv2d import MixedConv2d
+        from timm.layers.selective_kernel import SelectiveKernel
+        from timm.layers.split_attn import SplitAttn
         from timm.models import cspnet, dpn, res2net, rexnet
     except ImportError:  # pragma: no cover  (timm without these models: nothing to follow)
         return rules
@@ -67,6 +83,8 @@ def _rules() -> Dict[type, Rule]:
     rules[dpn.DualPathBlock] = _dual_path
     rules[rexnet.LinearBottleneck] = _rexnet
     rules[MixedConv2d] = _mixed_conv
+    rules[SelectiveKernel] = _selective_kernel
+    rules[SplitAttn] = _split_attn
     return rules
 
 

@@ -35,6 +35,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
+from .traceable import traceable_attention
+
 __all__ = ["BlurPoolPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
 
 CHANNEL_DIM = 1
@@ -80,9 +82,10 @@ def _own_concat_split_maps() -> Iterator[None]:
 
 def trace(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model`` (in its current mode), with ``BlurPool2d``
-    traced as a per-channel layer and without Torch-Pruning's concat / split index maps."""
+    traced as a per-channel layer, radix attention in its split/add form (:mod:`.traceable`), and
+    without Torch-Pruning's concat / split index maps."""
     customized = {BlurPool2d: BlurPoolPruner()} if BlurPool2d is not None else {}
-    with _own_concat_split_maps():
+    with _own_concat_split_maps(), traceable_attention(model):
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                      customized_pruners=customized, verbose=False)
 

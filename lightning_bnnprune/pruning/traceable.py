@@ -1,0 +1,126 @@
+"""Trace-time forms of timm's radix attention, written with the ops whose channel maps we know.
+
+Split attention (ResNeSt's ``SplitAttn``, Zhang et al. 2022, eq. 1-3) and selective kernels
+(SKNet's ``SelectiveKernel``, Li et al. 2019, eq. 1-6) compute, for ``r`` paths of ``C`` channels,
+
+    out[j] = sum_p  x_p[j] * softmax_p(a)[p, j]
+
+but write it as ``reshape(B, r, C, H, W)`` / ``stack`` followed by ``sum(dim=1)``: the channel
+dimension is cut into two, which Torch-Pruning's tracer reads as a flatten, so every channel of
+those blocks used to be refused. While the graph is traced (and only then), :func:`traceable_attention`
+swaps in a forward that computes the same values with ``torch.split``, adds and a concat, whose
+channel maps :mod:`.tracing` takes from autograd: channel ``j`` of every path, of the attention
+logits and of the output come out as one group channel (the summed paths tie them), and the
+removal cuts them together. The real forward is back before anything runs for real; the blocks
+read their widths from the tensors (``SelectiveKernel``'s input split is a :mod:`.block_sizes`
+rule), so the pruned block runs its own code.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TRACEABLE_FORMS", "traceable_attention"]
+
+
+def _softmax_over(logits: List[Tensor]) -> List[Tensor]:
+    """Softmax across a list of equally shaped tensors, element by element (the paths' axis)."""
+    top = logits[0]
+    for a in logits[1:]:
+        top = torch.maximum(top, a)
+    exps = [torch.exp(a - top) for a in logits]
+    total = exps[0]
+    for e in exps[1:]:
+        total = total + e
+    return [e / total for e in exps]
+
+
+def _weighted_sum(parts: List[Tensor], weights: List[Tensor]) -> Tensor:
+    out = parts[0] * weights[0]
+    for x, w in zip(parts[1:], weights[1:]):
+        out = out + x * w
+    return out
+
+
+def _split_attn_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``SplitAttn.forward`` for ``radix > 1``: conv channel ``p * C + c * Cg + j`` (path ``p``,
+    cardinal group ``c``) meets fc2 channel ``c * r * Cg + p * Cg + j`` (``RadixSoftmax``'s
+    ``view(B, card, r, -1).transpose(1, 2)``) in output channel ``c * Cg + j``."""
+    r, card = block.radix, block.rsoftmax.cardinality
+
+    def forward(x: Tensor) -> Tensor:
+        x = block.act0(block.drop(block.bn0(block.conv(x))))
+        width = x.shape[1] // r  # C
+        paths = torch.split(x, width, dim=1)
+        gap = paths[0]
+        for p in paths[1:]:
+            gap = gap + p
+        attn = block.fc2(block.act1(block.bn1(block.fc1(gap.mean((2, 3), keepdim=True)))))
+        cell = width // card  # Cg
+        x_cells = torch.split(x, cell, dim=1)  # index p * card + c
+        a_cells = torch.split(attn, cell, dim=1)  # index c * r + p
+        outs = []
+        for c in range(card):
+            weights = _softmax_over([a_cells[c * r + p] for p in range(r)])
+            outs.append(_weighted_sum([x_cells[p * card + c] for p in range(r)], weights))
+        return torch.cat(outs, dim=1) if card > 1 else outs[0]
+
+    return forward
+
+
+def _selective_kernel_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``SelectiveKernel.forward``: path ``p``'s channel ``j`` meets fc_select channel ``p * C + j``
+    (``SelectiveKernelAttn``'s ``view(B, paths, C, 1, 1)``) in output channel ``j``."""
+    attn = block.attn
+
+    def forward(x: Tensor) -> Tensor:
+        if block.split_input:
+            inputs = torch.split(x, block.in_channels // block.num_paths, 1)
+        else:
+            inputs = [x] * block.num_paths
+        paths = [op(x_p) for op, x_p in zip(block.paths, inputs)]
+        gap = paths[0]
+        for p in paths[1:]:
+            gap = gap + p
+        logits = attn.fc_select(attn.act(attn.bn(attn.fc_reduce(gap.mean((2, 3), keepdim=True)))))
+        return _weighted_sum(paths, _softmax_over(list(torch.split(logits, paths[0].shape[1], dim=1))))
+
+    return forward
+
+
+def _forms() -> Dict[type, Callable[[nn.Module], Callable[[Tensor], Tensor]]]:
+    try:
+        from timm.layers.selective_kernel import SelectiveKernel
+        from timm.layers.split_attn import SplitAttn
+    except ImportError:  # pragma: no cover  (timm without these layers: nothing to rewrite)
+        return {}
+    return {SplitAttn: _split_attn_forward, SelectiveKernel: _selective_kernel_forward}
+
+
+#: block type -> factory of its trace-time forward (given the block)
+TRACEABLE_FORMS = _forms()
+
+
+def _applies(block: nn.Module) -> bool:
+    form = TRACEABLE_FORMS.get(type(block))
+    if form is None:
+        return False
+    if form is _split_attn_forward:
+        return block.radix > 1  # radix 1 is a sigmoid gate, already traceable
+    return True
+
+
+@contextlib.contextmanager
+def traceable_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block, every radix-attention block of ``model`` runs its trace-time form."""
+    swapped = [m for m in model.modules() if _applies(m)]
+    for block in swapped:
+        block.forward = TRACEABLE_FORMS[type(block)](block)
+    try:
+        yield
+    finally:
+        for block in swapped:
+            del block.forward  # the class's forward again
