@@ -184,6 +184,28 @@ def test_split_attention_with_cardinal_groups_is_removed_exactly():
     assert block.conv.groups == 4 and block.fc2.out_channels == block.conv.out_channels == 2 * block.fc1.in_channels
 
 
+class OwnRadixBlock(nn.Module):
+    """A user's own radix sum, written as split attention writes it, with no trace-time form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.paths = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10))
+
+    def forward(self, x):
+        x = self.paths(self.stem(x))
+        return self.head(x.reshape(x.shape[0], 2, 8, *x.shape[2:]).sum(1))
+
+
+def test_a_radix_reshape_without_a_trace_form_is_refused_by_name():
+    net = OwnRadixBlock()
+    binarize_model(net)
+    analysis = find_channel_groups(net.eval(), torch.randn(1, 3, 16, 16))
+    assert analysis.refused["paths"].endswith("which Torch-Pruning maps as a flatten")
+
+
 def test_a_slice_whose_block_has_no_rule_is_refused_by_name():
     # DPN without "b": the residual width is c1x1_c's output minus the dense increment, which no
     # layer shape gives, so x[:, :self.num_1x1_c] could not follow a cut

@@ -332,8 +332,9 @@ def _cuts(model: nn.Module, flow: ChannelFlow, node, pairs, names: Dict[int, str
 
 
 def _splits_channels(node) -> bool:
-    """A reshape that splits the channel dimension into several (split attention's
-    ``x.reshape(B, radix, C // radix, H, W)``): Torch-Pruning maps it as a flatten, which it is not."""
+    """A reshape that splits the channel dimension into several (a block like split attention's
+    ``x.reshape(B, radix, C // radix, H, W)`` without a trace-time form in :mod:`.traceable`):
+    Torch-Pruning maps it as a flatten, which it is not."""
     fn = node.grad_fn
     try:
         before = [int(v) for v in fn._saved_self_sym_sizes]
@@ -433,7 +434,7 @@ def find_channel_groups(
             if node.type == tp.ops.OPTYPE.RESHAPE and _splits_channels(node):
                 # named after a layer's own reason if the walk meets one (ECA's Conv1d across channels)
                 reshaped = reshaped or (f"{_first_named(node, names)}: its channels are reshaped into several "
-                                        "dimensions (e.g. split attention's radix view), which Torch-Pruning maps as a flatten")
+                                        "dimensions (a radix view), which Torch-Pruning maps as a flatten")
                 continue
             if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
                 cuts.append((node, pairs))
