@@ -50,6 +50,9 @@ from lightning_bnnprune import (
 )
 from lightning_bnnprune.introspect import example_batch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
+from _report import git_commit  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
 #: Main/Subsidiary configurations for the ablation. ``paper`` (Xu et al.'s layer-wise schedule,
@@ -105,10 +108,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def cells(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Seed by seed, so that a grid stopped part-way has every strategy at its first seeds."""
     out = []
-    for strategy in args.strategies:
-        for pfr in [None] if strategy == "baseline" else args.pfrs:
-            for seed in args.seeds:
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            for pfr in [None] if strategy == "baseline" else args.pfrs:
                 tag = strategy.replace(":", "-") + ("" if pfr is None else f"_pfr{round(100 * pfr):02d}")
                 out.append({"strategy": strategy, "target_pfr": pfr, "seed": seed, "key": f"{tag}_seed{seed}"})
     return out
@@ -208,7 +212,7 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
     for r in done:
         if r.get("status") == "ok":
             by.setdefault((r["strategy"], r["target_pfr"]), []).append(r["test_acc"])
-    rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p)
+    rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p, values=v)
             for (s, p), v in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0]))}
     base = by.get(("baseline", None))
     comparisons = []
@@ -234,7 +238,7 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
             "cells_done": len(done), "cells_wall_s": sum(r.get("wall_s", 0.0) for r in done),
             "sitting_wall_s": sitting_s, "load_average": [round(x, 2) for x in os.getloadavg()],
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "commit": os.popen(f"git -C {shlex.quote(ROOT)} rev-parse HEAD").read().strip()}
+            "commit": git_commit()}
 
 
 def markdown(summary: Dict[str, Any]) -> str:
@@ -252,12 +256,53 @@ def markdown(summary: Dict[str, Any]) -> str:
     for row in summary["rows"].values():
         pfr = "-" if row["target_pfr"] is None else f"{row['target_pfr']:.2f}"
         lines.append(f"| {row['strategy']} | {pfr} | {num(row['mean'])} | {num(row['std'])} | {row['n']} |")
-    lines += ["", "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Goal (issue 9): msf - best greedy >= 1.0 pt with the difference above two standard errors, "
+              "and msf at most 1.5 pt below the unpruned network.", "",
+              "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) | goal met |",
+              "|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
+        met = (c["diff"] >= 1.0 and c["diff"] > 2 * c["se"] and c["drop_vs_unpruned"] is not None
+               and c["drop_vs_unpruned"] <= 1.5)
         lines.append(f"| {c['target_pfr']:.2f} | {c['msf']} | {c['greedy']} | {num(c['diff'])} | {num(c['se'])} | "
-                     f"{num(c['drop_vs_unpruned'])} |")
+                     f"{num(c['drop_vs_unpruned'])} | {'yes' if met else 'no'} |")
+    lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments beyond the protocol's; "
+              "`final_share`: share of R in the final retrain, `layers_per_stage` 0: all groups in one stage):", ""]
+    lines += [f"- `msf:{name}`: {json.dumps(config) if config else 'the paper (layer by layer, gates from open, uniform shares)'}"
+              for name, config in summary["msf_configs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def write_plot(path: str, summary: Dict[str, Any]) -> None:
+    """Test top-1 per strategy (mean, std as error bar, each seed as a dot) per PFR; the unpruned
+    network trained the same R steps as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rows"].values() if r["target_pfr"] is not None]
+    pfrs = sorted({r["target_pfr"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, max(1, len(pfrs)), figsize=(5.5 * max(1, len(pfrs)), 4), squeeze=False)
+    for ax, pfr in zip(axes[0], pfrs):
+        here = sorted((r for r in rows if r["target_pfr"] == pfr), key=lambda r: -r["mean"])
+        xs = range(len(here))
+        ax.bar(xs, [r["mean"] for r in here], yerr=[0 if math.isnan(r["std"]) else r["std"] for r in here],
+               color=["tab:blue" if r["strategy"].startswith("msf") else "tab:gray" for r in here], capsize=3)
+        for x, r in zip(xs, here):
+            ax.plot([x] * len(r["values"]), r["values"], "k.", ms=4)
+        base = summary["rows"].get("baseline@None")
+        if base:
+            ax.axhline(base["mean"], ls="--", color="tab:green", label=f"unpruned {base['mean']:.2f}")
+            ax.legend(loc="lower left")
+        low = min(min(r["values"]) for r in here)
+        ax.set_ylim(max(0.0, low - 3.0), max([base["mean"]] if base else []
+                                              + [max(r["values"]) for r in here]) + 1.0)
+        ax.set_xticks(list(xs), [r["strategy"] for r in here], rotation=30, ha="right")
+        ax.set_ylabel("CIFAR-10 test top-1 (%)")
+        ax.set_title(f"PFR {pfr:.2f}, R = {summary['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -292,6 +337,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_json(os.path.join(args.out, args.name + ".json"), {**summary, "cells": done})
         with open(os.path.join(args.out, args.name + ".md"), "w") as f:
             f.write(markdown(summary))
+        write_plot(os.path.join(args.out, args.name + ".png"), summary)
     print(f"[v2] {ran} cells run, {skipped} skipped (finished before), {len(grid) - ran - skipped} failed", flush=True)
     return {"ran": ran, "skipped": skipped, "grid": len(grid)}
 

@@ -58,6 +58,7 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     assert comparison["msf"] == "msf:final_learned" and comparison["greedy"] == "greedy_l1"
     assert comparison["se"] >= 0 and comparison["drop_vs_unpruned"] is not None
     assert "| greedy_l1 | 0.40 |" in (tmp_path / "results" / "cifar10_cpu_v2.md").read_text()
+    assert (tmp_path / "results" / "cifar10_cpu_v2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert bench.main(argv) == {"ran": 0, "skipped": 6, "grid": 6}  # a rerun only skips
     os.remove(tmp_path / "work" / "cells" / "baseline_seed1.json")
