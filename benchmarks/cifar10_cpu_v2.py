@@ -64,6 +64,11 @@ MSF_CONFIGS: Dict[str, Dict[str, Any]] = {
     "final_l1init": {"final_share": 0.5, "gate_init_criterion": "l1"},
     "final_learned": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0, "layer_floor": 0.25},
     "final_distill": {"final_share": 0.5, "distill": 1.0},
+    # one selector over all groups from the L1 ranking, then most of R retraining: the greedy rule's
+    # schedule with a learned correction of its selection
+    "onestage_l1init": {"final_share": 0.7, "gate_init_criterion": "l1", "layers_per_stage": 0},
+    "final_learned_l1init": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0, "layer_floor": 0.25,
+                             "gate_init_criterion": "l1"},
 }
 DEFAULT_STRATEGIES = ["baseline", "msf:paper", "greedy_l1", "stq", "random"]
 
