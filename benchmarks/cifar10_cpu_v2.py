@@ -14,14 +14,18 @@ Protocol (issue 9):
   so, a final retrain inside the same R. At the end the pruned filters are removed physically and
   the pruned model is tested on the 10 000 test images.
 * *Resumable*: each cell is written to ``<work-dir>/cells/<cell>.json`` when it ends; a cell
-  whose file exists is skipped, so rerunning the same command continues the grid. The summary
-  (``<out>/<name>.{md,json}``) is rewritten after every cell from all finished cells: mean +- std
-  over seeds per (strategy, PFR), and msf (best configuration) minus the best greedy rule with the
-  standard error of that difference.
+  whose file exists is skipped, so rerunning the same command continues the grid. A cell being run
+  is claimed (``<cell>.running`` with the pid), so several processes can share one work dir. The
+  summary (``<out>/<name>.{md,json,png}``) is rewritten after every cell from all finished cells in
+  the work dir: mean +- std over seeds per (strategy, PFR), and msf (best configuration) minus the
+  best greedy rule with the standard error of that difference.
 
 Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
 
     python benchmarks/cifar10_cpu_v2.py --data-dir ../shared/data/cifar10 --out benchmarks/results
+
+On 2 cores, two processes of one thread each fill the grid faster than one of two threads (a
+training step does not scale to 2 threads): start the same command twice with ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -211,6 +215,10 @@ def mean_std(values: List[float]) -> tuple:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
 
 
+def summary_command(args: argparse.Namespace) -> str:
+    return " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv])
+
+
 def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Dict[str, Any],
               sitting_s: float) -> Dict[str, Any]:
     by: Dict[tuple, List[float]] = {}
@@ -221,7 +229,7 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
             for (s, p), v in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0]))}
     base = by.get(("baseline", None))
     comparisons = []
-    for pfr in args.pfrs:
+    for pfr in sorted({p for (_, p) in by if p is not None}, reverse=True):
         msf = {s: v for (s, p), v in by.items() if p == pfr and s.startswith("msf")}
         greedy = {s: v for (s, p), v in by.items() if p == pfr and s in GREEDY}
         if not msf or not greedy:
@@ -235,7 +243,8 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
         comparisons.append({"target_pfr": pfr, "msf": best_msf, "greedy": best_greedy, "diff": diff, "se": se,
                             "n": [len(a), len(b)], "drop_vs_unpruned": (statistics.fmean(base) - statistics.fmean(a))
                             if base else None})
-    return {"command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv]),
+    commands = sorted({(r.get("command", "?"), r.get("commit", "?")) for r in done})
+    return {"command": summary_command(args), "cell_commands": [{"command": c, "commit": k} for c, k in commands],
             "warm_start": {"path": os.path.relpath(args.warm_start, ROOT), "test_acc": manifest.get("test_acc"),
                            "sha256": manifest.get("weights_sha256")},
             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "distill": args.distill,
@@ -251,12 +260,15 @@ def markdown(summary: Dict[str, Any]) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     lines = [f"# CIFAR-10 pruning benchmark, protocol v2 ({summary['cells_done']} cells)", "",
-             f"Command: `{summary['command']}`  ", f"Commit: `{summary['commit']}`; torch {summary['torch']}, "
-             f"{summary['threads']} threads on {summary['cpus']} CPUs; load average {summary['load_average']}  ",
+             f"Summary written by `{summary['command']}` at `{summary['commit']}`; torch {summary['torch']}, "
+             f"{summary['cpus']} CPUs  ",
              f"Warm start: `{summary['warm_start']['path']}` "
              f"(test top-1 {num(summary['warm_start']['test_acc'], '.4f')}); "
              f"R = {summary['steps']} steps per cell, Adam lr {summary['lr']}, cosine, batch {summary['batch_size']}  ",
-             f"Wall time of the finished cells: {summary['cells_wall_s'] / 60:.1f} min", "",
+             f"Wall time of the finished cells: {summary['cells_wall_s'] / 60:.1f} min (every cell's command, "
+             "commit, threads and load are in the JSON)", "",
+             "Cells came from:", "",
+             *[f"- `{c['command']}` at `{c['commit']}`" for c in summary["cell_commands"]], "",
              "| strategy | target PFR | test top-1 (%) mean | std | seeds |", "|---|---|---|---|---|"]
     for row in summary["rows"].values():
         pfr = "-" if row["target_pfr"] is None else f"{row['target_pfr']:.2f}"
@@ -310,6 +322,44 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def claim(path: str) -> bool:
+    """Take the cell ``path`` (``<cell>.running`` holds the pid of the process running it), unless a
+    live process holds it: several processes of this script on the same ``--work-dir`` (each with
+    ``--threads 1`` on a 2-core machine) share the grid without running a cell twice."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip() or 0)
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                return False  # another live process runs it
+        except (OSError, ValueError):
+            pass  # its process is gone (killed): take the cell over
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def finished_cells(cell_dir: str) -> List[Dict[str, Any]]:
+    """Every finished cell in the work dir, whichever sitting or process ran it."""
+    return [json.load(open(os.path.join(cell_dir, name))) for name in sorted(os.listdir(cell_dir))
+            if name.endswith(".json")]
+
+
+def write_summary(args: argparse.Namespace, cell_dir: str, manifest: Dict[str, Any], sitting_s: float) -> None:
+    done = finished_cells(cell_dir)
+    if not done:
+        return
+    summary = summarise(args, done, manifest, sitting_s)
+    write_json(os.path.join(args.out, args.name + ".json"), {**summary, "cells": done})
+    with open(os.path.join(args.out, args.name + ".md"), "w") as f:
+        f.write(markdown(summary))
+    write_plot(os.path.join(args.out, args.name + ".png"), summary)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -321,11 +371,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     dm = NpzDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_split=0, seed=0, augment=True,
                        subset_train=args.subset_train, subset_test=args.subset_test)
     grid = cells(args)
-    ran = skipped = 0
+    ran = skipped = busy = 0
     for cell in grid:
         path = os.path.join(cell_dir, cell["key"] + ".json")
+        lock = path[: -len(".json")] + ".running"
         if os.path.isfile(path):
             skipped += 1
+            continue
+        if not claim(lock):
+            busy += 1
             continue
         try:
             result = run_cell(args, cell, dm, start)
@@ -333,17 +387,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             traceback.print_exc()
             print(f"[v2] {cell['key']}: FAILED {type(err).__name__}: {err}", flush=True)
             continue
-        write_json(path, result)
+        finally:
+            os.remove(lock)
+        write_json(path, {**result, "command": summary_command(args), "commit": git_commit(),
+                          "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]})
         ran += 1
         print(f"[v2] {cell['key']}: test top-1 {result['test_acc']:.2f}% ({result['wall_s']:.0f} s)", flush=True)
-        done = [json.load(open(os.path.join(cell_dir, c["key"] + ".json"))) for c in grid
-                if os.path.isfile(os.path.join(cell_dir, c["key"] + ".json"))]
-        summary = summarise(args, done, start[3], time.perf_counter() - began)
-        write_json(os.path.join(args.out, args.name + ".json"), {**summary, "cells": done})
-        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-            f.write(markdown(summary))
-        write_plot(os.path.join(args.out, args.name + ".png"), summary)
-    print(f"[v2] {ran} cells run, {skipped} skipped (finished before), {len(grid) - ran - skipped} failed", flush=True)
+        write_summary(args, cell_dir, start[3], time.perf_counter() - began)
+    write_summary(args, cell_dir, start[3], time.perf_counter() - began)
+    failed = len(grid) - ran - skipped - busy
+    print(f"[v2] {ran} cells run, {skipped} skipped (finished before), {busy} run by another process, "
+          f"{failed} failed", flush=True)
     return {"ran": ran, "skipped": skipped, "grid": len(grid)}
 
 

@@ -4,6 +4,7 @@ summary's mean +- std per strategy and msf - best greedy with its standard error
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -63,6 +64,19 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     assert bench.main(argv) == {"ran": 0, "skipped": 6, "grid": 6}  # a rerun only skips
     os.remove(tmp_path / "work" / "cells" / "baseline_seed1.json")
     assert bench.main(argv) == {"ran": 1, "skipped": 5, "grid": 6}  # and fills what is missing
+
+    # two processes share one work dir: a cell a live process holds is left to it, a dead one's is
+    # taken over (the pid of a finished child is no process any more)
+    os.remove(tmp_path / "work" / "cells" / "baseline_seed1.json")
+    held = tmp_path / "work" / "cells" / "baseline_seed1.running"
+    held.write_text(str(os.getppid()))
+    assert bench.main(argv) == {"ran": 0, "skipped": 5, "grid": 6}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held.write_text(dead.stdout.strip())
+    assert bench.main(argv) == {"ran": 1, "skipped": 5, "grid": 6}
+    assert not held.exists()
+    cell = json.loads((tmp_path / "work" / "cells" / "baseline_seed1.json").read_text())
+    assert cell["command"].startswith("python benchmarks/cifar10_cpu_v2.py") and cell["commit"]
 
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--strategies", "msf:nope"])
