@@ -13,11 +13,13 @@ Protocol (issue 9):
   one-shot at step 0 and retrain for R; ``msf`` runs its stages and, where its configuration says
   so, a final retrain inside the same R. At the end the pruned filters are removed physically and
   the pruned model is tested on the 10 000 test images.
-* *Resumable*: each cell is written to ``<work-dir>/cells/<cell>.json`` when it ends; a cell
+* *Resumable*: each cell is written to ``<cells-dir>/<cell>.json`` when it ends (by default beside
+  the results, ``benchmarks/results/cifar10_cpu_v2_cells/``, so the grid committed with them
+  continues from a clean clone; logs go to ``--work-dir``, not committed); a cell
   whose file exists is skipped, so rerunning the same command continues the grid. A cell being run
-  is claimed (``<cell>.running`` with the pid), so several processes can share one work dir. The
+  is claimed (``<cell>.running`` with the pid), so several processes can share one cells dir. The
   summary (``<out>/<name>.{md,json,png}``) is rewritten after every cell from all finished cells in
-  the work dir: mean +- std over seeds per (strategy, PFR), and msf (best configuration) minus the
+  the cells dir: mean +- std over seeds per (strategy, PFR), and msf (best configuration) minus the
   best greedy rule with the standard error of that difference.
 
 Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
@@ -86,7 +88,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="where <name>.md/.json go")
     p.add_argument("--name", default="cifar10_cpu_v2")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "lightning_logs", "cifar10_cpu_v2"),
-                   help="finished cells (cells/*.json) and their logs")
+                   help="each cell's logs")
+    p.add_argument("--cells-dir", default=None, help="finished cells, one JSON each (default <out>/<name>_cells)")
     p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
                    help=f"baseline, {', '.join(GREEDY)}, msf:<config> with config in {', '.join(MSF_CONFIGS)}")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.4, 0.25])
@@ -103,6 +106,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--subset-test", type=int, default=None, help="tests")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.cells_dir = args.cells_dir or os.path.join(args.out, args.name + "_cells")
     for s in args.strategies:
         name, _, config = s.partition(":")
         if not (s == "baseline" or s in GREEDY or (name == "msf" and config in MSF_CONFIGS)):
@@ -324,7 +328,7 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
 
 def claim(path: str) -> bool:
     """Take the cell ``path`` (``<cell>.running`` holds the pid of the process running it), unless a
-    live process holds it: several processes of this script on the same ``--work-dir`` (each with
+    live process holds it: several processes of this script on the same ``--cells-dir`` (each with
     ``--threads 1`` on a 2-core machine) share the grid without running a cell twice."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -344,7 +348,7 @@ def claim(path: str) -> bool:
 
 
 def finished_cells(cell_dir: str) -> List[Dict[str, Any]]:
-    """Every finished cell in the work dir, whichever sitting or process ran it."""
+    """Every finished cell in the cells dir, whichever sitting or process ran it."""
     return [json.load(open(os.path.join(cell_dir, name))) for name in sorted(os.listdir(cell_dir))
             if name.endswith(".json")]
 
@@ -364,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    cell_dir = os.path.join(args.work_dir, "cells")
+    cell_dir = args.cells_dir
     os.makedirs(cell_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     start = load_start(args)

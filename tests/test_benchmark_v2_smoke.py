@@ -41,7 +41,8 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
                "--epochs", "1", "--batch-size", "16", "--threads", "1"])
     bench = _load("cifar10_cpu_v2")
     argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
-            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--steps", "8",
+            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"),
+            "--cells-dir", str(tmp_path / "work" / "cells"), "--steps", "8",
             "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0", "1",
             "--strategies", "baseline", "greedy_l1", "msf:final_learned"]
     first = bench.main(argv)
