@@ -226,10 +226,19 @@ def summary_command(args: argparse.Namespace) -> str:
 def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Dict[str, Any],
               sitting_s: float) -> Dict[str, Any]:
     by: Dict[tuple, List[float]] = {}
+    costs: Dict[tuple, List[tuple]] = {}
     for r in done:
         if r.get("status") == "ok":
             by.setdefault((r["strategy"], r["target_pfr"]), []).append(r["test_acc"])
-    rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p, values=v)
+            costs.setdefault((r["strategy"], r["target_pfr"]), []).append(
+                (r.get("pfr"), r.get("mac_ratio"), r.get("compression")))
+
+    def mean_of(key, i):  # the pruned networks' PFR, MAC ratio, compression (same for every seed or not)
+        vals = [c[i] for c in costs[key] if c[i] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p, values=v,
+                             pfr=mean_of((s, p), 0), mac_ratio=mean_of((s, p), 1), compression=mean_of((s, p), 2))
             for (s, p), v in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0]))}
     base = by.get(("baseline", None))
     comparisons = []
@@ -263,6 +272,9 @@ def markdown(summary: Dict[str, Any]) -> str:
     def num(x, spec=".2f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+    def times(x, spec):
+        return "-" if x is None else format(x, spec) + "x"
+
     lines = [f"# CIFAR-10 pruning benchmark, protocol v2 ({summary['cells_done']} cells)", "",
              f"Summary written by `{summary['command']}` at `{summary['commit']}`; torch {summary['torch']}, "
              f"{summary['cpus']} CPUs  ",
@@ -273,19 +285,29 @@ def markdown(summary: Dict[str, Any]) -> str:
              "commit, threads and load are in the JSON)", "",
              "Cells came from:", "",
              *[f"- `{c['command']}` at `{c['commit']}`" for c in summary["cell_commands"]], "",
-             "| strategy | target PFR | test top-1 (%) mean | std | seeds |", "|---|---|---|---|---|"]
+             "| strategy | target PFR | test top-1 (%) mean | std | seeds | PFR reached | MAC ratio | compression |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"].values():
         pfr = "-" if row["target_pfr"] is None else f"{row['target_pfr']:.2f}"
-        lines.append(f"| {row['strategy']} | {pfr} | {num(row['mean'])} | {num(row['std'])} | {row['n']} |")
+        lines.append(f"| {row['strategy']} | {pfr} | {num(row['mean'])} | {num(row['std'])} | {row['n']} | "
+                     f"{num(row.get('pfr'), '.3f')} | {times(row.get('mac_ratio'), '.2f')} | {times(row.get('compression'), '.1f')} |")
+    lines += ["", "*PFR reached*: removed / prunable filters; *MAC ratio*: MACs before / after the removal; "
+              "*compression*: inner binary layers' bits before / after (as in the pruning summary). At the same "
+              "PFR, learned per-layer counts keep more of the residual trunk and remove more inside the blocks, "
+              "so they save fewer MACs and bits than the uniform shares of the greedy rules."]
     lines += ["", "Goal (issue 9): msf - best greedy >= 1.0 pt with the difference above two standard errors, "
               "and msf at most 1.5 pt below the unpruned network.", "",
-              "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) | goal met |",
-              "|---|---|---|---|---|---|---|"]
+              "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) | goal met | "
+              "MAC ratio msf / greedy |", "|---|---|---|---|---|---|---|---|"]
+    def macs(strategy, pfr):
+        return summary["rows"].get(f"{strategy}@{pfr}", {}).get("mac_ratio")
+
     for c in summary["comparisons"]:
         met = (c["diff"] >= 1.0 and c["diff"] > 2 * c["se"] and c["drop_vs_unpruned"] is not None
                and c["drop_vs_unpruned"] <= 1.5)
         lines.append(f"| {c['target_pfr']:.2f} | {c['msf']} | {c['greedy']} | {num(c['diff'])} | {num(c['se'])} | "
-                     f"{num(c['drop_vs_unpruned'])} | {'yes' if met else 'no'} |")
+                     f"{num(c['drop_vs_unpruned'])} | {'yes' if met else 'no'} | "
+                     f"{times(macs(c['msf'], c['target_pfr']), '.2f')} / {times(macs(c['greedy'], c['target_pfr']), '.2f')} |")
     lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments beyond the protocol's; "
               "`final_share`: share of R in the final retrain, `layers_per_stage` 0: all groups in one stage):", ""]
     lines += [f"- `msf:{name}`: {json.dumps(config) if config else 'the paper (layer by layer, gates from open, uniform shares)'}"
