@@ -247,8 +247,9 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
         greedy = {s: v for (s, p), v in by.items() if p == pfr and s in GREEDY}
         if not msf or not greedy:
             continue
-        best_msf = max(msf, key=lambda s: statistics.fmean(msf[s]))
-        best_greedy = max(greedy, key=lambda s: statistics.fmean(greedy[s]))
+        # the best mean among the configurations run over the most seeds (a one-seed lead is an anecdote)
+        best_msf = max(msf, key=lambda s: (len(msf[s]), statistics.fmean(msf[s])))
+        best_greedy = max(greedy, key=lambda s: (len(greedy[s]), statistics.fmean(greedy[s])))
         a, b = msf[best_msf], greedy[best_greedy]
         diff = statistics.fmean(a) - statistics.fmean(b)
         se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else math.nan)
