@@ -26,8 +26,8 @@ Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
 
     python benchmarks/cifar10_cpu_v2.py --data-dir ../shared/data/cifar10 --out benchmarks/results
 
-On 2 cores, two processes of one thread each fill the grid faster than one of two threads (a
-training step does not scale to 2 threads): start the same command twice with ``--threads 1``.
+On 2 cores, two processes of one thread each fill the grid faster than one of two threads (1.34x,
+measured: ``benchmarks/README.md``): start the same command twice with ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -225,20 +225,18 @@ def summary_command(args: argparse.Namespace) -> str:
 
 def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Dict[str, Any],
               sitting_s: float) -> Dict[str, Any]:
-    by: Dict[tuple, List[float]] = {}
-    costs: Dict[tuple, List[tuple]] = {}
+    cells_of: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in done:
         if r.get("status") == "ok":
-            by.setdefault((r["strategy"], r["target_pfr"]), []).append(r["test_acc"])
-            costs.setdefault((r["strategy"], r["target_pfr"]), []).append(
-                (r.get("pfr"), r.get("mac_ratio"), r.get("compression")))
+            cells_of.setdefault((r["strategy"], r["target_pfr"]), []).append(r)
+    by = {key: [r["test_acc"] for r in rs] for key, rs in cells_of.items()}
 
-    def mean_of(key, i):  # the pruned networks' PFR, MAC ratio, compression (same for every seed or not)
-        vals = [c[i] for c in costs[key] if c[i] is not None]
+    def mean_of(key, field):  # the pruned networks' PFR, MAC ratio, compression (None: unpruned)
+        vals = [r[field] for r in cells_of[key] if r.get(field) is not None]
         return statistics.fmean(vals) if vals else None
 
     rows = {f"{s}@{p}": dict(zip(("mean", "std", "n"), mean_std(v)), strategy=s, target_pfr=p, values=v,
-                             pfr=mean_of((s, p), 0), mac_ratio=mean_of((s, p), 1), compression=mean_of((s, p), 2))
+                             **{field: mean_of((s, p), field) for field in ("pfr", "mac_ratio", "compression")})
             for (s, p), v in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0]))}
     base = by.get(("baseline", None))
     comparisons = []
@@ -300,6 +298,7 @@ def markdown(summary: Dict[str, Any]) -> str:
               "and msf at most 1.5 pt below the unpruned network.", "",
               "| PFR | best msf | best greedy | msf - greedy (pt) | std. error | msf drop vs unpruned (pt) | goal met | "
               "MAC ratio msf / greedy |", "|---|---|---|---|---|---|---|---|"]
+
     def macs(strategy, pfr):
         return summary["rows"].get(f"{strategy}@{pfr}", {}).get("mac_ratio")
 
@@ -421,7 +420,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ran += 1
         print(f"[v2] {cell['key']}: test top-1 {result['test_acc']:.2f}% ({result['wall_s']:.0f} s)", flush=True)
         write_summary(args, cell_dir, start[3], time.perf_counter() - began)
-    write_summary(args, cell_dir, start[3], time.perf_counter() - began)
+    if not ran:  # a sitting with nothing left to run still rebuilds the summary from the cells
+        write_summary(args, cell_dir, start[3], time.perf_counter() - began)
     failed = len(grid) - ran - skipped - busy
     print(f"[v2] {ran} cells run, {skipped} skipped (finished before), {busy} run by another process, "
           f"{failed} failed", flush=True)

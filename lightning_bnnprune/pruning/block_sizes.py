@@ -3,9 +3,9 @@
 Some blocks cut their features at a position written in the block, not read from the tensor:
 ``x.split(self.expand_chs // 2)`` (CSPNet's cross stage), ``torch.split(out, self.width)``
 (Res2Net), ``x[:, :self.num_1x1_c]`` (DPN's dual path), ``x[:, 0:self.in_channels] + shortcut``
-(ReXNet's channel-padded residual), ``torch.split(x, self.splits)`` (MixNet's mixed kernels), ``torch.split(x, self.in_channels //
-self.num_paths)`` (SKNet's selective kernel). After filters are removed those numbers must follow the layers'
-new widths, or the block cuts in the wrong place. Each rule here derives a block's numbers from its
+(ReXNet's channel-padded residual), ``torch.split(x, self.splits)`` (MixNet's mixed kernels),
+``torch.split(x, self.in_channels // self.num_paths)`` (SKNet's selective kernel). After filters
+are removed those numbers must follow the layers' new widths, or the block cuts in the wrong place. Each rule here derives a block's numbers from its
 layers' shapes, so the same rule serves the removal and the replay of a record on a freshly built
 model (:func:`sync_block_sizes`), and nothing extra is stored.
 

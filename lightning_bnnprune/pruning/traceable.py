@@ -18,7 +18,9 @@ rule), so the pruned block runs its own code.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List
+import functools
+import operator
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,23 +28,21 @@ from torch import Tensor, nn
 __all__ = ["TRACEABLE_FORMS", "traceable_attention"]
 
 
-def _softmax_over(logits: List[Tensor]) -> List[Tensor]:
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    """Element-wise sum by adds (no ``stack``: each add ties its inputs' channels in the trace)."""
+    return functools.reduce(operator.add, tensors)
+
+
+def _softmax_over(logits: Sequence[Tensor]) -> List[Tensor]:
     """Softmax across a list of equally shaped tensors, element by element (the paths' axis)."""
-    top = logits[0]
-    for a in logits[1:]:
-        top = torch.maximum(top, a)
+    top = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(a - top) for a in logits]
-    total = exps[0]
-    for e in exps[1:]:
-        total = total + e
+    total = _sum(exps)
     return [e / total for e in exps]
 
 
-def _weighted_sum(parts: List[Tensor], weights: List[Tensor]) -> Tensor:
-    out = parts[0] * weights[0]
-    for x, w in zip(parts[1:], weights[1:]):
-        out = out + x * w
-    return out
+def _weighted_sum(parts: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    return _sum([x * w for x, w in zip(parts, weights)])
 
 
 def _split_attn_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -54,10 +54,7 @@ def _split_attn_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
         x = block.act0(block.drop(block.bn0(block.conv(x))))
         width = x.shape[1] // r  # C
-        paths = torch.split(x, width, dim=1)
-        gap = paths[0]
-        for p in paths[1:]:
-            gap = gap + p
+        gap = _sum(torch.split(x, width, dim=1))
         attn = block.fc2(block.act1(block.bn1(block.fc1(gap.mean((2, 3), keepdim=True)))))
         cell = width // card  # Cg
         x_cells = torch.split(x, cell, dim=1)  # index p * card + c
@@ -82,9 +79,7 @@ def _selective_kernel_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
         else:
             inputs = [x] * block.num_paths
         paths = [op(x_p) for op, x_p in zip(block.paths, inputs)]
-        gap = paths[0]
-        for p in paths[1:]:
-            gap = gap + p
+        gap = _sum(paths)
         logits = attn.fc_select(attn.act(attn.bn(attn.fc_reduce(gap.mean((2, 3), keepdim=True)))))
         return _weighted_sum(paths, _softmax_over(list(torch.split(logits, paths[0].shape[1], dim=1))))
 
