@@ -61,6 +61,9 @@ from _report import git_commit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
+#: ``<greedy rule>:<allocation>`` runs the rule with another allocation than uniform shares, e.g.
+#: ``greedy_l1:global`` (one L1 ranking across layers: the greedy counterpart of learned counts)
+GREEDY_ALLOCATIONS = ("uniform", "size", "macs", "global")
 #: Main/Subsidiary configurations for the ablation. ``paper`` (Xu et al.'s layer-wise schedule,
 #: gates from open, uniform shares) stays the default until the grid has measured the others.
 #: ``final_share``: share of R given to the final retrain; ``layers_per_stage`` 0 = all groups.
@@ -75,6 +78,8 @@ MSF_CONFIGS: Dict[str, Dict[str, Any]] = {
     "onestage_l1init": {"final_share": 0.7, "gate_init_criterion": "l1", "layers_per_stage": 0},
     "final_learned_l1init": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0, "layer_floor": 0.25,
                              "gate_init_criterion": "l1"},
+    "final_learned_l1init_distill": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0,
+                                     "layer_floor": 0.25, "gate_init_criterion": "l1", "distill": 1.0},
 }
 DEFAULT_STRATEGIES = ["baseline", "msf:paper", "greedy_l1", "stq", "random"]
 
@@ -91,7 +96,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="each cell's logs")
     p.add_argument("--cells-dir", default=None, help="finished cells, one JSON each (default <out>/<name>_cells)")
     p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
-                   help=f"baseline, {', '.join(GREEDY)}, msf:<config> with config in {', '.join(MSF_CONFIGS)}")
+                   help=f"baseline, {', '.join(GREEDY)} (optionally :<allocation>, allocation in "
+                        f"{', '.join(GREEDY_ALLOCATIONS)}), msf:<config> with config in {', '.join(MSF_CONFIGS)}")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.4, 0.25])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=700, help="R: steps every cell trains (about 2 epochs)")
@@ -109,8 +115,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.cells_dir = args.cells_dir or os.path.join(args.out, args.name + "_cells")
     for s in args.strategies:
         name, _, config = s.partition(":")
-        if not (s == "baseline" or s in GREEDY or (name == "msf" and config in MSF_CONFIGS)):
-            p.error(f"unknown strategy {s!r}: choose baseline, {', '.join(GREEDY)} or msf:<{'|'.join(MSF_CONFIGS)}>")
+        greedy_ok = name in GREEDY and (not config or config in GREEDY_ALLOCATIONS)
+        if not (s == "baseline" or greedy_ok or (name == "msf" and config in MSF_CONFIGS)):
+            p.error(f"unknown strategy {s!r}: choose baseline, <{'|'.join(GREEDY)}>[:<{'|'.join(GREEDY_ALLOCATIONS)}>] "
+                    f"or msf:<{'|'.join(MSF_CONFIGS)}>")
     if any(not 0.0 < x < 1.0 for x in args.pfrs):
         p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
     if args.steps < 1:
@@ -178,9 +186,10 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     binarize = Binarize(**binarize_cfg)
     if strategy == "baseline":
         pruner = None
-    elif strategy in GREEDY:
-        pruner = GreedyFilterPruning(criterion=GREEDY[strategy], target_pfr=pfr, mode="oneshot", warmup=0,
-                                     seed=seed, distill=args.distill)
+    elif strategy.split(":")[0] in GREEDY:
+        rule, _, allocation = strategy.partition(":")
+        pruner = GreedyFilterPruning(criterion=GREEDY[rule], target_pfr=pfr, mode="oneshot", warmup=0,
+                                     allocation=allocation or "uniform", seed=seed, distill=args.distill)
     else:
         probe = copy.deepcopy(module.net)
         binarize_model(probe, **{k: v for k, v in binarize_cfg.items() if k in ("input_quantizer", "kernel_quantizer",
@@ -242,7 +251,7 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
     comparisons = []
     for pfr in sorted({p for (_, p) in by if p is not None}, reverse=True):
         msf = {s: v for (s, p), v in by.items() if p == pfr and s.startswith("msf")}
-        greedy = {s: v for (s, p), v in by.items() if p == pfr and s in GREEDY}
+        greedy = {s: v for (s, p), v in by.items() if p == pfr and s.split(":")[0] in GREEDY}
         if not msf or not greedy:
             continue
         # the best mean among the configurations run over the most seeds (a one-seed lead is an anecdote)

@@ -83,8 +83,8 @@ def test_sweep_runs_every_job(run_app, tmp_path):
         assert abs(jobs[strategy]["pruning"]["pfr"] - 0.4) <= 0.01
         assert jobs[strategy]["parameters"] < jobs["none"]["parameters"]
         assert jobs[strategy]["steps"] == jobs["none"]["steps"] == 6  # one budget for every job
-    # uniform allocation: both strategies remove the same number of filters per group
-    assert jobs["msf"]["parameters"] == jobs["stq"]["parameters"]
+    # stq's uniform shares and msf's learned counts put the same number of cuts in different layers
+    assert jobs["msf"]["parameters"] != jobs["stq"]["parameters"]
     assert proc.stdout.count("bnnprune summary") == 3
 
 
@@ -150,7 +150,7 @@ def test_readme_callback_snippet_runs_and_prunes(tmp_path, monkeypatch):
     shorter = {
         "max_epochs=6,": "max_epochs=1, limit_train_batches=6, limit_val_batches=1, logger=False, "
                          "enable_progress_bar=False, enable_model_summary=False,",
-        "warmup=60, selector=5, retrain=15,": "warmup=0, selector=1, retrain=1,",
+        "warmup=60, selector=10, retrain=20)": "warmup=0, selector=1, retrain=1)",
         "print(model.backbone)": "",
     }
     for old, new in shorter.items():

@@ -72,6 +72,20 @@ def test_defaults_are_the_quickstart(compose_train):
     assert cfg.seed == 0 and cfg.ckpt_path is None and cfg.test_after_fit is True
 
 
+def test_msf_yaml_is_the_callbacks_defaults_and_msf_paper_the_paper(compose_train):
+    """prune=msf and MainSubsidiaryPruning() share the measured configuration (issue 9); the
+    paper's layer-by-layer method stays one override away."""
+    from lightning_bnnprune import MainSubsidiaryPruning
+
+    options = ("layers_per_stage", "allocation", "layer_floor", "final_retrain")
+    chosen = build(compose_train()).prune
+    plain = MainSubsidiaryPruning(target_pfr=0.4)
+    assert [getattr(chosen, k) for k in options] == [getattr(plain, k) for k in options] == [None, "learned", 0.25, "rest"]
+    assert type(chosen.gate_init_criterion).__name__ == type(plain.gate_init_criterion).__name__ == "L1Magnitude"
+    paper = build(compose_train(["prune=msf_paper"])).prune
+    assert [getattr(paper, k) for k in options] == [1, "uniform", 0.0, 0] and paper.gate_init_criterion is None
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(compose_train, tmp_path, group, option):
     overrides = [f"{group}={option}"]

@@ -33,7 +33,7 @@ def _fit(tmp_path, name, pruning, max_steps):
 
 @pytest.mark.parametrize("name, make", [
     ("regnety_002", lambda: GreedyFilterPruning(criterion="binarization_error", target_pfr=0.4)),
-    ("regnetx_002", lambda: MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, layers_per_stage=64)),
+    ("regnetx_002", lambda: MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, allocation="uniform")),
 ])
 def test_grouped_conv_network_reaches_the_target_exactly_and_reloads(tmp_path, name, make):
     pruning = make()

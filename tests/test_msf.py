@@ -19,6 +19,10 @@ from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.distill import open_gates_forward
 from lightning_bnnprune.pruning.gates import gates_of
 
+#: Xu et al.'s own method (the callback's defaults are this project's measured configuration):
+#: the tests of the layer-by-layer mechanics run it.
+PAPER = dict(layers_per_stage=1, allocation="uniform", gate_init_criterion=None, final_retrain=0)
+
 
 class Classifier(L.LightningModule):
     """A user's own module: a timm network in an attribute and a plain training_step.
@@ -110,7 +114,8 @@ class Recorder(Callback):
 def test_phases_in_order_selector_moves_only_gates_retrain_only_weights(tmp_path, name, layers):
     L.seed_everything(0)
     module = Classifier(name)
-    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=2, retrain=2, warmup=1, layers=layers, remove_at_end=False)
+    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=2, retrain=2, warmup=1, layers=layers, remove_at_end=False,
+                                **PAPER)
     rec = Recorder(msf)
     steps = 1 + 4 * len(layers) + 1
     t = trainer(tmp_path, [Binarize(), msf, rec], max_steps=steps, enable_progress_bar=True)
@@ -243,7 +248,8 @@ def test_teacher_is_the_network_with_the_stage_gates_open_and_leaves_bn_statisti
         ({"target_pfr": 0.3, "warmup": -1}, r"`warmup` must be an int >= 0"),
         ({"target_pfr": 0.3, "unit": "batches"}, r"`unit` must be one of \('steps', 'epochs'\), got 'batches'"),
         ({"target_pfr": 0.3, "allocation": "random"}, r"`allocation` must be one of \('uniform', 'size', 'macs', 'learned'\)"),
-        ({"target_pfr": 0.3, "layers_per_stage": 0}, r"`layers_per_stage` must be an int >= 1"),
+        ({"target_pfr": 0.3, "layers_per_stage": 0}, r"`layers_per_stage` must be None \(all groups in one stage\) or an int >= 1"),
+        ({"target_pfr": 0.3, "final_retrain": "all"}, r"`final_retrain` must be an int >= 0 \(steps\) or 'rest', got 'all'"),
         ({"target_pfr": 0.3, "lambda_kd": -1.0}, r"`lambda_kd` must be a number >= 0, got -1.0"),
         ({"target_pfr": 0.3, "lambda_budget": -0.5}, r"`lambda_budget` must be None \(adaptive\) or a number >= 0"),
         ({"target_pfr": 0.3, "gate_lr": -1e-3}, r"`gate_lr` must be a number >= 0"),
@@ -298,7 +304,8 @@ class Manual(Classifier):
         (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, selector=5, retrain=5, layers=["conv1.6"])], 9,
          r"MainSubsidiaryPruning's schedule needs 10 steps \(warmup=0 \+ selector=5 \+ retrain=5\) but the trainer "
          r"runs 9: set max_steps >= 10, or shorten the schedule to fit, e.g. warmup=0, selector=4, retrain=4"),
-        (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, layers=["conv1.6", "conv1.3"], scale_to_fit=True)],
+        (Classifier, lambda: [Binarize(), MainSubsidiaryPruning(0.3, layers=["conv1.6", "conv1.3"], layers_per_stage=1,
+                                                                  scale_to_fit=True)],
          3, r"runs 3, and even the shortest schedule needs 4: set max_steps >= "),
         (Manual, lambda: [Binarize(), MainSubsidiaryPruning(0.3)], 10, r"manual optimisation"),
     ],

@@ -45,7 +45,7 @@ def test_final_retrain_restarts_the_learning_rate(tmp_path):
     selector, retrain, final, layers = 1, 2, 5, ["conv1.6", "layer1.0.conv1"]
     total = len(layers) * (selector + retrain) + final
     module = CosineClassifier(total, name="test_resnet", lr=0.05)
-    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=selector, retrain=retrain, layers=layers,
+    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=selector, retrain=retrain, layers=layers, layers_per_stage=1,
                                 final_retrain=final, retrain_lr_factor=1.0, remove_at_end=False)
     log = StepLog(msf)
     weights: Dict[str, Dict] = {}
@@ -68,6 +68,33 @@ def test_final_retrain_restarts_the_learning_rate(tmp_path):
     assert msf.schedule.total == total and msf.pfr() > 0
     # the user's optimizer leaves the fit with its own scheduled rate
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(t.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
+
+
+
+def test_the_defaults_run_one_stage_then_retrain_to_the_trainers_end(tmp_path):
+    """The measured configuration: one selector over every listed group from the L1 ranking,
+    learned counts, and the final retrain on a restarted cosine for what is left of max_steps."""
+    L.seed_everything(0)
+    total, layers = 10, ["conv1.6", "layer1.0.conv1", "layer2.0.conv1"]
+    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=2, layers=layers, retrain_lr_factor=1.0,
+                                remove_at_end=False)
+    log = StepLog(msf)
+    trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
+        CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
+    assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain"] + ["final"] * 7
+    assert msf.schedule.num_stages == 1 and msf.schedule.final == 7
+    finals = [lr for _, phase, lr in log.rows if phase == "final"]
+    assert finals == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * i / 7)) for i in range(7)], rel=1e-6)
+    closed = sum(g.logits.numel() - g.num_open for g in msf.gates.values())  # only the listed groups close
+    assert closed == round(0.3 * sum(msf.analysis[name].size for name in layers))
+
+
+def test_the_rest_of_an_endless_trainer_is_refused(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=1, layers=["conv1.6"])
+    with pytest.raises(MisconfigurationException, match=r"final_retrain='rest' needs a trainer of finite length"):
+        trainer(tmp_path, [Binarize(), msf], max_steps=-1, max_epochs=-1).fit(Classifier("test_resnet"), loader())
 
 
 @pytest.mark.parametrize("criterion", ["l1", "binarization_error"])
@@ -119,16 +146,21 @@ class LogitTrace(Callback):
         self.trace[trainer.global_step] = torch.cat([p.detach().flatten() for p in main_params(pl_module).values()])
 
 
-def test_resume_mid_final_retrain_equals_uninterrupted(tmp_path):
-    """Distillation on too: the teacher must come back from the checkpoint (the first sitting's start)."""
-    selector, retrain, final, layers = 1, 1, 4, ["conv1.6", "layer1.0.conv1"]
-    total = len(layers) * (selector + retrain) + final
+@pytest.mark.parametrize("layers_per_stage, final", [(1, 4), (None, "rest")])
+def test_resume_mid_final_retrain_equals_uninterrupted(tmp_path, layers_per_stage, final):
+    """Distillation on too: the teacher must come back from the checkpoint (the first sitting's start).
+    With the defaults (one stage, ``final_retrain="rest"``) the resumed run keeps the first sitting's
+    final length instead of computing the rest again from where it resumes."""
+    selector, retrain, layers = 1, 1, ["conv1.6", "layer1.0.conv1"]
+    stages = (len(layers) if layers_per_stage == 1 else 1) * (selector + retrain)
+    total = stages + 4  # the explicit final, or what "rest" must find: max_steps is total + 2
 
     def run(ckpt_path=None, every=None):
         L.seed_everything(0)
         module = CosineClassifier(total + 2, name="test_resnet", lr=0.05)
         msf = MainSubsidiaryPruning(target_pfr=0.4, selector=selector, retrain=retrain, layers=layers,
-                                    final_retrain=final, distill=1.0, remove_at_end=False)
+                                    layers_per_stage=layers_per_stage, final_retrain=final, distill=1.0,
+                                    remove_at_end=False)
         trace = LogitTrace()
         callbacks = [Binarize(), msf, trace]
         if every:
@@ -140,9 +172,11 @@ def test_resume_mid_final_retrain_equals_uninterrupted(tmp_path):
 
     full, msf_full, trace_full, t_full = run(every=1)
     assert "prune/distill" in t_full.callback_metrics
-    step = total - final + 2  # two steps into the final retrain
+    assert msf_full.schedule.final == (4 if final == 4 else total + 2 - stages)
+    step = stages + 2  # two steps into the final retrain
     assert msf_full.schedule.phase_at(step).name == "final"
     resumed, msf_resumed, trace, _ = run(ckpt_path=tmp_path / f"step={step}.ckpt")
+    assert msf_resumed.schedule == msf_full.schedule
     assert sorted(trace) == list(range(step + 1, total + 3))
     for s in trace:
         assert torch.equal(trace[s], trace_full[s]), f"step {s} differs after resuming at {step}"
@@ -177,9 +211,9 @@ def test_greedy_distils_from_the_unpruned_start(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"final_retrain": -1}, r"`final_retrain` must be an int >= 0"),
-        ({"layer_floor": 0.2}, r"`layer_floor` is for allocation='learned'"),
-        ({"allocation": "learned", "layer_floor": 1.0}, r"`layer_floor` must be in \[0, 1\)"),
+        ({"final_retrain": -1}, r"`final_retrain` must be an int >= 0 \(steps\) or 'rest'"),
+        ({"allocation": "uniform", "layer_floor": 0.2}, r"`layer_floor` is for allocation='learned'"),
+        ({"allocation": "learned", "layer_floor": 1.0}, r"`layer_floor` must be None or in \[0, 1\)"),
         ({"gate_init_criterion": "nope"}, r"`gate_init_criterion`: Unknown criterion 'nope'; registered criteria: "),
         ({"distill": -0.5}, r"`distill` must be a number >= 0"),
         ({"distill_temperature": 0}, r"`distill_temperature` must be a number > 0"),
@@ -206,7 +240,7 @@ def test_retrain_phases_follow_the_users_schedule(tmp_path):
     L.seed_everything(0)
     total = 12
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=3, layers=["conv1.6", "layer1.0.conv1"],
-                                retrain_lr_factor=1.0, remove_at_end=False)
+                                layers_per_stage=1, final_retrain=0, retrain_lr_factor=1.0, remove_at_end=False)
     log = StepLog(msf)
     trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
         CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
