@@ -78,6 +78,9 @@ MSF_CONFIGS: Dict[str, Dict[str, Any]] = {
     "onestage_l1init": {"final_share": 0.7, "gate_init_criterion": "l1", "layers_per_stage": 0},
     "final_learned_l1init": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0, "layer_floor": 0.25,
                              "gate_init_criterion": "l1"},
+    # the same with most of R in the final retrain (a shorter selector and retrain before it)
+    "long_final_learned_l1init": {"final_share": 0.8, "allocation": "learned", "layers_per_stage": 0,
+                                  "layer_floor": 0.25, "gate_init_criterion": "l1"},
     "final_learned_l1init_distill": {"final_share": 0.5, "allocation": "learned", "layers_per_stage": 0,
                                      "layer_floor": 0.25, "gate_init_criterion": "l1", "distill": 1.0},
 }

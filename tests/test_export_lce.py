@@ -183,7 +183,12 @@ def test_every_pruning_callback_takes_round_to(cls, kwargs):
         cls(round_to=0, **kwargs)
 
 
-def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
+@pytest.mark.parametrize("make, steps", [
+    (lambda: GreedyFilterPruning("l1", target_pfr=0.4, round_to=32, input_size=(3, 32, 32)), 1),
+    # the defaults: learned counts, rounded to the multiples at the end of the selector
+    (lambda: MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, round_to=32, input_size=(3, 32, 32)), 3),
+], ids=["greedy", "msf_learned"])
+def test_with_round_to_the_counts_are_multiples(tmp_path, make, steps):
     from lightning.pytorch import LightningModule, Trainer, seed_everything
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -191,8 +196,8 @@ def test_greedy_with_round_to_reports_the_rounded_counts(tmp_path):
 
     seed_everything(0)
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, round_to=32, input_size=(3, 32, 32))
-    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    pruning = make()
+    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       callbacks=[Binarize(), pruning])
     trainer.fit(UserModule("resnet18_cifar", lr=0.01, optimizer=torch.optim.SGD), DataLoader(data, batch_size=4))

@@ -28,7 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import criteria
-from ..pruning.budget import ALLOCATIONS, enforce_keep, enforce_keep_across, rank_logits
+from ..pruning.budget import ALLOCATIONS, enforce_keep, enforce_keep_across, rank_logits, round_counts
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, LayerwiseSchedule, Phase, trainer_budget
 from ..pruning.selector import BudgetUnit, SelectorLoss
@@ -216,9 +216,6 @@ class MainSubsidiaryPruning(FilterPruning):
               f"`layer_floor` must be None or in [0, 1), got {layer_floor!r}")
         check(not layer_floor or allocation == "learned",
               f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
-        # learned counts move filters between the groups of a stage after allocation: no multiple kept
-        check(round_to == 1 or allocation != "learned",
-              f"`round_to` > 1 needs allocation in ('uniform', 'size', 'macs'), got allocation='learned'")
         try:
             self.gate_init_criterion = None if gate_init_criterion is None else criteria.get(gate_init_criterion)
         except (ValueError, TypeError) as err:
@@ -292,6 +289,18 @@ class MainSubsidiaryPruning(FilterPruning):
         final = 0 if self.final_retrain == REST else self.final_retrain  # the rest is known at train start
         self.schedule = LayerwiseSchedule.from_groups(names, self.selector, self.retrain, self.warmup, per_stage,
                                                       self.unit, final)
+
+    def _rounded(self, counts: Dict[str, int]) -> Dict[str, int]:
+        """Learned counts moved to keep multiples of ``round_to`` (or whole groups), the stage's
+        total within :data:`~lightning_bnnprune.pruning.budget.ROUND_TOLERANCE` of PFR; the
+        multiple wins over ``layer_floor``."""
+        sizes = {name: self.analysis[name].size for name in counts}
+        quanta = {name: self.analysis[name].num_parts for name in counts}
+        try:
+            return round_counts(sizes, counts, self.round_to, self.min_filters, total_filters=sum(sizes.values()),
+                                quanta=quanta)
+        except ValueError as err:
+            raise MisconfigurationException(f"[{type(self).__name__}] learned counts with round_to: {err}") from None
 
     def _floor(self, name: str) -> int:
         """The fewest filters group ``name`` keeps under learned counts."""
@@ -439,8 +448,12 @@ class MainSubsidiaryPruning(FilterPruning):
                 logits = {name: self.gates[name].logits for name in old.groups}
                 keep = sum(t.numel() for t in logits.values()) - self._stage_prune[old.stage]
                 masks = enforce_keep_across(logits, keep, {name: self._floor(name) for name in old.groups})
-                for name, mask in masks.items():
-                    self.prune_counts[name] = int((~mask).sum())
+                counts = {name: int((~mask).sum()) for name, mask in masks.items()}
+                if self.round_to > 1:  # the learned counts to the engine's multiples, then each group's best
+                    counts = self._rounded(counts)
+                    masks = {name: enforce_keep(logits[name], logits[name].numel() - counts[name], self.analysis[name])
+                             for name in old.groups}
+                self.prune_counts.update(counts)
             else:
                 masks = {name: enforce_keep(self.gates[name].logits,  # per cell for grouped convs
                                             self.gates[name].logits.numel() - self.prune_counts[name],
