@@ -60,12 +60,18 @@ class RankRecord(Callback):
         )
 
 
-@pytest.mark.parametrize("find_unused_parameters", [False, True])
-def test_ddp_two_processes_gates_identical_on_every_rank(tmp_path, find_unused_parameters):
+# the defaults (one stage: warm-up 0, selector 1-2, retrain 3, final retrain 4-7) and the
+# layer-by-layer schedule (warm-up 0, selector 1-2, retrain 3, selector 4-5, retrain 6, done 7)
+@pytest.mark.parametrize("find_unused_parameters, schedule, boundaries", [
+    (False, {}, [0, 1, 3, 4]),
+    (True, {"layers_per_stage": 1, "final_retrain": 0}, [0, 1, 3, 4, 6, 7]),
+], ids=["defaults", "layer_by_layer"])
+def test_ddp_two_processes_gates_identical_on_every_rank(tmp_path, find_unused_parameters, schedule, boundaries):
     L.seed_everything(0)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     data = DataLoader(TensorDataset(x, y), batch_size=4)  # DistributedSampler: a different half per rank
-    msf = MainSubsidiaryPruning(target_pfr=0.4, selector=2, retrain=1, warmup=1, layers=LAYERS, remove_at_end=False)
+    msf = MainSubsidiaryPruning(target_pfr=0.4, selector=2, retrain=1, warmup=1, layers=LAYERS, remove_at_end=False,
+                                **schedule)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -82,8 +88,7 @@ def test_ddp_two_processes_gates_identical_on_every_rank(tmp_path, find_unused_p
     trainer.fit(Classifier(), data)
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    # warm-up 0, selector 1-2, retrain 3, selector 4-5, retrain 6, done 7
-    assert sorted(r0["boundaries"]) == sorted(r1["boundaries"]) == [0, 1, 3, 4, 6, 7]
+    assert sorted(r0["boundaries"]) == sorted(r1["boundaries"]) == boundaries
     for step, b0 in r0["boundaries"].items():
         b1 = r1["boundaries"][step]
         assert b0["phase"] == b1["phase"]
