@@ -236,6 +236,13 @@ def mean_std(values: List[float]) -> tuple:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
 
 
+def diff_se(a: List[float], b: List[float]) -> tuple:
+    """Mean of ``a`` minus mean of ``b`` and the standard error of that difference (nan with one seed)."""
+    se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else math.nan)
+                   + (statistics.variance(b) / len(b) if len(b) > 1 else math.nan))
+    return statistics.fmean(a) - statistics.fmean(b), se
+
+
 def summary_command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv])
 
@@ -266,18 +273,29 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
         best_msf = max(msf, key=lambda s: (len(msf[s]), statistics.fmean(msf[s])))
         best_greedy = max(greedy, key=lambda s: (len(greedy[s]), statistics.fmean(greedy[s])))
         a, b = msf[best_msf], greedy[best_greedy]
-        diff = statistics.fmean(a) - statistics.fmean(b)
-        se = math.sqrt((statistics.variance(a) / len(a) if len(a) > 1 else math.nan)
-                       + (statistics.variance(b) / len(b) if len(b) > 1 else math.nan))
+        diff, se = diff_se(a, b)
         comparisons.append({"target_pfr": pfr, "msf": best_msf, "greedy": best_greedy, "diff": diff, "se": se,
                             "n": [len(a), len(b)], "drop_vs_unpruned": (statistics.fmean(base) - statistics.fmean(a))
                             if base else None})
+    # At equal compute: each msf row against the best greedy row (any PFR) that saves no more MACs
+    # than it does, so a lead cannot come from keeping more of the network.
+    equal_macs = []
+    for key, r in rows.items():
+        if not r["strategy"].startswith("msf") or r.get("mac_ratio") is None:
+            continue
+        rivals = [g for g in rows.values() if g["strategy"].split(":")[0] in GREEDY
+                  and g.get("mac_ratio") is not None and g["mac_ratio"] <= r["mac_ratio"] * (1 + 1e-3)]
+        if rivals:
+            g = max(rivals, key=lambda g: (g["n"], g["mean"]))
+            diff, se = diff_se(r["values"], g["values"])
+            equal_macs.append({"msf": key, "greedy": f"{g['strategy']}@{g['target_pfr']}", "diff": diff, "se": se,
+                               "mac_ratio": [r["mac_ratio"], g["mac_ratio"]], "n": [r["n"], g["n"]]})
     commands = sorted({(r.get("command", "?"), r.get("commit", "?")) for r in done})
     return {"command": summary_command(args), "cell_commands": [{"command": c, "commit": k} for c, k in commands],
             "warm_start": {"path": os.path.relpath(args.warm_start, ROOT), "test_acc": manifest.get("test_acc"),
                            "sha256": manifest.get("weights_sha256")},
             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "distill": args.distill,
-            "msf_configs": MSF_CONFIGS, "rows": rows, "comparisons": comparisons,
+            "msf_configs": MSF_CONFIGS, "rows": rows, "comparisons": comparisons, "equal_macs": equal_macs,
             "cells_done": len(done), "cells_wall_s": sum(r.get("wall_s", 0.0) for r in done),
             "sitting_wall_s": sitting_s, "load_average": [round(x, 2) for x in os.getloadavg()],
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -325,7 +343,17 @@ def markdown(summary: Dict[str, Any]) -> str:
         lines.append(f"| {c['target_pfr']:.2f} | {c['msf']} | {c['greedy']} | {num(c['diff'])} | {num(c['se'])} | "
                      f"{num(c['drop_vs_unpruned'])} | {'yes' if met else 'no'} | "
                      f"{times(macs(c['msf'], c['target_pfr']), '.2f')} / {times(macs(c['greedy'], c['target_pfr']), '.2f')} |")
-    lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments beyond the protocol's; "
+    if summary.get("equal_macs"):
+        lines += ["", "At equal compute: each msf row against the best greedy row, at any PFR, whose pruned network "
+                  "saves no more MACs (most seeds, then best mean).", "",
+                  "| msf (strategy@PFR) | MAC ratio | greedy (strategy@PFR) | MAC ratio | msf - greedy (pt) | "
+                  "std. error | seeds |", "|---|---|---|---|---|---|---|"]
+        for c in summary["equal_macs"]:
+            lines.append(f"| {c['msf']} | {times(c['mac_ratio'][0], '.2f')} | {c['greedy']} | "
+                         f"{times(c['mac_ratio'][1], '.2f')} | {num(c['diff'])} | {num(c['se'])} | "
+                         f"{c['n'][0]} / {c['n'][1]} |")
+    lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments on top of the paper's: layer by layer, "
+              "gates from open, uniform shares, no final retrain; "
               "`final_share`: share of R in the final retrain, `layers_per_stage` 0: all groups in one stage):", ""]
     lines += [f"- `msf:{name}`: {json.dumps(config) if config else 'the paper (layer by layer, gates from open, uniform shares)'}"
               for name, config in summary["msf_configs"].items()]
@@ -342,7 +370,8 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
 
     rows = [r for r in summary["rows"].values() if r["target_pfr"] is not None]
     pfrs = sorted({r["target_pfr"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, max(1, len(pfrs)), figsize=(5.5 * max(1, len(pfrs)), 4), squeeze=False)
+    panels = max(1, len(pfrs)) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     for ax, pfr in zip(axes[0], pfrs):
         here = sorted((r for r in rows if r["target_pfr"] == pfr), key=lambda r: -r["mean"])
         xs = range(len(here))
@@ -360,6 +389,17 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
         ax.set_xticks(list(xs), [r["strategy"] for r in here], rotation=30, ha="right")
         ax.set_ylabel("CIFAR-10 test top-1 (%)")
         ax.set_title(f"PFR {pfr:.2f}, R = {summary['steps']} steps")
+    ax = axes[0][-1]  # accuracy against compute saved: equal-MAC comparisons read off vertically
+    for r in rows:
+        if r.get("mac_ratio") is not None:
+            msf = r["strategy"].startswith("msf")
+            ax.errorbar(r["mac_ratio"], r["mean"], yerr=0 if math.isnan(r["std"]) else r["std"], capsize=3,
+                        fmt="o" if msf else "s", color="tab:blue" if msf else "tab:gray")
+            ax.annotate(f"{r['strategy']}@{r['target_pfr']:.2f}", (r["mac_ratio"], r["mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MAC ratio (before / after removal)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.set_title("accuracy against MACs saved (msf: circles)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
