@@ -59,6 +59,8 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     (comparison,) = summary["comparisons"]
     assert comparison["msf"] == "msf:final_learned" and comparison["greedy"] == "greedy_l1"
     assert comparison["se"] >= 0 and comparison["drop_vs_unpruned"] is not None
+    for pair in summary["equal_macs"]:  # a rival never saves more MACs than the msf row it answers
+        assert pair["mac_ratio"][1] <= pair["mac_ratio"][0] * (1 + 1e-3)
     assert "| greedy_l1 | 0.40 |" in (tmp_path / "results" / "cifar10_cpu_v2.md").read_text()
     assert (tmp_path / "results" / "cifar10_cpu_v2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -81,3 +83,5 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
 
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--strategies", "msf:nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv + ["--strategies", "greedy_l1:learned"])  # allocations: uniform|size|macs|global
