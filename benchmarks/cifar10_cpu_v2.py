@@ -61,9 +61,13 @@ from _report import git_commit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
-#: ``<greedy rule>:<allocation>`` runs the rule with another allocation than uniform shares, e.g.
-#: ``greedy_l1:global`` (one L1 ranking across layers: the greedy counterpart of learned counts)
-GREEDY_ALLOCATIONS = ("uniform", "size", "macs", "global")
+#: ``<greedy rule>:<variant>``: the rule with other ``GreedyFilterPruning`` arguments, e.g.
+#: ``greedy_l1:global`` (one L1 ranking across layers) or ``greedy_l1:distill`` (distillation from
+#: the start network while retraining, as ``msf:*_distill`` gets it)
+GREEDY_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "uniform": {}, "size": {"allocation": "size"}, "macs": {"allocation": "macs"},
+    "global": {"allocation": "global"}, "distill": {"distill": 1.0},
+}
 #: Main/Subsidiary configurations for the ablation. ``paper`` (Xu et al.'s layer-wise schedule,
 #: gates from open, uniform shares) stays the default until the grid has measured the others.
 #: ``final_share``: share of R given to the final retrain; ``layers_per_stage`` 0 = all groups.
@@ -99,8 +103,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="each cell's logs")
     p.add_argument("--cells-dir", default=None, help="finished cells, one JSON each (default <out>/<name>_cells)")
     p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
-                   help=f"baseline, {', '.join(GREEDY)} (optionally :<allocation>, allocation in "
-                        f"{', '.join(GREEDY_ALLOCATIONS)}), msf:<config> with config in {', '.join(MSF_CONFIGS)}")
+                   help=f"baseline, {', '.join(GREEDY)} (optionally :<variant>, variant in "
+                        f"{', '.join(GREEDY_VARIANTS)}), msf:<config> with config in {', '.join(MSF_CONFIGS)}")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.4, 0.25])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=700, help="R: steps every cell trains (about 2 epochs)")
@@ -118,9 +122,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.cells_dir = args.cells_dir or os.path.join(args.out, args.name + "_cells")
     for s in args.strategies:
         name, _, config = s.partition(":")
-        greedy_ok = name in GREEDY and (not config or config in GREEDY_ALLOCATIONS)
+        greedy_ok = name in GREEDY and (not config or config in GREEDY_VARIANTS)
         if not (s == "baseline" or greedy_ok or (name == "msf" and config in MSF_CONFIGS)):
-            p.error(f"unknown strategy {s!r}: choose baseline, <{'|'.join(GREEDY)}>[:<{'|'.join(GREEDY_ALLOCATIONS)}>] "
+            p.error(f"unknown strategy {s!r}: choose baseline, <{'|'.join(GREEDY)}>[:<{'|'.join(GREEDY_VARIANTS)}>] "
                     f"or msf:<{'|'.join(MSF_CONFIGS)}>")
     if any(not 0.0 < x < 1.0 for x in args.pfrs):
         p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
@@ -195,9 +199,10 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     if strategy == "baseline":
         pruner = None
     elif strategy.split(":")[0] in GREEDY:
-        rule, _, allocation = strategy.partition(":")
-        pruner = GreedyFilterPruning(criterion=GREEDY[rule], target_pfr=pfr, mode="oneshot", warmup=0,
-                                     allocation=allocation or "uniform", seed=seed, distill=args.distill)
+        rule, _, variant = strategy.partition(":")
+        options = {"distill": args.distill, **GREEDY_VARIANTS[variant or "uniform"]}
+        pruner = GreedyFilterPruning(criterion=GREEDY[rule], target_pfr=pfr, mode="oneshot", warmup=0, seed=seed,
+                                     **options)
     else:
         probe = copy.deepcopy(module.net)
         binarize_model(probe, **{k: v for k, v in binarize_cfg.items() if k in ("input_quantizer", "kernel_quantizer",

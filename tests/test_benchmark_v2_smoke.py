@@ -84,4 +84,4 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--strategies", "msf:nope"])
     with pytest.raises(SystemExit):
-        bench.parse_args(argv + ["--strategies", "greedy_l1:learned"])  # allocations: uniform|size|macs|global
+        bench.parse_args(argv + ["--strategies", "greedy_l1:learned"])  # variants: uniform|size|macs|global|distill
