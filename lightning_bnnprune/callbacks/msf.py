@@ -98,7 +98,7 @@ class MainSubsidiaryPruning(FilterPruning):
 
     *Defaults, as measured* (``benchmarks/results/cifar10_cpu_v2.md``: binary ResNet-20 from a
     76.55 % CIFAR-10 warm start, 700 steps, 40 % PFR): the paper's schedule (layer by layer, gates
-    from open, uniform shares, no final retrain) reached 55.8 %, a final retrain 63.8 %, learned
+    from open, uniform shares, no final retrain) reached 55.8 %, a final retrain 63.0 %, learned
     counts from the L1 ranking 68.9 % over 3 seeds against 62.9 % for one-shot greedy L1 (which
     saves more MACs at the same PFR: learned counts keep more of the residual trunk).
 
