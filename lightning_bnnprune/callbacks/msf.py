@@ -1,4 +1,4 @@
-"""``MainSubsidiaryPruning``: Xu et al.'s learned filter selector, layer by layer, inside one ``fit``.
+"""``MainSubsidiaryPruning``: Xu et al.'s learned filter selector, in stages of layers, inside one ``fit``.
 
 Xu, Dong, Li, Su, "Main/Subsidiary Network: Learning to Prune Filters in Binary Neural Networks"
 (CVPR 2019). See ``docs/method.md`` (the selector, section 2) and the class docstring for the
