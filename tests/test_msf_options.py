@@ -29,6 +29,11 @@ class CosineClassifier(Classifier):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def cosine(lr: float, steps: int) -> List[float]:
+    """The rate of each step of a cosine from ``lr`` to 0 over ``steps`` (as CosineAnnealingLR)."""
+    return [lr * 0.5 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)]
+
+
 class StepLog(Callback):
     """Phase and learning rate of every optimizer step (read after the pruning callback set it)."""
 
@@ -60,8 +65,7 @@ def test_final_retrain_restarts_the_learning_rate(tmp_path):
 
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain"] * len(layers) + ["final"] * final
     finals = [lr for _, phase, lr in log.rows if phase == "final"]
-    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * i / final)) for i in range(final)]
-    assert finals == pytest.approx(expected, rel=1e-6)
+    assert finals == pytest.approx(cosine(0.05, final), rel=1e-6)
     user = 0.05 * 0.5 * (1 + math.cos(math.pi * (total - final) / total))  # what the user's cosine was at
     assert finals[0] > 2 * user  # restarted, not the user's decayed rate
     assert any(not torch.equal(a, b) for a, b in zip(weights["start"].values(), main_params(module).values()))
@@ -84,7 +88,7 @@ def test_the_defaults_run_one_stage_then_retrain_to_the_trainers_end(tmp_path):
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain"] + ["final"] * 7
     assert msf.schedule.num_stages == 1 and msf.schedule.final == 7
     finals = [lr for _, phase, lr in log.rows if phase == "final"]
-    assert finals == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * i / 7)) for i in range(7)], rel=1e-6)
+    assert finals == pytest.approx(cosine(0.05, 7), rel=1e-6)
     closed = sum(g.logits.numel() - g.num_open for g in msf.gates.values())  # only the listed groups close
     assert closed == round(0.3 * sum(msf.analysis[name].size for name in layers))
 
@@ -245,5 +249,4 @@ def test_retrain_phases_follow_the_users_schedule(tmp_path):
     trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
         CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain", "retrain"] * 2 + ["done"] * 4
-    cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * i / total)) for i in range(total)]
-    assert [lr for _, _, lr in log.rows] == pytest.approx(cosine, rel=1e-6)
+    assert [lr for _, _, lr in log.rows] == pytest.approx(cosine(0.05, total), rel=1e-6)

@@ -364,16 +364,16 @@ class MainSubsidiaryPruning(FilterPruning):
             wanted["final"], repeats["final"] = s.final, 1
         lengths = self.fit_schedule(trainer, self.unit, wanted, repeats,
                                     scale_to_fit=self.scale_to_fit and self._phase is None, origin=self._origin)
-        final = lengths.get("final", 0)
+        fitted = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"], s.unit,
+                                   final=lengths.get("final", 0))
         if self.final_retrain == REST and self._phase is None and not self._loaded.get("schedule"):
             available = trainer_budget(trainer, self.unit, self._origin)[0]
             check(math.isfinite(available), f"final_retrain={REST!r} needs a trainer of finite length: set "
                                             "max_steps or max_epochs, or give final_retrain a length")
-            stages = lengths["warmup"] + s.num_stages * (lengths["selector"] + lengths["retrain"])
-            final = max(0, int(available) - stages)
-        if lengths != wanted or final != s.final:
-            self.schedule = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"],
-                                              s.unit, final=final)
+            fitted = LayerwiseSchedule(s.stages, fitted.selector, fitted.retrain, fitted.warmup, s.unit,
+                                       final=max(0, int(available) - fitted.total))
+        if fitted != s:
+            self.schedule = fitted
 
     def _install(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Add the selector's loss terms to ``training_step`` and put the phase on the progress bar."""
