@@ -24,6 +24,16 @@ choices are arguments so a faster one can replace them):
 * No distillation from a full-precision teacher: the teacher's own training would cost a large
   share of the budget this machine lacks, and its forward adds about a third to every step.
 
+``--full-precision`` trains the same network without ``Binarize`` (issue 21's teacher and
+real-valued initialisation, as Bi-Real Net and IR-Net start from one): the usual ResNet-20
+recipe, SGD with momentum 0.9, lr 0.1, weight decay 5e-4, cosine, no label
+smoothing (a smoothed teacher distils worse: Mueller et al., "When does label smoothing help?",
+NeurIPS 2019)::
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD nice -n 19 python benchmarks/warm_start.py \\
+        --data-dir ../shared/data/cifar10 --out ../fp_teacher --full-precision --name resnet20_cifar_fp \\
+        --optimizer sgd --lr 0.1 --weight-decay 5e-4 --label-smoothing 0 --epochs 60
+
 Example (from the repository root; a background run on a shared machine)::
 
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD nice -n 19 python benchmarks/warm_start.py \\
@@ -67,10 +77,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet20_cifar")
     p.add_argument("--epochs", type=int, default=120, help="length of the cosine schedule")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--input-quantizer", default="approx_sign", help="activation quantizer alias")
+    p.add_argument("--full-precision", action="store_true",
+                   help="no Binarize: the full-precision network (the teacher / real-valued start)")
     p.add_argument("--binary-downsample", action="store_true",
                    help="binarise the 1x1 downsample shortcuts too (default: full precision)")
     p.add_argument("--seed", type=int, default=0)
@@ -220,8 +234,12 @@ def command_line(argv: List[str]) -> str:
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
     keep = ("model", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "input_quantizer",
-            "binary_downsample", "seed", "subset_train", "subset_test")
+            "binary_downsample", "seed", "subset_train", "subset_test", "full_precision", "optimizer", "momentum")
     return {k: getattr(args, k) for k in keep}
+
+
+#: settings added after the first kept run, with the value that run used (absent = this value)
+ADDED_SETTINGS = {"full_precision": False, "optimizer": "adam", "momentum": 0.9}
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
@@ -259,7 +277,8 @@ def check_settings(args: argparse.Namespace) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             theirs = json.load(f)
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        diff = {k: (theirs.get(k, ADDED_SETTINGS.get(k)), v) for k, v in mine.items()
+                if theirs.get(k, ADDED_SETTINGS.get(k)) != v}
         if diff:
             raise SystemExit(f"{args.out} holds a run with other settings (theirs, yours): {diff}; "
                              "use another --out or the same settings")
@@ -275,9 +294,10 @@ def export_final(args: argparse.Namespace, module: ImageClassifier, manifest: Di
         path = os.path.join(args.assets, f"{args.name}-{dt.datetime.now():%Y%m%d-%H%M%S}.pt")
     state = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
     torch.save(state, path)
-    final = {**manifest, "weights": os.path.relpath(path, ROOT), "weights_sha256": sha256(path),
-             "binarize": {"input_quantizer": args.input_quantizer, "kernel_quantizer": "xnor",
-                          "keep_fp": [] if args.binary_downsample else [DOWNSAMPLE]}}
+    binary = None if args.full_precision else {
+        "input_quantizer": args.input_quantizer, "kernel_quantizer": "xnor",
+        "keep_fp": [] if args.binary_downsample else [DOWNSAMPLE]}
+    final = {**manifest, "weights": os.path.relpath(path, ROOT), "weights_sha256": sha256(path), "binarize": binary}
     write_json(path[: -len(".pt")] + ".json", final)
     return path
 
@@ -288,8 +308,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     check_settings(args)
     lightning.seed_everything(args.seed, verbose=False)
-    module = ImageClassifier(args.model, num_classes=10, optimizer="adam", lr=args.lr,
-                             weight_decay=args.weight_decay, scheduler="cosine",
+    module = ImageClassifier(args.model, num_classes=10, optimizer=args.optimizer, lr=args.lr,
+                             momentum=args.momentum, weight_decay=args.weight_decay, scheduler="cosine",
                              label_smoothing=args.label_smoothing)
     dm = ResumableNpz(data_dir=args.data_dir, batch_size=args.batch_size, val_split=0, seed=args.seed,
                       augment=True, subset_train=args.subset_train, subset_test=args.subset_test)
@@ -300,7 +320,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              every_n_epochs=1, save_top_k=1, monitor="step", mode="max",
                              save_on_train_epoch_end=False)  # after the test, before Manifest writes
     manifest = Manifest(args, epochs)
-    callbacks: List[Callback] = [binarize(args), steps, epochs, manifest, Progress()]
+    callbacks: List[Callback] = [steps, epochs, manifest, Progress()]
+    if not args.full_precision:
+        callbacks.insert(0, binarize(args))
     if args.stop_after is not None:
         callbacks.append(StopAfter(args.stop_after))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=callbacks,

@@ -96,3 +96,26 @@ def test_step_seeded_loader_is_a_function_of_the_step():
     assert all(torch.equal(a, b) for a, b in zip([y for _, y in loader], epoch1[1:]))
     with pytest.raises(ValueError, match="batch_size"):
         StepSeededLoader(data, batch_size=0, seed=0, step=lambda: 0)
+
+
+def test_full_precision_run_keeps_every_conv_real(warm, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_npz(data)
+    out = tmp_path / "fp"
+    result = warm.main(_args(data, out, "--epochs", "1", "--full-precision", "--name", "fp",
+                             "--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4"))
+    final = json.loads((out / "assets" / "fp.json").read_text())
+    assert final["binarize"] is None and final["settings"]["full_precision"] is True
+    assert final["settings"]["optimizer"] == "sgd" and result["epochs_done"] == 1
+    state = torch.load(out / "assets" / "fp.pt")
+    net = warm.ImageClassifier("resnet20_cifar").net
+    net.load_state_dict(state)  # the plain timm network's keys: nothing binary was swapped in
+    # a settings file from before these options existed still matches a default (binary, Adam) rerun
+    legacy = {k: v for k, v in warm.settings(warm.parse_args(_args(data, tmp_path / "old"))).items()
+              if k not in warm.ADDED_SETTINGS}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(legacy))
+    warm.check_settings(warm.parse_args(_args(data, tmp_path / "old")))
+    with pytest.raises(SystemExit, match="full_precision"):
+        warm.check_settings(warm.parse_args(_args(data, tmp_path / "old", "--full-precision")))
