@@ -9,7 +9,9 @@ import torch
 
 from lightning_bnnprune.pruning.gates import FilterGate
 from lightning_bnnprune.pruning.groups import ChannelGroup
-from lightning_bnnprune.pruning.selector import budget_term, budget_weight, gradient_spread, keep_top_across, rank_logits
+from lightning_bnnprune.pruning.selector import (
+    budget_term, budget_weight, gradient_spread, keep_top_across, rank_logits,
+)
 
 
 def whole(size: int) -> ChannelGroup:
