@@ -45,7 +45,7 @@ from lightning_bnnprune import (
     remove_filters,
     save_pruned,
 )
-from lightning_bnnprune.pruning.budget import allocate
+from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.criteria import RandomScore
 from lightning_bnnprune.pruning.groups import coverage
 

@@ -7,7 +7,7 @@ ImageNet-style ``resnet18`` on CIFAR-10 upsampled to 64x64):
    ``ste_sign`` inputs, XNOR kernels, first conv and classifier full precision);
 2. batch-norm statistics calibrated on ``--calib`` CIFAR-10 training images (cumulative
    averages, no gradient step), so the activations the binary layers see are realistic;
-3. pruned at ``--pfr`` of its filters: uniform allocation (:func:`budget.allocate`, optionally
+3. pruned at ``--pfr`` of its filters: uniform allocation (:func:`allocation.allocate`, optionally
    ``--round-to``), the lowest latent-weight L1 filters of each group removed
    (:func:`remove_filters`), then the batch norms calibrated again;
 4. exported with :func:`export_lce` and with :func:`export_packed`; LCE's interpreter runs the
@@ -50,7 +50,8 @@ from lightning_bnnprune import (  # noqa: E402
     remove_filters,
 )
 from lightning_bnnprune.stats import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from lightning_bnnprune.pruning import budget, criteria  # noqa: E402
+from lightning_bnnprune.pruning import criteria  # noqa: E402
+from lightning_bnnprune.pruning.allocation import allocate  # noqa: E402
 from lightning_bnnprune.pruning.report import storage_plan  # noqa: E402
 from lightning_bnnprune.pruning.criteria import scores_for  # noqa: E402
 
@@ -126,7 +127,7 @@ def run_network(args: argparse.Namespace, name: str, size: int, work: str) -> Di
         analysis = find_channel_groups(net, calib[:1])
         sizes = {g.name: g.size for g in analysis.groups}
         try:
-            counts = budget.allocate(sizes, args.pfr, "uniform", 1, round_to=round_to)
+            counts = allocate(sizes, args.pfr, "uniform", 1, round_to=round_to)
         except ValueError as err:
             row["sizes"][str(round_to)] = {"error": str(err)}
             continue

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
-from lightning_bnnprune.pruning import budget
+from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.export import export_packed
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
 from lightning_bnnprune.pruning.gates import attach_gates
@@ -46,7 +46,7 @@ def pruned(name, size=32, share=0.4, round_to=1):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     analysis = find_channel_groups(net, x[:1])
     sizes = {g.name: g.size for g in analysis.groups}
-    counts = budget.allocate(sizes, share, round_to=round_to)
+    counts = allocate(sizes, share, round_to=round_to)
     g = torch.Generator().manual_seed(0)
     masks = {}
     for group in analysis.groups:

@@ -213,7 +213,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
-def test_unreachable_target_raises(tmp_path, allocation):  # the same message as budget.allocate's
+def test_unreachable_target_raises(tmp_path, allocation):  # the same message as allocation.allocate's
     pruning = GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8, allocation=allocation)
     with pytest.raises(
         MisconfigurationException,

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning, load_pruned
 from lightning_bnnprune.binarize import binarize_model
-from lightning_bnnprune.pruning.budget import allocate
+from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.slicing import slice_channels
 from lightning_bnnprune.pruning.surgery import remove_filters

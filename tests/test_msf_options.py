@@ -103,6 +103,9 @@ def test_the_rest_of_an_endless_trainer_is_refused(tmp_path):
 
 @pytest.mark.parametrize("criterion", ["l1", "binarization_error"])
 def test_criterion_gates_without_gate_learning_select_the_greedy_rule(tmp_path, criterion):
+    """Both strategies select through ChannelGroup.keep_top, the one top-k: the greedy rule on the
+    criterion's scores, the selector on the logits rank_logits made of them. Through a real fit,
+    the same filters close (the unit test of the pair is test_selector.py)."""
     def fit(callback):
         L.seed_everything(0)
         module = Classifier("test_resnet")

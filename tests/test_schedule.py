@@ -1,4 +1,4 @@
-"""The layer-wise schedule and the short-run rule, alone (no Trainer); the budget is in test_budget.py."""
+"""The layer-wise schedule and the short-run rule, alone (no Trainer); allocation: test_allocation.py."""
 from __future__ import annotations
 
 import math

@@ -13,7 +13,7 @@ from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning import attach_gates
 from lightning_bnnprune.pruning.block_sizes import rule_for
-from lightning_bnnprune.pruning.budget import allocate
+from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from ..binarize import binary_layers
 from ..introspect import example_batch, find_networks, input_size_of
-from ..pruning.budget import allocate, macs_per_channel
+from ..pruning.allocation import allocate, macs_per_channel
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups

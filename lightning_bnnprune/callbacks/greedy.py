@@ -18,7 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ..pruning import budget, criteria
+from ..pruning import criteria
+from ..pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS
+from ..pruning.allocation import GLOBAL
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import UNITS
 from .base import FilterPruning
@@ -29,7 +31,7 @@ __all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS"]
 MODES = ("oneshot", "layerwise")
 #: The fixed allocations shared with MainSubsidiaryPruning (same counts per layer at the same
 #: target, so the strategies differ only in which filters they pick), plus a criterion-driven one.
-ALLOCATIONS = budget.ALLOCATIONS + (budget.GLOBAL,)
+ALLOCATIONS = FIXED_ALLOCATIONS + (GLOBAL,)
 
 
 class GreedyFilterPruning(FilterPruning):

@@ -28,10 +28,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..pruning import criteria
-from ..pruning.budget import ALLOCATIONS, enforce_keep, enforce_keep_across, rank_logits, round_counts
+from ..pruning.allocation import ALLOCATIONS, round_counts
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, LayerwiseSchedule, Phase, trainer_budget
-from ..pruning.selector import BudgetUnit, SelectorLoss
+from ..pruning.selector import BudgetUnit, SelectorLoss, keep_top_across, rank_logits
 from ..pruning.slicing import OUT
 from .base import FilterPruning
 from .checks import check, is_int, is_number
@@ -447,17 +447,16 @@ class MainSubsidiaryPruning(FilterPruning):
             if self.allocation == "learned":
                 logits = {name: self.gates[name].logits for name in old.groups}
                 keep = sum(t.numel() for t in logits.values()) - self._stage_prune[old.stage]
-                masks = enforce_keep_across(logits, keep, {name: self._floor(name) for name in old.groups})
+                masks = keep_top_across(logits, keep, {name: self._floor(name) for name in old.groups})
                 counts = {name: int((~mask).sum()) for name, mask in masks.items()}
                 if self.round_to > 1:  # the learned counts to the engine's multiples, then each group's best
                     counts = self._rounded(counts)
-                    masks = {name: enforce_keep(logits[name], logits[name].numel() - counts[name], self.analysis[name])
+                    masks = {name: self.analysis[name].keep_top(logits[name], logits[name].numel() - counts[name])
                              for name in old.groups}
                 self.prune_counts.update(counts)
             else:
-                masks = {name: enforce_keep(self.gates[name].logits,  # per cell for grouped convs
-                                            self.gates[name].logits.numel() - self.prune_counts[name],
-                                            self.analysis[name])
+                masks = {name: self.analysis[name].keep_top(self.gates[name].logits,  # per cell for grouped convs
+                                                            self.gates[name].logits.numel() - self.prune_counts[name])
                          for name in old.groups}
             for name, mask in masks.items():
                 self.gates[name].set_mask(mask)

@@ -38,9 +38,8 @@ we do not know, a split or slice at positions fixed in code without a rule, a gr
 its channels from several groups or has one channel per conv group) are not prunable; the reason
 names the layer.
 
-Size: about 550 lines, one concept (from traced couplings to prunable groups with their cells and
-refusal reasons); the graph walk itself is in :mod:`.tracing` and the block rules in
-:mod:`.block_sizes`. A third of it is the per-module classification that names each refusal.
+The graph walk itself is in :mod:`.tracing` and the block rules in :mod:`.block_sizes`; a third of
+this module is the per-module classification that names each refusal.
 """
 from __future__ import annotations
 
@@ -110,14 +109,23 @@ class ChannelGroup:
         return num_pruned % self.num_parts == 0
 
     def keep_top(self, scores: Tensor, keep: int) -> Tensor:
-        """Bool mask keeping the ``keep`` highest-scored channels, ``keep / num_parts`` per cell
-        (ties: the lower index).
+        """Bool mask (CPU) keeping the ``keep`` highest-scored channels, ``keep / num_parts`` per
+        cell (ties: the lower index).
+
+        The one top-k of a group's channels: the greedy rules close the rest of a criterion's
+        ranking (``~keep_top(-scores, n)``), the selector fixes its learned gates with it at the
+        end of a phase (the logits rank, the budget counts), and
+        :func:`~.selector.keep_top_across` takes each group's floor with it.
 
         Raises:
             ValueError: if ``keep`` is out of range or not a multiple of :attr:`num_parts`.
         """
-        scores = torch.as_tensor(scores).detach().flatten().float().cpu()
+        scores = torch.as_tensor(scores).detach().flatten().cpu()
+        if scores.dtype != torch.float64:  # float64 logits (precision="64-true") rank at their own precision
+            scores = scores.float()
         p = self.num_parts
+        if p == 1 and not 0 <= keep <= self.size:
+            raise ValueError(f"group {self.name!r}: keep must be in [0, {self.size}], got {keep}")
         if not 0 <= keep <= self.size or keep % p:
             raise ValueError(f"group {self.name!r} can keep a multiple of {p} channels in [0, {self.size}], "
                              f"got {keep} (it feeds a grouped conv: every conv group keeps as many)")

@@ -1,4 +1,4 @@
-"""The record of a physical removal, its replay, and saving / loading pruned models.
+"""The record of a physical removal, and saving / loading pruned models.
 
 A :class:`PruningRecord` is Torch-Pruning's pruning history in plain data: a list of
 ``(module_name, dim, kept_idxs)`` with ``dim`` ``"out"`` (output channels of a conv or linear

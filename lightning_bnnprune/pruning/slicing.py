@@ -2,7 +2,7 @@
 
 ``"out"`` is a layer's output side (a conv's or linear layer's filters, a norm's channels, all the
 channels of a depthwise conv), ``"in"`` its input side. The physical removal
-(:mod:`.surgery`) and the replay of a saved record (:mod:`.record`) both cut through
+(:mod:`.surgery`) and the replay of a saved record (:mod:`.rebuild`) both cut through
 :func:`slice_channels`, and the channel groups (:mod:`.groups`) count through
 :func:`channel_count`, so the three agree on what a channel of a layer is.
 """

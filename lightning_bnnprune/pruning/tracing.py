@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover
 class BlurPoolPruner(tp.pruner.BasePruningFunc):
     """A per-channel layer for Torch-Pruning's tracer: input channel ``c`` is output channel ``c``.
 
-    Only the tracing uses it (the cut is :func:`~.record.slice_channels`'), so the prune methods do
+    Only the tracing uses it (the cut is :func:`~.slicing.slice_channels`'), so the prune methods do
     nothing; ``prune_in_channels = prune_out_channels`` is Torch-Pruning's way of saying the layer's
     input and output channels are the same ones.
     """

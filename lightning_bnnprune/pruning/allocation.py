@@ -1,7 +1,6 @@
-"""The pruning budget: a global target PFR shared out over layers, and the term that drives a
-layer's gates to its share.
+"""The allocation of a pruning target: one global PFR shared out over layers as counts of filters.
 
-**Allocation.** The user asks for one global PFR (pruned filters / prunable filters, sec. 5 of
+The user asks for one global PFR (pruned filters / prunable filters, sec. 5 of
 ``docs/method.md``). :func:`allocate` turns it into a number of filters to prune per group: the pruned
 ratio of group ``l`` is ``r_l = min(c * w_l, cap_l)``, with ``c`` found by water-filling so that
 the counts add up to the global target, ``cap_l = 1 - min_filters / n_l`` (never prune a layer to
@@ -10,10 +9,12 @@ zero) and the weight ``w_l``:
 - ``"uniform"``: ``w_l = 1``, every layer loses the same share of its filters;
 - ``"size"``: ``w_l ∝ n_l``, wide layers (usually the most redundant) give more;
 - ``"macs"``: ``w_l ∝`` the multiply-accumulates one channel of the group costs (its producers'
-  output and its consumers' input), so the budget goes where it saves the most compute.
+  output and its consumers' input, :func:`macs_per_channel`), so the budget goes where it saves
+  the most compute.
 
 Counts are rounded by largest remainder, so the global count is met exactly whenever the floors
-allow it.
+allow it. :data:`GLOBAL` instead ranks every channel of the network by a criterion's scores and
+counts what falls below the cut in each group (:func:`global_counts`).
 
 **Engine-friendly counts** (``round_to``, :func:`round_counts`): an inference engine computes
 channels in blocks (Larq Compute Engine packs input channels in 32-bit words and produces output
@@ -22,32 +23,9 @@ the input side. With ``round_to=k`` every group keeps a multiple of ``k`` filter
 them), and the counts are moved, one allowed step at a time, to bring the global PFR back to the
 target; it must end within :data:`ROUND_TOLERANCE` of it.
 
-**Budget term.** Xu et al. (CVPR 2019) add ``lambda_s * ||m_l||_0`` to the selector loss; the L0 norm of the
-mask passes no gradient (its official code's penalty is a constant for autograd), and a fixed
-``lambda_s`` would need tuning per architecture. *Choice* (``docs/method.md``, section 2.3): a hinge on the
-share of open gates, the form of the sparsity constraint of Schiavone et al. (BDG, ECML-PKDD
-2023),
-
-.. math::  h = \mathrm{relu}\big(\tfrac1n \textstyle\sum_k g_k - \kappa_l\big), \qquad
-           B = \lambda h, \qquad
-           \frac{\partial B}{\partial m_k} = \frac{\lambda}{n} \frac{\partial g_k}{\partial m_k}
-           \ \text{while } h > 0,
-
-differentiable through the gates' straight-through gradient, with ``kappa_l`` the kept share of the
-layer's allocation. Every open gate gets the same push; the loss gradient decides which of them
-give way. The push must be of the size of the loss gradients that tell filters apart: the gate
-optimizer is Adam, which normalises each logit's steps, so a push much larger than the loss
-gradients (BDG's ``lambda = gamma L / (h (1 - gamma))`` is, and it grows like ``1/h``) moves
-every logit down in lock-step and closes the whole layer on one step, whatever the filters are
-worth. The adaptive weight therefore follows the gradients (:func:`budget_weight`):
-
-.. math::  \lambda = \beta \, \frac{n}{\partial g / \partial m} \, \mathrm{std}_k\!\big(\partial L / \partial m_k\big),
-
-so the push on each logit is ``beta`` times the spread of the loss gradients over the layer's
-gates (an average over the past steps, no gradient through it). The spread is taken over gates, so
-the uniform push itself does not enter it, and it is free of the loss's scale. A fixed ``lambda``
-may be passed instead. The share is enforced exactly at the end of the phase
-(:func:`enforce_keep`): the learned logits rank the filters, the budget says how many stay.
+Which filters of a group go is not decided here: a criterion's scores or the learned gates rank
+them (:meth:`~.groups.ChannelGroup.keep_top`); the term that drives the learned gates to their
+share is the selector's (:mod:`.selector`).
 """
 from __future__ import annotations
 
@@ -57,12 +35,10 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .groups import OUT, ChannelGroup, GroupAnalysis
+from .groups import ChannelGroup, GroupAnalysis
+from .slicing import OUT
 
-__all__ = [
-    "ALLOCATIONS", "GLOBAL", "ROUND_TOLERANCE", "allocate", "global_counts", "budget_term", "budget_weight", "enforce_keep",
-    "enforce_keep_across", "gradient_spread", "macs_per_channel", "rank_logits", "round_counts",
-]
+__all__ = ["ALLOCATIONS", "GLOBAL", "ROUND_TOLERANCE", "allocate", "global_counts", "macs_per_channel", "round_counts"]
 
 ALLOCATIONS = ("uniform", "size", "macs")
 GLOBAL = "global"  # counts from one ranking of every channel by a criterion's scores (global_counts)
@@ -245,97 +221,6 @@ def round_counts(
             f"nearest reachable is {achieved:.4f} (groups of {sorted(set(sizes.values()))} filters)"
         )
     return rounded
-
-
-def budget_term(gates: Tensor, keep: float, weight: float) -> Tensor:
-    r"""``weight * relu(mean(gates) - keep)`` (see the module docstring).
-
-    Args:
-        gates: the layer's 0/1 gates, with their straight-through gradient.
-        keep: the share of the layer's filters to keep, ``kappa_l``.
-        weight: ``lambda``, from :func:`budget_weight` or fixed.
-    """
-    return weight * torch.relu(gates.mean() - keep)
-
-
-def budget_weight(grad_spread: float, size: int, strength: float = 1.0, slope: float = 0.5) -> float:
-    r"""The adaptive ``lambda`` that pushes each logit by ``strength * grad_spread``.
-
-    Args:
-        grad_spread: the spread (std over the layer's gates) of ``dL/dm``, averaged over steps.
-        size: the number of gates ``n``.
-        strength: ``beta``, the push in units of the spread.
-        slope: ``dg/dm`` of the gate's straight-through estimator (1/2 for :class:`FilterGate`).
-    """
-    return strength * grad_spread * size / slope
-
-
-def gradient_spread(grad: Tensor, logits: Tensor, clip: float = 1.0) -> float:
-    """``std`` of the gate gradients over the gates whose straight-through gradient is alive."""
-    alive = grad[logits.detach().abs() <= clip]
-    return float(alive.std()) if alive.numel() > 1 else 0.0
-
-
-@torch.no_grad()
-def enforce_keep(logits: Tensor, keep: int, group: Optional[ChannelGroup] = None) -> Tensor:
-    """The 0/1 mask that keeps the ``keep`` filters with the highest logits (ties: lower index).
-
-    Used at the end of a selector phase so that the layer holds exactly its share whatever the
-    gates' state: the learned logits rank the filters, the budget decides how many stay. With
-    ``group`` the top ``keep`` are taken per cell (:meth:`~.groups.ChannelGroup.keep_top`), as a
-    group feeding a grouped conv needs.
-    """
-    if group is not None and group.parts:
-        return group.keep_top(logits, keep).to(logits.device)
-    n = logits.numel()
-    if not 0 <= keep <= n:
-        raise ValueError(f"keep must be in [0, {n}], got {keep}")
-    order = torch.sort(logits.detach().flatten().cpu(), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.to(logits.device)
-
-
-@torch.no_grad()
-def enforce_keep_across(logits: Mapping[str, Tensor], keep: int, floors: Mapping[str, int]) -> Dict[str, Tensor]:
-    """0/1 masks keeping the ``keep`` highest logits over all the groups together, each group
-    keeping at least ``floors[group]`` (its own highest logits first).
-
-    The learned per-layer counts: one keep budget over several groups' logits, which compare
-    because every group's gates start alike and move under the same optimizer and budget term.
-    Ties go to the earlier group, then the lower index (deterministic on every rank).
-
-    Raises:
-        ValueError: if the floors alone exceed ``keep`` or ``keep`` exceeds the filters.
-    """
-    sizes = {g: t.numel() for g, t in logits.items()}
-    floors = {g: min(int(floors.get(g, 0)), n) for g, n in sizes.items()}
-    if not sum(floors.values()) <= keep <= sum(sizes.values()):
-        raise ValueError(f"keep={keep} must lie in [{sum(floors.values())} (the floors), {sum(sizes.values())}]")
-    masks = {g: enforce_keep(t, floors[g]) for g, t in logits.items()}
-    rest = [
-        (-float(v), order, i, g)
-        for order, (g, t) in enumerate(logits.items())
-        for i, v in enumerate(t.detach().flatten().cpu().tolist())
-        if not masks[g][i]
-    ]
-    for _, _, i, g in sorted(rest)[: keep - sum(floors.values())]:
-        masks[g][i] = True
-    return masks
-
-
-@torch.no_grad()
-def rank_logits(scores: Tensor, prune: int, spread: float) -> Tensor:
-    r"""Gate logits that encode a criterion's ranking: the filter of rank ``r`` (0 = lowest score,
-    stable order as the greedy rule sorts) gets :math:`\mathrm{spread}\,(r + 1/2 - p)/n`, so the
-    ``p = prune`` lowest are closed (negative), the others open, and :func:`enforce_keep` with
-    ``n - p`` kept returns exactly the greedy rule's selection. The small spread lets the loss
-    reorder neighbours in a few gate steps and far ranks only with a consistent gradient.
-    """
-    n = scores.numel()
-    ranks = torch.empty(n, dtype=torch.float32)
-    ranks[torch.argsort(scores.detach().float().cpu().flatten(), stable=True)] = torch.arange(n, dtype=torch.float32)
-    return spread * (ranks + 0.5 - prune) / max(n, 1)
 
 
 @torch.no_grad()

@@ -1,16 +1,12 @@
-"""The pruning budget (pruning/budget.py): a global target shared out over layers (allocate, the
-engine-friendly rounding, the global ranking) and the selector's budget term, moved here from
-test_schedule.py, test_export_lce.py and test_greedy.py unchanged."""
+"""The allocation (pruning/allocation.py): a global target shared out over layers (allocate, the
+engine-friendly rounding, the global ranking). The selector's budget term and the selection from
+learned logits are in test_selector.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_bnnprune.pruning.budget import (
-    allocate, budget_term, budget_weight, enforce_keep, enforce_keep_across, global_counts, gradient_spread, rank_logits,
-    round_counts,
-)
-from lightning_bnnprune.pruning.gates import FilterGate
+from lightning_bnnprune.pruning.allocation import allocate, global_counts, round_counts
 
 SIZES = {"a": 16, "b": 32, "c": 64, "d": 128}
 
@@ -46,53 +42,6 @@ def test_floors_saturate_and_the_rest_goes_elsewhere():
         allocate(sizes, 0.96, "uniform", min_filters=3)
     with pytest.raises(ValueError, match=r"allocation must be one of \('uniform', 'size', 'macs'\), got 'x'"):
         allocate(sizes, 0.5, "x")
-
-
-def test_budget_term_pushes_every_open_gate_alike_until_the_share():
-    gate = FilterGate(8, init=0.1)
-    weight = budget_weight(grad_spread=0.02, size=8, strength=1.5)
-    term = budget_term(gate(), keep=0.5, weight=weight)
-    assert term.item() == pytest.approx(weight * 0.5)
-    term.backward()
-    # each logit is pushed by strength * spread (the gate's straight-through slope is 1/2)
-    assert torch.allclose(gate.logits.grad, torch.full((8,), 1.5 * 0.02))
-    gate.set_mask(torch.tensor([1, 1, 1, 0, 0, 0, 0, 0]))
-    assert budget_term(gate(), keep=0.5, weight=weight).item() == 0.0  # under the share: no push
-
-
-def test_gradient_spread_ignores_a_uniform_push_and_dead_gates():
-    logits = torch.tensor([0.1, -0.2, 0.3, 5.0])  # the last one is outside the STE's clip
-    grad = torch.tensor([1.0, 2.0, 3.0, 100.0])
-    assert gradient_spread(grad, logits) == pytest.approx(1.0)
-    assert gradient_spread(grad + 7.0, logits) == pytest.approx(1.0)
-    assert gradient_spread(grad[:1], logits[:1]) == 0.0
-
-
-def test_enforce_keep_takes_the_highest_logits_ties_to_the_lower_index():
-    logits = torch.tensor([0.3, -0.2, 0.3, 0.9, -0.5, 0.0])
-    assert enforce_keep(logits, 3).tolist() == [True, False, True, True, False, False]
-    assert enforce_keep(logits, 0).sum() == 0 and enforce_keep(logits, 6).all()
-    with pytest.raises(ValueError, match=r"keep must be in \[0, 6\], got 7"):
-        enforce_keep(logits, 7)
-
-
-def test_enforce_keep_across_shares_one_budget_and_keeps_the_floors():
-    logits = {"a": torch.tensor([0.9, 0.8, 0.7, 0.6]), "b": torch.tensor([-0.5, -0.4, 0.1, -0.3])}
-    masks = enforce_keep_across(logits, keep=5, floors={"a": 1, "b": 2})
-    assert masks["b"].tolist() == [False, False, True, True]  # its floor: its own two highest
-    assert masks["a"].tolist() == [True, True, True, False]  # then the highest logits anywhere
-    with pytest.raises(ValueError, match=r"keep=2 must lie in \[3"):
-        enforce_keep_across(logits, keep=2, floors={"a": 1, "b": 2})
-
-
-def test_rank_logits_put_the_greedy_cut_at_zero():
-    scores = torch.tensor([0.3, 0.1, 0.3, 0.9, 0.2])
-    logits = rank_logits(scores, prune=2, spread=0.1)
-    assert (logits < 0).tolist() == [False, True, False, False, True]  # the two lowest scores closed
-    greedy_keep = torch.ones(5, dtype=torch.bool)
-    greedy_keep[torch.argsort(scores, stable=True)[:2]] = False
-    assert torch.equal(enforce_keep(logits, 3), greedy_keep)
-    assert float(logits.max() - logits.min()) < 0.1
 
 
 def test_round_counts_keep_multiples_and_the_pfr_within_one_point():
