@@ -1,23 +1,32 @@
-"""The ``Binarize`` callback: binary convolutions inside the user's own ``Trainer``."""
+"""The ``Binarize`` callback: binary convolutions inside the user's own ``Trainer``, optionally
+distilled from the full-precision network they replaced."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import quantizers
 from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers
 from ..introspect import find_networks
 from ..layers import BinaryConv2d
+from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..quantizers import BinaryDomainWeight
-from .checks import check
+from .checks import check, is_number
+from .wrapping import Captured, StepWrapper, student_output
 
-__all__ = ["Binarize"]
+__all__ = ["Binarize", "FULL_PRECISION"]
+
+#: ``teacher=FULL_PRECISION``: the network as the user handed it in, before the swap.
+FULL_PRECISION = "full_precision"
+Teacher = Union[None, str, "os.PathLike[str]", nn.Module]
 
 
 class Binarize(Callback):
@@ -53,11 +62,27 @@ class Binarize(Callback):
             the term is worth :math:`\gamma / (1 - \gamma)` of the task loss ``L`` while active.
             ``None`` (default) disables it. Needs ``kernel_quantizer="bdg"``.
         sparsity_gamma: :math:`\gamma` in ``(0, 1)``.
+        teacher: a full-precision teacher distilled into the binary network through the whole
+            fit (ReActNet, Liu et al., ECCV 2020; Real-to-Binary, Martinez et al., ICLR 2020):
+            ``"full_precision"``, the network as it is when the convolutions are swapped (the
+            weights the user fine-tunes from); an ``nn.Module`` of the user's; or the path of a
+            weights file loaded into a copy of the user's network (a state dict, a checkpoint
+            with ``state_dict``/``model``, or ``.safetensors``, as timm reads them). ``None``
+            (default): no teacher. It is frozen (evaluation mode, no gradient), costs one
+            forward per step, is saved in the callback's checkpoint state (a resumed fit distils
+            from the same teacher, whatever the network it builds at start) and is one per
+            process under DDP. Needs exactly one network.
+        teacher_weight: the weight ``w`` of the distillation term added to the user's loss,
+            :math:`L + w \, T^2 \mathrm{KL}(\sigma(t/T) \| \sigma(s/T))` (ReActNet's
+            distributional loss at ``T = 1``); ``0`` makes no copy and leaves the run exactly
+            as without a teacher.
+        teacher_temperature: the softmax temperature ``T`` (> 0).
 
     Raises:
         MisconfigurationException: on an unknown quantizer, a bad ``weight_clip``, a sparsity
-            target outside ``(0, 1)`` or without the ``bdg`` quantizer, or a network name that
-            does not exist.
+            target outside ``(0, 1)`` or without the ``bdg`` quantizer, a network name that
+            does not exist, a teacher file that does not exist or does not fit the network, or a
+            negative teacher weight.
 
     Example::
 
@@ -66,6 +91,9 @@ class Binarize(Callback):
 
         trainer = Trainer(callbacks=[Binarize(keep_fp=["*.se.*"])])
         trainer.fit(my_lightning_module, datamodule)
+
+        # fine-tuning: distil from the full-precision network the module was built with
+        trainer = Trainer(callbacks=[Binarize(teacher="full_precision")])
     """
 
     def __init__(
@@ -79,6 +107,9 @@ class Binarize(Callback):
         sparsity: Optional[float] = None,
         sparsity_gamma: float = 0.5,
         relu: Optional[str] = "identity",
+        teacher: Teacher = None,
+        teacher_weight: float = 1.0,
+        teacher_temperature: float = 1.0,
     ) -> None:
         try:
             quantizers.get(input_quantizer)
@@ -95,6 +126,16 @@ class Binarize(Callback):
             check(isinstance(kernel_quantizer, BinaryDomainWeight) or kernel_quantizer == "bdg",
                   f"`sparsity` constrains the 'bdg' weight domain; got kernel_quantizer={kernel_quantizer!r}")
             check(0.0 < float(sparsity_gamma) < 1.0, f"`sparsity_gamma` must be in (0, 1), got {sparsity_gamma!r}")
+        check(is_number(teacher_weight) and teacher_weight >= 0,
+              f"`teacher_weight` must be a number >= 0 (0: no teacher), got {teacher_weight!r}")
+        check(is_number(teacher_temperature) and teacher_temperature > 0,
+              f"`teacher_temperature` must be a number > 0, got {teacher_temperature!r}")
+        if isinstance(teacher, (str, os.PathLike)) and str(teacher) != FULL_PRECISION:
+            check(os.path.isfile(teacher), f"`teacher` must be {FULL_PRECISION!r}, a module or an existing "
+                                           f"weights file; no file {str(teacher)!r}")
+        check(teacher is None or isinstance(teacher, (str, os.PathLike, nn.Module)),
+              f"`teacher` must be None, {FULL_PRECISION!r}, an nn.Module or a weights file path, "
+              f"got {type(teacher).__name__}")
         if isinstance(keep_fp, str):
             keep_fp = [keep_fp]
         self.input_quantizer = input_quantizer
@@ -106,8 +147,18 @@ class Binarize(Callback):
         self.relu = relu
         self.sparsity = None if sparsity is None else float(sparsity)
         self.sparsity_gamma = float(sparsity_gamma)
+        self.teacher = teacher
+        self.teacher_weight = float(teacher_weight)
+        self.teacher_temperature = float(teacher_temperature)
         self.swapped: Dict[str, List[str]] = {}
         self._loss: Optional[torch.Tensor] = None
+        self._teacher: Optional[FrozenTeacher] = None
+        self._teacher_wrapper: Optional[StepWrapper] = None
+
+    @property
+    def distilling(self) -> bool:
+        """Whether a teacher is set and weighs anything."""
+        return self.teacher is not None and self.teacher_weight > 0
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -115,6 +166,8 @@ class Binarize(Callback):
             paths = find_networks(pl_module, self.networks)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        if self.distilling and self._teacher is None:
+            self._teacher = self._build_teacher(pl_module, paths)
         for path in paths:
             net = pl_module.get_submodule(path) if path else pl_module
             if path in self.swapped or binary_layers(net):
@@ -133,11 +186,76 @@ class Binarize(Callback):
                 f"({self.input_quantizer} inputs, {self.kernel_quantizer} weights)"
             )
 
+    def _build_teacher(self, pl_module: "pl.LightningModule", paths: Sequence[str]) -> FrozenTeacher:
+        """The frozen teacher, made before the convolutions are swapped."""
+        check(len(paths) == 1, f"Binarize: a teacher needs exactly one network, found {len(paths)} "
+                               f"({', '.join(paths)}); pass networks=[<one of them>]")
+        net = pl_module.get_submodule(paths[0]) if paths[0] else pl_module
+        if isinstance(self.teacher, nn.Module):
+            return FrozenTeacher(self.teacher)
+        if binary_layers(net):
+            # Already binary (a module saved after binarisation): the teacher can only come from
+            # a checkpoint's callback state, which load_state_dict restores next.
+            rank_zero_info("[Binarize] the network is already binary: the teacher comes from the checkpoint")
+        teacher = FrozenTeacher(net)
+        if str(self.teacher) != FULL_PRECISION:
+            from timm.models import load_state_dict
+
+            try:
+                teacher.net.load_state_dict(load_state_dict(str(self.teacher)))
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise MisconfigurationException(
+                    f"Binarize: teacher file {str(self.teacher)!r} does not fit the network "
+                    f"({type(net).__name__}): {str(err).splitlines()[0]}") from None
+        return teacher
+
     def _bdg_layers(self, pl_module: "pl.LightningModule") -> List[BinaryConv2d]:
         return [
             m for m in pl_module.modules()
             if isinstance(m, BinaryConv2d) and isinstance(m.kernel_quantizer, BinaryDomainWeight)
         ]
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._teacher is None:
+            return
+        check(not binary_layers(self._teacher.net),
+              "Binarize: the teacher is binary (the network was binarised before this fit and no "
+              "checkpoint held the teacher); pass teacher= a full-precision module or weights file")
+        self._teacher.to(pl_module.device)
+        path = find_networks(pl_module, self.networks)[0]
+        net = pl_module.get_submodule(path) if path else pl_module
+
+        def add_distillation(loss: Tensor, captured: Optional[Captured]) -> Tensor:
+            args, kwargs, student = student_output(captured, "Binarize", path, "teacher_weight")
+            kd = distillation_loss(student, self._teacher(*args, **kwargs), self.teacher_temperature)
+            pl_module.log("train/teacher_kd", kd.detach(), on_step=True, on_epoch=False)
+            return loss + self.teacher_weight * kd
+
+        self._teacher_wrapper = StepWrapper(pl_module, net, lambda: True, add_distillation)
+
+    def _remove_teacher_wrapper(self) -> None:
+        if self._teacher_wrapper is not None:
+            self._teacher_wrapper.remove()
+            self._teacher_wrapper = None
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_teacher_wrapper()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._remove_teacher_wrapper()
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {"teacher": self._teacher.state_dict()} if self._teacher is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # The teacher of the first sitting, not the network this process happened to build.
+        if self._teacher is not None and "teacher" in state_dict:
+            self._teacher.load_state_dict(state_dict["teacher"])
 
     @override
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:

@@ -45,52 +45,96 @@ class InstancePatch:
 class StepWrapper:
     """Add ``extra(loss, captured)`` to ``pl_module.training_step``'s loss while ``active()``.
 
+    Several wrappers on one module (a pruning callback's distillation, its selector's terms,
+    ``Binarize``'s teacher) share one patch of ``training_step`` (a :class:`_StepTerms` kept on the
+    instance): the terms are added in the order the wrappers were made, and each wrapper can be
+    removed in any order, so callbacks that end their fit in Lightning's order never restore one
+    another's wrapper.
+
     Args:
         pl_module: the user's LightningModule.
         network: the module whose output the extra terms need (hooked once, for the first call
             in each step: the student's forward).
-        active: asked at every step; when False the user's step runs alone, untouched.
+        active: asked at every step; when False the user's step runs without this term (with no
+            term active, the user's step runs alone, untouched).
         extra: ``(loss, captured) -> new loss``; ``captured`` is None when ``training_step`` did
             not call ``network`` (see :func:`student_output`).
     """
 
     def __init__(self, pl_module: nn.Module, network: nn.Module, active: Callable[[], bool],
                  extra: Callable[[Tensor, Optional[Captured]], Tensor]) -> None:
-        self._captured: Optional[Captured] = None
-        self._capturing = False
+        self.active, self.extra = active, extra
+        self.captured: Optional[Captured] = None
+        self.capturing = False
+        self._terms: Optional[_StepTerms] = _StepTerms.of(pl_module)
+        self._terms.add(self)
+        self._hook = network.register_forward_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.capturing and self.captured is None:
+            self.captured = (args, kwargs, output)
+
+    def remove(self) -> None:
+        """Take this term out (the user's ``training_step`` comes back with the last one) and
+        remove the hook (idempotent)."""
+        if self._terms is not None:
+            self._terms.discard(self)
+            self._terms = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class _StepTerms:
+    """The one patch of ``pl_module.training_step`` that every :class:`StepWrapper` on it shares."""
+
+    ATTR = "_bnnprune_step_terms"
+
+    @classmethod
+    def of(cls, pl_module: nn.Module) -> "_StepTerms":
+        terms = pl_module.__dict__.get(cls.ATTR)
+        if terms is None:
+            terms = cls(pl_module)
+            pl_module.__dict__[cls.ATTR] = terms
+        return terms
+
+    def __init__(self, pl_module: nn.Module) -> None:
+        self.pl_module = pl_module
+        self.wrappers: List[StepWrapper] = []
         step = pl_module.training_step
 
         @functools.wraps(step)
         def training_step(*args: Any, **kwargs: Any):
-            if not active():
+            active = [w for w in self.wrappers if w.active()]
+            if not active:
                 return step(*args, **kwargs)
-            self._captured, self._capturing = None, True
+            for w in active:
+                w.captured, w.capturing = None, True
             try:
                 out = step(*args, **kwargs)
             finally:
-                self._capturing = False
-            captured, self._captured = self._captured, None
+                for w in active:
+                    w.capturing = False
             loss = out.get("loss") if isinstance(out, dict) else out
+            total = loss
+            for w in active:
+                captured, w.captured = w.captured, None
+                if isinstance(loss, Tensor):  # else the user skipped this batch
+                    total = w.extra(total, captured)
             if not isinstance(loss, Tensor):
-                return out  # the user skipped this batch
-            total = extra(loss, captured)
+                return out
             return {**out, "loss": total} if isinstance(out, dict) else total
 
-        self._patches: List[InstancePatch] = [InstancePatch(pl_module, "training_step", training_step)]
-        self._hook = network.register_forward_hook(self._capture, with_kwargs=True)
+        self.patch = InstancePatch(pl_module, "training_step", training_step)
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._capturing and self._captured is None:
-            self._captured = (args, kwargs, output)
+    def add(self, wrapper: StepWrapper) -> None:
+        self.wrappers.append(wrapper)
 
-    def remove(self) -> None:
-        """Put the user's ``training_step`` back and remove the hook (idempotent)."""
-        for patch in reversed(self._patches):
-            patch.undo()
-        self._patches = []
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def discard(self, wrapper: StepWrapper) -> None:
+        self.wrappers = [w for w in self.wrappers if w is not wrapper]
+        if not self.wrappers:
+            self.patch.undo()
+            self.pl_module.__dict__.pop(self.ATTR, None)
 
 
 def student_output(captured: Optional[Captured], owner: str, network_path: str, knob: str) -> Captured:

@@ -1,0 +1,124 @@
+"""``Binarize(teacher=...)``: the full-precision network distilled into the binary one, in a real
+Trainer on a real timm model: weight 0 changes nothing, the teacher is the network as the user
+handed it in, a resumed fit distils from the same teacher, and the app reaches it."""
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import TINY, UserModule
+from lightning_bnnprune import Binarize, MainSubsidiaryPruning
+from lightning_bnnprune.layers import BinaryConv2d
+
+
+def _loader(n=48, batch_size=16):
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(10, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(patterns[y] + 0.5 * torch.randn(n, 3, 32, 32, generator=g), y),
+                      batch_size=batch_size)
+
+
+def _fit(tmp_path, binarize, max_steps=6, module=None, ckpt_path=None, extra=(), seed=0):
+    seed_everything(seed)
+    module = module or UserModule("resnet20_cifar", lr=5e-3)
+    trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[binarize, *extra])
+    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    return module
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.net.state_dict().items()}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_zero_is_todays_run_bit_for_bit_and_makes_no_copy(tmp_path):
+    plain = _fit(tmp_path / "a", Binarize())
+    off = Binarize(teacher="full_precision", teacher_weight=0)
+    zero = _fit(tmp_path / "b", off)
+    assert off._teacher is None and not off.distilling
+    assert _equal(_state(plain), _state(zero))
+    taught = _fit(tmp_path / "c", Binarize(teacher="full_precision"))
+    assert not _equal(_state(plain), _state(taught))  # the term is really added
+
+
+def test_teacher_is_the_full_precision_network_the_user_handed_in(tmp_path):
+    seed_everything(0)
+    module = UserModule("resnet20_cifar", lr=5e-3)
+    before = copy.deepcopy(module.net).eval()
+    binarize = Binarize(teacher="full_precision")
+    _fit(tmp_path, binarize, module=module)
+    x = torch.randn(4, 3, 32, 32)
+    assert any(isinstance(m, BinaryConv2d) for m in module.net.modules())
+    assert not any(isinstance(m, BinaryConv2d) for m in binarize._teacher.net.modules())
+    assert torch.equal(binarize._teacher(x), before(x))  # frozen: unchanged by the fit
+    assert binarize._teacher_wrapper is None and "training_step" not in module.__dict__  # the step is the user's again
+
+
+def test_teacher_from_a_weights_file_and_from_a_module(tmp_path):
+    seed_everything(1)
+    other = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    path = tmp_path / "teacher.pt"
+    torch.save(other.state_dict(), path)
+    x = torch.randn(2, 3, 32, 32)
+    from_file = Binarize(teacher=str(path))
+    _fit(tmp_path / "f", from_file, max_steps=2)
+    assert torch.equal(from_file._teacher(x), other(x))
+    from_module = Binarize(teacher=other)
+    _fit(tmp_path / "m", from_module, max_steps=2)
+    assert torch.equal(from_module._teacher(x), other(x))
+    torch.save(timm.create_model("resnet18_cifar", num_classes=10).state_dict(), tmp_path / "wrong.pt")
+    with pytest.raises(MisconfigurationException, match="does not fit the network"):
+        _fit(tmp_path / "w", Binarize(teacher=str(tmp_path / "wrong.pt")), max_steps=1)
+
+
+def test_resume_distils_from_the_first_sittings_teacher(tmp_path):
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    full = _fit(tmp_path / "full", Binarize(teacher="full_precision"), max_steps=6, extra=[every])
+    ckpt = tmp_path / "ckpt" / "step=3.ckpt"
+    assert ckpt.is_file()
+    # the resumed process builds its network from another seed: the teacher must still be the first one
+    resumed_binarize = Binarize(teacher="full_precision")
+    resumed = _fit(tmp_path / "resumed", resumed_binarize, max_steps=6, ckpt_path=str(ckpt), seed=7)
+    assert _equal(_state(full), _state(resumed))
+
+
+def test_teacher_composes_with_pruning(tmp_path):
+    binarize = Binarize(teacher="full_precision")
+    prune = MainSubsidiaryPruning(target_pfr=0.4, warmup=2, selector=1, retrain=1, input_size=(3, 32, 32))
+    module = _fit(tmp_path, binarize, max_steps=8, extra=[prune])
+    assert prune.record is not None and prune.pfr() > 0.3
+    assert "training_step" not in module.__dict__  # both callbacks' step terms are gone
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(teacher_weight=-1.0), "teacher_weight"),
+    (dict(teacher_temperature=0), "teacher_temperature"),
+    (dict(teacher="/no/such/weights.pt"), "no file '/no/such/weights.pt'"),
+    (dict(teacher=3), "`teacher` must be None"),
+])
+def test_bad_teacher_arguments_are_one_line(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match) as err:
+        Binarize(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_app_reaches_the_teacher(run_app, tmp_path):
+    out = tmp_path / "run"
+    proc = run_app("binarize.teacher=full_precision", "prune=none", "logger=csv", "trainer.log_every_n_steps=1", *TINY,
+                   f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] is not None
+    metrics = next(out.rglob("metrics.csv")).read_text().splitlines()
+    assert "train/teacher_kd" in metrics[0]
