@@ -24,9 +24,17 @@ own zero-padding correction is wrong on maps smaller than the kernel (measured: 
 2x2 map is off by ~0.7); there the bit tensor is padded with +1 (``PAD`` of zero words) and a
 constant ``-m * conv(border, k)`` is added after the convolution, which is exact too.
 
-Size: about 680 lines, one self-contained writer (the flatbuffer builder, the layer lowering and
-the interpreter bridge share private helpers and nothing else in the package uses them); kept in
-one module so that the optional ``lce`` extra touches one file.
+LCE's reference kernel zero-pads only an even number of input channels (it counts half the
+channels' bits as the zero of a padded tap); the other kernels take any count. A zero-padded
+binary conv with an odd count ``c`` is therefore declared with ``c + 1`` channels: the extra one
+is the +1 tail bit of the packed input and kernel, zero-padded like the others, so it adds the
+number of the window's in-map taps ``T`` to each output, and ``m * T`` is subtracted afterwards
+(``T`` is a row count times a column count: a ``[1, Ho, 1, O]`` and a ``[1, 1, Wo, 1]`` constant,
+about 6 % of a pruned resnet18_cifar's file). Every file loads under LCE's three kernel paths.
+
+Size: one self-contained writer (the flatbuffer builder and the layer lowering share private
+helpers and nothing else in the package uses them); running the files is
+:mod:`~lightning_bnnprune.pruning.lce_runtime`'s.
 
 Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
 logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign

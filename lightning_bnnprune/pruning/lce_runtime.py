@@ -125,7 +125,7 @@ def _latency(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     for path, runner in zip(job["models"], runners):
         shape = tuple(runner.input_shapes[0])
         if shape[0] != job["batch"]:
-            raise ValueError(f"{path} takes batch {shape[0]}, not batch={job['batch']} (export_lce writes batch 1)")
+            raise RuntimeError(f"{path} takes batch {shape[0]}, not batch={job['batch']} (export_lce writes batch 1)")
         inputs.append([rng.standard_normal(shape).astype(np.float32)])
     for runner, x in zip(runners, inputs):
         for _ in range(job["warmup"]):
@@ -249,8 +249,9 @@ def lce_latency(path: Union[PathLike, Sequence[PathLike]], threads: int = 1, ker
         ``use_reference_bconv, use_indirect_bgemm, use_xnnpack``); for a list, one such dict per file.
 
     Raises:
-        ValueError: a bad argument, a missing file or a batch the file does not take (one line).
-        RuntimeError: LCE refused or failed to run a file, or no numpy<2 Python is known.
+        ValueError: a bad argument or a missing file (one line).
+        RuntimeError: a batch the file does not take, LCE refused or failed to run a file, or no
+            numpy<2 Python is known (one line).
     """
     if not isinstance(kernels, str) or kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNELS))}; got {kernels!r}")
