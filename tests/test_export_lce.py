@@ -228,6 +228,9 @@ def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
     tflite = run_dir / "checkpoints" / "model.tflite"
     assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
     assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
+    if _INTERPRETER:  # measured beside the MAC ratio, on LCE's fast path
+        assert summary["lce_kernels"] == "indirect_bgemm" and summary["lce_latency_ms"] > 0, summary
+        assert "LCE latency      " in proc.stdout and "indirect_bgemm kernels" in proc.stdout
     if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
         from lightning_bnnprune.pruning.record import load_pruned
 

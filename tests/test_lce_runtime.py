@@ -175,3 +175,38 @@ def test_latency_of_one_file_and_of_several_round_robin(tmp_path):
     json.dumps(both)  # plain data, as the benchmark stores it
     with pytest.raises(RuntimeError, match=r"takes batch 1, not batch=4 \(export_lce writes batch 1\)"):
         lce_latency(small, batch=4, rounds=1, calls=1)
+
+
+# ------------------------------------------------------------------ the app's summary
+def _summary(tflite):
+    return {"test_acc": 0.5, "test_acc_top5": None, "val_acc": 0.5, "binarized_layers": 1, "model_name": "m",
+            "pruning": {"pfr": 0.4, "mac_ratio": 2.0}, "parameters": 10, "epochs": 1, "steps": 1,
+            "wall_time_s": 1.0, "exported_model": str(tflite)}
+
+
+@needs_lce
+def test_the_summary_says_why_without_an_lce_python(tmp_path, monkeypatch, capsys):
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("numpy 1 runs LCE's interpreter in this process")
+    from lightning_bnnprune.train import _report
+
+    _, path = conv_file(tmp_path, 4)
+    monkeypatch.delenv("BNNPRUNE_LCE_PYTHON", raising=False)
+    _report(_summary(path), tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["lce_latency_ms"] is None and "BNNPRUNE_LCE_PYTHON" in saved["lce_latency_error"]
+    assert "  LCE latency      not measured: LCE's interpreter needs numpy<2" in capsys.readouterr().out
+
+
+@needs_interpreter
+def test_the_summary_prints_the_latency_beside_the_mac_ratio(tmp_path, capsys):
+    from lightning_bnnprune.train import _report
+
+    _, path = conv_file(tmp_path, 4)
+    _report(_summary(path), tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["lce_kernels"] == "indirect_bgemm" and saved["lce_threads"] == 1
+    assert 0 < saved["lce_latency_ms"] <= saved["lce_latency_median_ms"]
+    out = capsys.readouterr().out.splitlines()
+    mac = next(i for i, line in enumerate(out) if "MAC reduction 2.00x" in line)
+    assert out[mac + 1].startswith(f"  LCE latency      {saved['lce_latency_ms']:.3f} ms per image"), out
