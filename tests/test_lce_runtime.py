@@ -97,7 +97,7 @@ def test_what_lce_refuses_is_one_line_with_its_reason():
 @needs_interpreter
 @pytest.mark.parametrize("channels, size, stride, dilation", [
     (1, 5, 1, 1), (3, 6, 2, 1), (15, 5, 1, 1), (15, 6, 2, 1),  # odd: the reference kernel's refusal before
-    (33, 4, 1, 2), (2, 5, 1, 1),  # odd across a word, dilated; small and even
+    (33, 6, 1, 2), (2, 5, 1, 1),  # odd across a word, dilated; small and even
 ])
 def test_odd_and_small_channel_counts_load_and_agree_under_every_path(tmp_path, channels, size, stride, dilation):
     net, path = conv_file(tmp_path, channels, size, stride, dilation)
