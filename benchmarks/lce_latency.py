@@ -50,7 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _r
 from _report import git_commit, write_markdown  # noqa: E402
 
 import lightning_bnnprune  # noqa: E402,F401  (registers the CIFAR models)
-from lightning_bnnprune import binarize_model, compression_report, export_lce, find_channel_groups, lce_latency, remove_filters  # noqa: E402
+from lightning_bnnprune import (  # noqa: E402
+    binarize_model, compression_report, export_lce, find_channel_groups, lce_latency, remove_filters,
+)
 from lightning_bnnprune.pruning import budget, criteria  # noqa: E402
 from lightning_bnnprune.pruning.export_lce import LceExportError  # noqa: E402
 from lightning_bnnprune.pruning.lce_runtime import KERNELS  # noqa: E402
@@ -245,7 +247,8 @@ def to_markdown(results: Dict[str, Any]) -> str:
             if info.get("error") == "as the binary network":
                 continue
             if "error" in info:
-                lines.append(f"| {network} | {key} | - | - | refused: {info['error']} |" + " |" * (3 * len(threads) - 1))
+                lines.append(f"| {network} | {key} | - | - | refused: {info['error']} |"
+                             + " |" * (3 * len(threads) - 1))
                 continue
             cells = f"| {network} | {key} | {100 * info['pfr']:.1f} % | {info['mac_ratio']:.2f}x |"
             for t in threads:
@@ -302,7 +305,8 @@ def plot(results: Dict[str, Any], path: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    command = "python benchmarks/lce_latency.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/lce_latency.py " + " ".join(shlex.quote(a) for a in given)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"{args.name}.json")
     settings = {k: getattr(args, k) for k in TIMING}
@@ -344,7 +348,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for threads in args.threads:
             done = entry["timings"].get(str(threads), {}).get("times", {})
             if not wanted or all(k in done for k in wanted):
-                print(f"{network}, {threads} thread(s): " + ("timed already, skipped" if wanted else "nothing exported"), flush=True)
+                print(f"{network}, {threads} thread(s): "
+                      + ("timed already, skipped" if wanted else "nothing exported"), flush=True)
                 continue
             subset = {k: entry["files"][k] for k in wanted}
             entry["timings"][str(threads)] = time_group(args, subset, threads)

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
