@@ -278,7 +278,8 @@ def _lce_latency(path: str) -> Dict[str, Any]:
     except (RuntimeError, ValueError, ImportError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return {"lce_latency_ms": None, "lce_latency_error": reason}
-    return {"lce_latency_ms": round(measured["min_ms"], 3), "lce_latency_median_ms": round(measured["median_ms"], 3),
+    return {"lce_latency_ms": round(measured["min_ms"], 3),
+            "lce_latency_median_ms": round(measured["median_ms"], 3),
             "lce_kernels": measured["kernels"], "lce_threads": measured["threads"]}
 
 

@@ -192,7 +192,7 @@ class _Tracer(fx.Tracer):
 _SIGNS = (quantizers.SteSign, quantizers.ApproxSign)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, Linear, ReLU, "
-              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (windows of TFLite's VALID or SAME pooling), global average pooling, "
+              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, "
               "Flatten (of a 1x1 map), add, Identity, Dropout")
 
 
