@@ -25,8 +25,8 @@ Resumable: the files and their export facts stay in ``--work-dir`` (one ``.json`
 skips what is there and times the rest. A results file written with other timing settings is
 refused rather than mixed.
 
-Example (the full grid: about 15 minutes of export and a few of timing on a quiet 2-core machine;
-the timings mean nothing while other processes run)::
+Example (the full grid; export takes seconds per file, and the timings mean nothing while other
+processes run on the machine)::
 
     BNNPRUNE_LCE_PYTHON=.venv-lce/bin/python python benchmarks/lce_latency.py --out benchmarks/results
 """
