@@ -29,8 +29,8 @@ channels' bits as the zero of a padded tap); the other kernels take any count. A
 binary conv with an odd count ``c`` is therefore declared with ``c + 1`` channels: the extra one
 is the +1 tail bit of the packed input and kernel, zero-padded like the others, so it adds the
 number of the window's in-map taps ``T`` to each output, and ``m * T`` is subtracted afterwards
-(``T`` is a row count times a column count: a ``[1, Ho, 1, O]`` and a ``[1, 1, Wo, 1]`` constant,
-about 6 % of a pruned resnet18_cifar's file). Every file loads under LCE's three kernel paths.
+(a ``MUL`` of the conv's multiplier by ``T``, one ``[1, Ho, Wo, 1]`` constant per conv geometry,
+and a ``SUB``). Every file loads under LCE's three kernel paths.
 
 Size: one self-contained writer (the flatbuffer builder and the layer lowering share private
 helpers and nothing else in the package uses them); running the files is
@@ -238,6 +238,7 @@ class _Exporter:
         self.quantized: Dict[Tuple[fx.Node, bool], int] = {}
         self.folded: Dict[fx.Node, Tuple[np.ndarray, np.ndarray]] = {}  # conv -> its BN's (g, h)
         self.binary_layers = 0
+        self.tap_maps: Dict[Tuple, int] = {}  # conv geometry -> its in-map tap counts (a constant)
 
     # shapes: PyTorch NCHW in the node's metadata, NHWC in the file
     @staticmethod
@@ -415,7 +416,7 @@ class _Exporter:
         for i, step in enumerate(after):
             dst = final if i == len(after) - 1 else g.tensor(out_shape)
             if step == "taps":
-                self.subtract_taps(y, dst, m, mult, (h, w), out_shape)
+                self.subtract_taps(y, dst, m, tm, (h, w), out_shape)
             elif step == "add":
                 g.op("ADD", [y, g.const(correction)], [dst], g.s.AddOptionsT())
             else:
@@ -424,24 +425,25 @@ class _Exporter:
             y = dst
         self.binary_layers += 1
 
-    def subtract_taps(self, y: int, dst: int, m: BinaryConv2d, mult: np.ndarray, hw: Tuple[int, int],
+    def subtract_taps(self, y: int, dst: int, m: BinaryConv2d, multiplier: int, hw: Tuple[int, int],
                       out_shape: List[int]) -> None:
         """``dst = y - m * T``: the extra +1 channel added ``T[i, j]``, the number of the window's
-        taps inside the (SAME-padded) map, to every output before the multiplier. ``T`` is the
-        product of a row count and a column count, so the constant is stored as
-        ``-m * T_rows`` (``[1, Ho, 1, O]``) times ``T_cols`` (``[1, 1, Wo, 1]``)."""
-        counts = []
-        for n, k, s, d in zip(hw, _pairs(m.kernel_size), _pairs(m.stride), _pairs(m.dilation)):
-            out = -(-n // s)
-            before = max((out - 1) * s + d * (k - 1) + 1 - n, 0) // 2
-            starts = np.arange(out)[:, None] * s - before + d * np.arange(k)[None, :]
-            counts.append(((starts >= 0) & (starts < n)).sum(axis=1).astype(np.float64))
-        rows, cols = counts
+        taps inside the (SAME-padded) map, to every output before the multiplier ``m`` (the
+        conv's own constant). ``T`` (``[1, Ho, Wo, 1]``) is stored once per conv geometry."""
+        key = (tuple(hw), _pairs(m.kernel_size), _pairs(m.stride), _pairs(m.dilation))
+        if key not in self.tap_maps:
+            counts = []
+            for n, k, s, d in zip(*key):
+                out = -(-n // s)
+                before = max((out - 1) * s + d * (k - 1) + 1 - n, 0) // 2
+                starts = np.arange(out)[:, None] * s - before + d * np.arange(k)[None, :]
+                counts.append(((starts >= 0) & (starts < n)).sum(axis=1))
+            rows, cols = counts
+            self.tap_maps[key] = self.g.const((rows[:, None] * cols[None, :]).astype(np.float32)[None, :, :, None])
         g = self.g
         shift = g.tensor(out_shape)
-        g.op("MUL", [g.const((-mult.reshape(1, 1, 1, -1) * rows.reshape(1, -1, 1, 1)).astype(np.float32)),
-                     g.const(cols.reshape(1, 1, -1, 1).astype(np.float32))], [shift], g.s.MulOptionsT())
-        g.op("ADD", [y, shift], [dst], g.s.AddOptionsT())
+        g.op("MUL", [multiplier, self.tap_maps[key]], [shift], g.s.MulOptionsT())
+        g.op("SUB", [y, shift], [dst], g.s.SubOptionsT())
 
     def one_pad(self, x: int, m: BinaryConv2d, sign: Tensor, mult: np.ndarray,
                 hwc: Tuple[int, int, int]) -> Tuple[int, np.ndarray]:
