@@ -54,6 +54,7 @@ from lightning_bnnprune.pruning import criteria  # noqa: E402
 from lightning_bnnprune.pruning.allocation import allocate  # noqa: E402
 from lightning_bnnprune.pruning.report import storage_plan  # noqa: E402
 from lightning_bnnprune.pruning.criteria import scores_for  # noqa: E402
+from lightning_bnnprune.pruning.lce_runtime import KERNELS  # noqa: E402
 
 NETWORKS = {"resnet20_cifar": 32, "resnet18_cifar": 32, "vgg11_cifar": 32, "resnet18": 64}
 
@@ -73,6 +74,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=512, help="training images for batch-norm statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kernels", default="indirect_bgemm", choices=list(KERNELS),
+                   help="LCE's kernel path that runs the files (lce_predict)")
     return p.parse_args(argv)
 
 
@@ -161,7 +164,7 @@ def run_network(args: argparse.Namespace, name: str, size: int, work: str) -> Di
             with torch.no_grad():
                 ref = torch.cat([net(test[i:i + 250]) for i in range(0, len(test), 250)]).numpy()
             start = time.perf_counter()
-            got = lce_predict(tfl, test)
+            got = lce_predict(tfl, test, kernels=args.kernels)
             row.update({
                 "round_to": round_to,
                 "n_test": len(test),
@@ -194,7 +197,7 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
         f"Commit: {_commit()}",
         "",
         f"Machine: {platform.machine()}, {platform.python_version()}, torch {torch.__version__}, "
-        "larq-compute-engine 0.16.0 (x86-64 reference kernels: correctness, not speed); 2 shared cores.",
+        f"larq-compute-engine 0.16.0, kernel path `{args.kernels}`; 2 shared cores.",
         "",
         f"Networks: random init (seed {args.seed}), binarised (XNOR, ste_sign), batch norms calibrated "
         f"on {args.calib} CIFAR-10 training images, pruned at PFR {args.pfr} (uniform allocation, "

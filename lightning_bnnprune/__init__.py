@@ -33,6 +33,7 @@ _EXPORTS = {
     "ImageClassifier": ".module",
     "export_lce": ".pruning.export_lce",
     "lce_predict": ".pruning.export_lce",
+    "lce_latency": ".pruning.lce_runtime",
     "export_packed": ".pruning.export",
     "load_packed": ".pruning.export",
     "PruningRecord": ".pruning.record",

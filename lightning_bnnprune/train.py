@@ -268,11 +268,28 @@ def _export(cfg: DictConfig, run: Run) -> Optional[str]:
     return path
 
 
+def _lce_latency(path: str) -> Dict[str, Any]:
+    """``model.tflite``'s latency in LCE's interpreter: one thread, batch 1, LCE's fast path, a
+    short measurement (5 rounds of 3 calls); where LCE cannot run it, why (the run still ends ok)."""
+    from .pruning.lce_runtime import lce_latency
+
+    try:
+        measured = lce_latency(path, threads=1, rounds=5, calls=3, warmup=2)
+    except (RuntimeError, ValueError, ImportError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return {"lce_latency_ms": None, "lce_latency_error": reason}
+    return {"lce_latency_ms": round(measured["min_ms"], 3),
+            "lce_latency_median_ms": round(measured["median_ms"], 3),
+            "lce_kernels": measured["kernels"], "lce_threads": measured["threads"]}
+
+
 def _report(summary: Dict[str, Any], output_dir: Path) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:
         return
+    if str(summary.get("exported_model") or "").endswith(".tflite") and "lce_latency_ms" not in summary:
+        summary.update(_lce_latency(summary["exported_model"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -300,6 +317,13 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
             size = "x".join(str(v) for v in pruning["input_size"])
             lines.append(f"  MACs             {pruning['macs_before'] / 1e6:.1f}M -> {pruning['macs_after'] / 1e6:.1f}M "
                          f"per {size} input")
+    if "lce_latency_ms" in summary:  # beside the MAC ratio: what LCE makes of it
+        if summary["lce_latency_ms"] is not None:
+            lines.append(f"  LCE latency      {summary['lce_latency_ms']:.3f} ms per image (median "
+                         f"{summary['lce_latency_median_ms']:.3f} ms), {summary['lce_threads']} thread, "
+                         f"{summary['lce_kernels']} kernels, this machine")
+        else:
+            lines.append(f"  LCE latency      not measured: {summary['lce_latency_error']}")
     lines.append(f"  parameters       {summary['parameters']:,}")
     if summary.get("pruned_model"):
         lines.append(f"  pruned model     {summary['pruned_model']}")

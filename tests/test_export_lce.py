@@ -22,6 +22,7 @@ from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.export import export_packed
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
 from lightning_bnnprune.pruning.gates import attach_gates
+from lightning_bnnprune.pruning.lce_runtime import KERNELS
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.surgery import remove_filters
 
@@ -58,11 +59,12 @@ def pruned(name, size=32, share=0.4, round_to=1):
 
 
 def agree(net, path, x):
-    got = lce_predict(path, x)
+    """The largest |LCE - PyTorch| over LCE's three kernel paths (one interpreter process)."""
+    got = lce_predict(path, x, kernels=list(KERNELS))
     with torch.no_grad():
         ref = net.eval()(x).numpy()
     ref = ref.transpose(0, 2, 3, 1) if ref.ndim == 4 else ref
-    return np.abs(got - ref).max(), ref
+    return max(np.abs(out - ref).max() for out in got.values()), ref
 
 
 # ------------------------------------------------------------------ LCE's interpreter = PyTorch
@@ -72,14 +74,15 @@ def test_pruned_resnet20_runs_in_lce_as_in_pytorch(tmp_path):
     info = export_lce(net, tmp_path / "model.tflite", input_size=(3, 32, 32))
     assert info["binary_layers"] == sum(isinstance(m, BinaryConv2d) for m in net.modules()) == 20
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    got = lce_predict(tmp_path / "model.tflite", x)
+    outputs = lce_predict(tmp_path / "model.tflite", x, kernels=list(KERNELS))
     with torch.no_grad():
         ref = net(x).numpy()
-    # Equal up to float rounding, except where a pre-activation within ~1e-7 of zero flips its
-    # sign bit under the folded batch norm's different rounding (one image of these 16 has one).
-    close = np.abs(got - ref).max(axis=1) < 1e-5
-    assert close.sum() >= 14, np.abs(got - ref).max(axis=1)
-    assert (got.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
+    for kernels, got in outputs.items():
+        # Equal up to float rounding, except where a pre-activation within ~1e-7 of zero flips its
+        # sign bit under the folded batch norm's different rounding (one image of these 16 has one).
+        close = np.abs(got - ref).max(axis=1) < 1e-5
+        assert close.sum() >= 14, (kernels, np.abs(got - ref).max(axis=1))
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 15 / 16, kernels
 
 
 @needs_interpreter
@@ -225,14 +228,18 @@ def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
     tflite = run_dir / "checkpoints" / "model.tflite"
     assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
     assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
+    if _INTERPRETER:  # measured beside the MAC ratio, on LCE's fast path
+        assert summary["lce_kernels"] == "indirect_bgemm" and summary["lce_latency_ms"] > 0, summary
+        assert "LCE latency      " in proc.stdout and "indirect_bgemm kernels" in proc.stdout
     if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
         from lightning_bnnprune.pruning.record import load_pruned
 
         net = load_pruned(summary["pruned_model"]).eval()
         x = torch.randn(2, *_input_of(tflite))
-        got = lce_predict(tflite, x)
         with torch.no_grad():
-            assert np.abs(got - net(x).numpy()).max() < 1e-3
+            ref = net(x).numpy()
+        for kernels, got in lce_predict(tflite, x, kernels=list(KERNELS)).items():  # learned counts: odd ones too
+            assert np.abs(got - ref).max() < 1e-3, kernels
 
 
 def _input_of(tflite):

@@ -24,9 +24,17 @@ own zero-padding correction is wrong on maps smaller than the kernel (measured: 
 2x2 map is off by ~0.7); there the bit tensor is padded with +1 (``PAD`` of zero words) and a
 constant ``-m * conv(border, k)`` is added after the convolution, which is exact too.
 
-Size: about 680 lines, one self-contained writer (the flatbuffer builder, the layer lowering and
-the interpreter bridge share private helpers and nothing else in the package uses them); kept in
-one module so that the optional ``lce`` extra touches one file.
+LCE's reference kernel zero-pads only an even number of input channels (it counts half the
+channels' bits as the zero of a padded tap); the other kernels take any count. A zero-padded
+binary conv with an odd count ``c`` is therefore declared with ``c + 1`` channels: the extra one
+is the +1 tail bit of the packed input and kernel, zero-padded like the others, so it adds the
+number of the window's in-map taps ``T`` to each output, and ``m * T`` is subtracted afterwards
+(a ``MUL`` of the conv's multiplier by ``T``, one ``[1, Ho, Wo, 1]`` constant per conv geometry,
+and a ``SUB``). Every file loads under LCE's three kernel paths.
+
+Size: one self-contained writer (the flatbuffer builder and the layer lowering share private
+helpers and nothing else in the package uses them); running the files is
+:mod:`~lightning_bnnprune.pruning.lce_runtime`'s.
 
 Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
 logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
@@ -51,6 +59,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import quantizers
 from ..layers import BinaryConv2d
+from .lce_runtime import lce_predict  # noqa: F401  (its home before lce_runtime; still exported here)
 
 __all__ = ["export_lce", "lce_predict", "LceExportError", "lce_available"]
 
@@ -83,75 +92,6 @@ def _schema():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# Run by LCE's interpreter: the wheel's path is found without importing the package.
-_RUNNER = """
-import glob, importlib.machinery, importlib.util, os, sys
-import numpy as np
-spec = importlib.util.find_spec("larq_compute_engine")
-so = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "tflite", "python",
-                            "interpreter_wrapper_lite*.so"))[0]
-loader = importlib.machinery.ExtensionFileLoader("interpreter_wrapper_lite", so)
-module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
-    "interpreter_wrapper_lite", so, loader=loader))
-loader.exec_module(module)
-def run(blob, x, threads):
-    runner = module.LiteInterpreter(blob, threads, False, False, False)
-    return np.concatenate([runner.predict([x[i:i + 1]])[0] for i in range(len(x))])
-if __name__ == "__main__":
-    model, inputs, outputs, threads = sys.argv[1:5]
-    np.save(outputs, run(open(model, "rb").read(), np.load(inputs), int(threads)))
-"""
-
-
-def lce_predict(model: Union[PathLike, bytes], images: Union[Tensor, np.ndarray], num_threads: int = 1,
-                python: Optional[str] = None) -> np.ndarray:
-    """Run a ``.tflite`` file (or its bytes) with LCE's own interpreter, one image at a time.
-
-    LCE 0.16.0 (the latest release) is compiled against the numpy 1 ABI: in a numpy 2 process
-    its interpreter sees every input as 0 bytes. Under numpy 2 it therefore runs in a separate
-    Python that has ``numpy<2`` and ``larq-compute-engine`` (``python``, else the environment
-    variable ``BNNPRUNE_LCE_PYTHON``); under numpy 1 it runs here.
-
-    Args:
-        model: the path of an :func:`export_lce` file, or its bytes.
-        images: ``[N, C, H, W]`` float images, normalised as for the PyTorch model (NCHW, as
-            PyTorch takes them; transposed to the file's NHWC here).
-
-    Returns:
-        ``[N, ...]`` float32 outputs (the logits).
-    """
-    import subprocess
-    import tempfile
-
-    x = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
-    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
-    python = python or os.environ.get("BNNPRUNE_LCE_PYTHON")
-    if int(np.__version__.split(".")[0]) < 2 and not python:
-        scope: Dict[str, Any] = {"__name__": "_bnnprune_lce_runner"}
-        exec(_RUNNER, scope)  # noqa: S102 - the fixed loader above, shared with the subprocess
-        blob = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
-        return scope["run"](bytes(blob), x, num_threads)
-    if not python:
-        raise RuntimeError("LCE's interpreter needs numpy<2 (larq-compute-engine 0.16 is built "
-                           "against numpy 1); pass python= or set BNNPRUNE_LCE_PYTHON to a Python "
-                           "with 'numpy<2' and larq-compute-engine")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.fspath(model) if not isinstance(model, (bytes, bytearray)) else os.path.join(tmp, "m.tflite")
-        if isinstance(model, (bytes, bytearray)):
-            with open(path, "wb") as f:
-                f.write(model)
-        np.save(os.path.join(tmp, "x.npy"), x)
-        script = os.path.join(tmp, "run.py")
-        with open(script, "w") as f:
-            f.write(_RUNNER)
-        done = subprocess.run([python, script, path, os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy"),
-                               str(num_threads)], capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"LCE's interpreter ({python}) failed: {lines[-1]}")
-        return np.load(os.path.join(tmp, "y.npy"))
 
 
 # --- flatbuffer writing -------------------------------------------------------------------------
@@ -252,7 +192,7 @@ class _Tracer(fx.Tracer):
 _SIGNS = (quantizers.SteSign, quantizers.ApproxSign)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, Linear, ReLU, "
-              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (no padding), global average pooling, "
+              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, "
               "Flatten (of a 1x1 map), add, Identity, Dropout")
 
 
@@ -298,6 +238,7 @@ class _Exporter:
         self.quantized: Dict[Tuple[fx.Node, bool], int] = {}
         self.folded: Dict[fx.Node, Tuple[np.ndarray, np.ndarray]] = {}  # conv -> its BN's (g, h)
         self.binary_layers = 0
+        self.tap_maps: Dict[Tuple, int] = {}  # conv geometry -> its in-map tap counts (a constant)
 
     # shapes: PyTorch NCHW in the node's metadata, NHWC in the file
     @staticmethod
@@ -399,9 +340,7 @@ class _Exporter:
                 self.refuse(node, "MaxPool2d with ceil_mode or dilation")
             return self.pool(node, "MAX_POOL_2D", m.kernel_size, m.stride or m.kernel_size, m.padding)
         if isinstance(m, nn.AvgPool2d):
-            if m.ceil_mode or _pairs(m.padding) != (0, 0) or m.divisor_override:
-                self.refuse(node, "AvgPool2d with padding, ceil_mode or a divisor override")
-            return self.pool(node, "AVERAGE_POOL_2D", m.kernel_size, m.stride or m.kernel_size, 0)
+            return self.avg_pool(node, m)
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return self.global_pool(node)
         if isinstance(m, nn.Flatten):
@@ -450,29 +389,61 @@ class _Exporter:
         if mode == "EXPLICIT":
             x, correction = self.one_pad(x, m, sign, mult, (h, w, c))
             mode = "VALID"
+        # LCE's reference kernel zero-pads only an even channel count (it counts c // 2 differing
+        # bits per padded tap as zero): an odd count is declared one larger, the extra channel
+        # being the +1 tail bit of input and kernel, and its taps taken off after the conv.
+        extra_channel = mode != "VALID" and c % 2 == 1
         f = g.tensor(filt.shape, "int32", filt)
         tm = g.const(mult.astype(np.float32))
         tb = g.const(bias.astype(np.float32))
         out_shape = self.shape(node)
-        y = g.tensor(out_shape) if (reverse or correction is not None) else self.out(node)
+        after = [step for step, wanted in (("taps", extra_channel), ("add", correction is not None),
+                                            ("reverse", reverse)) if wanted]
+        final = self.out(node)
+        y = g.tensor(out_shape) if after else final
         import flatbuffers.flexbuffers as flex
 
         sh, sw = _pairs(m.stride)
         dh, dw = _pairs(m.dilation)
         options = flex.Dumps({
-            "channels_in": c, "dilation_height_factor": dh, "dilation_width_factor": dw,
+            "channels_in": c + extra_channel, "dilation_height_factor": dh, "dilation_width_factor": dw,
             "fused_activation_function": 0, "pad_values": 0,
             "padding": g.s.Padding.VALID if mode == "VALID" else g.s.Padding.SAME,
             "stride_height": sh, "stride_width": sw,
         })
         # Input 4 (output thresholds) is only read for bit-packed outputs; -1 marks it absent.
         g.op("", [x, f, tm, tb, -1], [y], custom="LceBconv2d", custom_options=bytes(options))
-        if reverse:
-            g.op("REVERSE_V2", [y, g.const(np.array([1, 2], np.int32), "int32")], [self.out(node)],
-                 g.s.ReverseV2OptionsT())
-        if correction is not None:
-            g.op("ADD", [y, g.const(correction)], [self.out(node)], g.s.AddOptionsT())
+        for i, step in enumerate(after):
+            dst = final if i == len(after) - 1 else g.tensor(out_shape)
+            if step == "taps":
+                self.subtract_taps(y, dst, m, tm, (h, w), out_shape)
+            elif step == "add":
+                g.op("ADD", [y, g.const(correction)], [dst], g.s.AddOptionsT())
+            else:
+                g.op("REVERSE_V2", [y, g.const(np.array([1, 2], np.int32), "int32")], [dst],
+                     g.s.ReverseV2OptionsT())
+            y = dst
         self.binary_layers += 1
+
+    def subtract_taps(self, y: int, dst: int, m: BinaryConv2d, multiplier: int, hw: Tuple[int, int],
+                      out_shape: List[int]) -> None:
+        """``dst = y - m * T``: the extra +1 channel added ``T[i, j]``, the number of the window's
+        taps inside the (SAME-padded) map, to every output before the multiplier ``m`` (the
+        conv's own constant). ``T`` (``[1, Ho, Wo, 1]``) is stored once per conv geometry."""
+        key = (tuple(hw), _pairs(m.kernel_size), _pairs(m.stride), _pairs(m.dilation))
+        if key not in self.tap_maps:
+            counts = []
+            for n, k, s, d in zip(*key):
+                out = -(-n // s)
+                before = max((out - 1) * s + d * (k - 1) + 1 - n, 0) // 2
+                starts = np.arange(out)[:, None] * s - before + d * np.arange(k)[None, :]
+                counts.append(((starts >= 0) & (starts < n)).sum(axis=1))
+            rows, cols = counts
+            self.tap_maps[key] = self.g.const((rows[:, None] * cols[None, :]).astype(np.float32)[None, :, :, None])
+        g = self.g
+        shift = g.tensor(out_shape)
+        g.op("MUL", [multiplier, self.tap_maps[key]], [shift], g.s.MulOptionsT())
+        g.op("SUB", [y, shift], [dst], g.s.SubOptionsT())
 
     def one_pad(self, x: int, m: BinaryConv2d, sign: Tensor, mult: np.ndarray,
                 hwc: Tuple[int, int, int]) -> Tuple[int, np.ndarray]:
@@ -558,11 +529,43 @@ class _Exporter:
             # Max pooling ignores padding: pad with the lowest float.
             x, shape = self.explicit_pad(x, shape, padding, float(np.finfo(np.float32).min))
             mode = "VALID"
+        self.pool_op(node, op, x, mode, kernel, stride)
+
+    def pool_op(self, node: fx.Node, op: str, x: int, mode: str, kernel, stride) -> None:
         opt = self.g.s.Pool2DOptionsT()
         opt.padding = getattr(self.g.s.Padding, mode)
         opt.strideH, opt.strideW = _pairs(stride)
         opt.filterHeight, opt.filterWidth = _pairs(kernel)
         self.g.op(op, [x], [self.out(node)], opt)
+
+    def avg_pool(self, node: fx.Node, m: nn.AvgPool2d) -> None:
+        """``AVERAGE_POOL_2D`` wherever PyTorch's windows and divisors are TFLite's: ``VALID``
+        (after a zero pad when the padding counts), or ``SAME``, which averages the in-map pixels
+        of each window as ``count_include_pad=False`` does and as ``ceil_mode``'s last window does
+        when it overhangs an unpadded map (ResNet-D's ``AvgPool2d(2, 2, ceil_mode=True,
+        count_include_pad=False)`` shortcut on any map)."""
+        kernel, stride, padding = _pairs(m.kernel_size), _pairs(m.stride or m.kernel_size), _pairs(m.padding)
+        src = self.arg(node)
+        shape = self.shape(src)
+        outs = self.shape(node)[1:3]
+        if m.divisor_override:
+            self.refuse(node, f"AvgPool2d with a divisor override ({m.divisor_override})")
+        floor_outs = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(shape[1:3], kernel, stride, padding)]
+        if outs == floor_outs and (padding == (0, 0) or m.count_include_pad):
+            x = self.env[src]
+            if padding != (0, 0):  # the padded zeros count in the divisor: write them
+                x, shape = self.explicit_pad(x, shape, padding, 0.0)
+            return self.pool_op(node, "AVERAGE_POOL_2D", x, "VALID", kernel, stride)
+        same = []
+        for n, k, s, p, out in zip(shape[1:3], kernel, stride, padding, outs):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            same.append(-(-n // s) == out and total // 2 == p)
+        if all(same) and (padding == (0, 0) or not m.count_include_pad):
+            return self.pool_op(node, "AVERAGE_POOL_2D", self.env[src], "SAME", kernel, stride)
+        self.refuse(node, f"AvgPool2d(kernel_size={kernel}, stride={stride}, padding={padding}, "
+                          f"ceil_mode={m.ceil_mode}, count_include_pad={m.count_include_pad}) on a "
+                          f"{shape[1]}x{shape[2]} map averages windows that TFLite's VALID and SAME "
+                          "pooling do not")
 
     def global_pool(self, node: fx.Node) -> None:
         src = self.arg(node)

@@ -1,0 +1,70 @@
+"""Smoke run of ``benchmarks/lce_latency.py``: a tiny grid on resnet20_cifar, every output written
+(md, json, png) in tmp_path, a refusal recorded, a rerun that resumes instead of redoing, and
+the one-line refusals of bad arguments and of a results file timed otherwise."""
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from lightning_bnnprune.pruning.export_lce import lce_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("lce_latency_bench", os.path.join(ROOT, "benchmarks", "lce_latency.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (lce_available() and _INTERPRETER),
+                    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON")
+def test_tiny_grid_writes_everything_resumes_and_refuses_other_settings(bench, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--networks", "resnet20_cifar", "--pfrs", "0.4", "--round-to", "1", "32", "--threads", "1",
+            "--rounds", "2", "--calls", "1", "--warmup", "0", "--out", str(out), "--work-dir", str(work)]
+    assert bench.main(argv) == 0
+    results = json.loads((out / "lce_latency.json").read_text())
+    entry = results["networks"]["resnet20_cifar"]
+    assert set(entry["files"]) == {"float", "binary", "greedy_l1:uniform@0.4/r1", "greedy_l1:uniform@0.4/r32"}
+    assert "16" in entry["files"]["greedy_l1:uniform@0.4/r32"]["error"]  # 16-wide stages cannot keep multiples of 32
+    pruned = entry["files"]["greedy_l1:uniform@0.4/r1"]
+    assert pruned["pfr"] == pytest.approx(0.4, abs=0.01) and pruned["mac_ratio"] > 2
+    group = entry["timings"]["1"]
+    assert set(group["times"]) == {"float", "binary", "greedy_l1:uniform@0.4/r1"}
+    assert group["flags"] == {"use_reference_bconv": False, "use_indirect_bgemm": True, "use_xnnpack": True}
+    md = (out / "lce_latency.md").read_text()
+    assert "python benchmarks/lce_latency.py --networks resnet20_cifar" in md and results["meta"]["commit"] in md
+    assert re.search(r"\| resnet20_cifar \| greedy_l1:uniform@0.4/r1 \| 40.0 % \| 2\.\d\dx \| [\d.]+ \([\d.]+\) \| "
+                     r"[\d.]+x \| [\d.]+ \|", md), md
+    assert "| resnet20_cifar | greedy_l1:uniform@0.4/r32 | - | - | refused: round_to=32" in md
+    assert "binary against float in LCE" in md and "load average" in md
+    assert (out / "lce_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    capsys.readouterr()
+    assert bench.main(argv) == 0  # resumed: nothing exported or timed again
+    assert "timed already, skipped" in capsys.readouterr().out
+    assert json.loads((out / "lce_latency.json").read_text())["networks"]["resnet20_cifar"]["timings"] == entry["timings"]
+
+    assert bench.main(argv[:-4] + ["--rounds", "3", "--out", str(out), "--work-dir", str(work)]) == 2
+    assert re.search(r"was timed with .*'rounds': 2.*not .*'rounds': 3.*; pass another --name or --out",
+                     capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategies", "msf"], r"unknown strategy 'msf': choose <greedy_l1\|stq\|random>\[:<uniform\|size\|macs\|global>\]"),
+    (["--strategies", "greedy_l1:learned"], r"unknown strategy 'greedy_l1:learned'"),
+    (["--pfrs", "1.0"], r"--pfrs must lie in \(0, 1\), got \[1.0\]"),
+    (["--round-to", "0"], r"--round-to must be >= 1, got \[0\]"),
+    (["--kernels", "fast"], r"invalid choice: 'fast'"),
+])
+def test_bad_arguments_are_refused(bench, capsys, argv, message):
+    with pytest.raises(SystemExit, match="2"):
+        bench.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
