@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning
+from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning, quantizers
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning import budget
@@ -148,6 +148,36 @@ def test_unsupported_layers_are_refused_naming_the_layer(tmp_path, make, layer, 
     assert "\n" not in str(err.value) and layer in str(err.value) and words in str(err.value)
 
 
+class _ShiftedSign(quantizers.InputQuantizer):
+    """sign(x - 0.5): binary, but not the sign LCE computes (it does not declare is_sign)."""
+
+    def forward(self, x):
+        return quantizers.ste_sign(x - 0.5)
+
+
+class _Ternary(quantizers.KernelQuantizer):
+    """{-1, 0, +1} kernels: not two values."""
+
+    value_set = "{-1, 0, +1}"
+
+    def forward(self, weight, in_mask=None):
+        return torch.where(weight.abs() < 0.05, 0.0, torch.sign(weight)), None
+
+
+@needs_lce
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(input_quantizer=_ShiftedSign()),
+     "LCE binarises inputs with sign(); this layer's input quantizer is _ShiftedSign, not declared is_sign"),
+    (dict(kernel_quantizer=_Ternary()), "kernel quantizer _Ternary gives 3 distinct kernel values (-1, 0, 1), not two"),
+])
+def test_a_quantizer_lce_cannot_run_is_refused_by_name(tmp_path, kwargs, words):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BinaryConv2d(4, 4, 3, padding=1, **kwargs))
+    with pytest.raises(LceExportError) as err:
+        export_lce(net, tmp_path / "m.tflite", input_size=(3, 6, 6))
+    assert str(err.value) == f"cannot export '1' to LCE: {words}"
+
+
 @needs_lce
 def test_a_network_with_gates_attached_is_refused(tmp_path):
     net = timm.create_model("resnet20_cifar", num_classes=10)
@@ -247,9 +277,9 @@ def _input_of(tflite):
 def test_app_refuses_an_unknown_export_in_one_line(call_main):
     from conftest import TINY, stderr_lines
 
-    proc = call_main(*TINY, "export=onnx")
+    proc = call_main(*TINY, "export=nope")
     assert proc.returncode == 2
-    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce; got 'onnx'"]
+    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce, onnx, packed; got 'nope'"]
 
 
 def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
