@@ -1,5 +1,5 @@
-"""Larq Compute Engine export: LCE's own interpreter against PyTorch, sizes, refusals, and the
-engine-friendly ``round_to`` budget.
+"""Larq Compute Engine export: LCE's own interpreter against PyTorch, sizes, refusals, the
+engine-friendly ``round_to`` budget, and the app's ``export=`` (LCE's and the packed file).
 
 The export needs the ``lce`` extra (``larq-compute-engine``); running the file needs LCE's
 interpreter, which is built against numpy 1 (see :func:`lce_predict`): in a numpy 2 process the
@@ -19,7 +19,7 @@ from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroF
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning import budget
-from lightning_bnnprune.pruning.export import export_packed
+from lightning_bnnprune.pruning.export import export_packed, load_packed
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
 from lightning_bnnprune.pruning.gates import attach_gates
 from lightning_bnnprune.pruning.groups import find_channel_groups
@@ -241,26 +241,35 @@ def test_with_round_to_the_counts_are_multiples(tmp_path, make, steps):
 
 # ------------------------------------------------------------------ the app
 @pytest.mark.slow
-@needs_lce
-def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
+@pytest.mark.parametrize("target, file, label", [
+    pytest.param("lce", "model.tflite", "LCE model", marks=needs_lce),
+    ("packed", "model.bnn", "packed model"),
+])
+def test_app_export_writes_the_model_file_beside_pruned_pt(run_app, tmp_path, target, file, label):
     import json
     from pathlib import Path
+
+    from lightning_bnnprune.pruning.record import load_pruned
 
     from conftest import TINY
 
     run_dir = tmp_path / "run"
-    proc = run_app(*TINY, "export=lce", f"hydra.run.dir={run_dir}")
+    proc = run_app(*TINY, f"export={target}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    tflite = run_dir / "checkpoints" / "model.tflite"
-    assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
-    assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
-    if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
-        from lightning_bnnprune.pruning.record import load_pruned
-
-        net = load_pruned(summary["pruned_model"]).eval()
-        x = torch.randn(2, *_input_of(tflite))
-        got = lce_predict(tflite, x)
+    path = run_dir / "checkpoints" / file
+    assert Path(summary["exported_model"]) == path and Path(summary["pruned_model"]).parent == path.parent
+    assert summary["export"] == target and f"{label:<17}{path}" in proc.stdout
+    net = load_pruned(summary["pruned_model"]).eval()  # the file is the pruned.pt network
+    if target == "packed":
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(load_packed(path)(x), net(x))
+        return
+    assert path.read_bytes()[4:8] == b"TFL3"
+    if _INTERPRETER:  # at the datamodule's image size
+        x = torch.randn(2, *_input_of(path))
+        got = lce_predict(path, x)
         with torch.no_grad():
             assert np.abs(got - net(x).numpy()).max() < 1e-3
 

@@ -1,7 +1,6 @@
 """The compression report's figures against independent counts, the packed export, the export
-targets (packed, ONNX, LCE) and the app's ``export=``."""
+targets (packed, ONNX, LCE; the app's ``export=`` runs in tests/test_export_lce.py)."""
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning.export import MAGIC, PackedKernel, export_packed, load_packed, unpruned_record
 from lightning_bnnprune.pruning.export_lce import lce_available
 from lightning_bnnprune.pruning.groups import find_channel_groups
-from lightning_bnnprune.pruning.record import load_pruned
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
 
@@ -207,19 +205,3 @@ def test_a_kernel_that_cannot_be_packed_is_refused_by_name_and_still_counted(tmp
         export_packed(net, tmp_path / "m.bnn")
     assert str(err.value) == "cannot pack 1: kernel quantizer Ternary gives 3 distinct kernel values (-1, 0, 1), not two"
     assert not (tmp_path / "m.bnn").exists()
-
-
-@pytest.mark.slow
-def test_app_export_packed_writes_model_bnn_beside_pruned_pt(run_app, tmp_path):
-    from conftest import TINY
-
-    run_dir = tmp_path / "run"
-    proc = run_app(*TINY, "export=packed", f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    packed = run_dir / "checkpoints" / "model.bnn"
-    assert (summary["export"], summary["exported_model"]) == ("packed", str(packed))
-    assert f"packed model     {packed}" in proc.stdout
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # the file is the pruned.pt network
-        assert torch.equal(load_packed(packed)(x), load_pruned(summary["pruned_model"]).eval()(x))
