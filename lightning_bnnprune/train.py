@@ -149,8 +149,11 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
 
     Returns:
         The summary: test metrics, layers binarised, the pruning figures if a pruning callback
-        exposes them, the run folder and the wall time. Rank zero also prints it and writes it
-        to ``<paths.output_dir>/summary.json``.
+        exposes them, the exported file (``export=<target>``), the run folder and the wall time.
+        Rank zero also prints it and writes it to ``<paths.output_dir>/summary.json``.
+
+    Raises:
+        ConfigError: for an ``export`` that is not a registered export target.
     """
     if cfg.get("export") is not None and cfg.get("export") not in export_targets.available():
         raise ConfigError(f"`export` must be one of: null, {', '.join(export_targets.available())}; "
