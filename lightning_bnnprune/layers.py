@@ -7,7 +7,7 @@ static or dynamic "same" padding, weight-standardised).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +118,30 @@ class BinaryConv2d(nn.Conv2d):
         return mask.view(self.groups, -1).repeat_interleave(self.out_channels // self.groups, dim=0)
 
     def binarized_kernel(self) -> Tensor:
-        """The effective binary weight ``k(W) * s(W)`` (for inspection, export and tests)."""
-        mask = self.input_mask()
-        kernel, scale = self._quantize_kernel(self.kernel_mask(mask))
+        """The effective binary weight ``k(W) * s(W)`` under the current input mask (for inspection
+        and tests)."""
+        kernel, scale = self.quantized_kernel(self.kernel_mask())
         return kernel if scale is None else kernel * scale.view(-1, 1, 1, 1)
 
-    def _quantize_kernel(self, in_mask: Optional[Tensor]):
+    def quantized_kernel(self, in_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(kernel, out_scale)`` from the kernel quantizer, the scale ``None`` when it has none;
+        ``in_mask`` as :meth:`kernel_mask` gives it (``None``: every input channel)."""
         out = self.kernel_quantizer(self.weight, in_mask=in_mask)
         return out if isinstance(out, tuple) else (out, None)
+
+    @torch.no_grad()
+    def export_kernel(self) -> quantizers.BinaryKernel:
+        """The kernel as deployed (bits, their two values, the per-filter scale), every input
+        channel kept: the quantizer's :meth:`~lightning_bnnprune.quantizers.KernelQuantizer.export`,
+        or, for a quantizer that is not a ``KernelQuantizer``, its kernel's values.
+
+        Raises:
+            ValueError: naming the quantizer, when the kernel takes more than two values.
+        """
+        if isinstance(self.kernel_quantizer, quantizers.KernelQuantizer):
+            return self.kernel_quantizer.export(self.weight)
+        kernel, scale = self.quantized_kernel()
+        return quantizers.BinaryKernel.from_values(kernel, scale, quantizers.display_name(self.kernel_quantizer))
 
     def _cache_key(self, in_mask: Optional[Tensor]) -> tuple:
         # Everything the kernel depends on: the latent weight and the quantizer's own parameters
@@ -146,7 +162,7 @@ class BinaryConv2d(nn.Conv2d):
             )
             if same_mask and old_versions == versions and all(a is b for a, b in zip(old_params, params)):
                 return value
-        value = self._quantize_kernel(in_mask)
+        value = self.quantized_kernel(in_mask)
         # Held in __dict__, not as a buffer: never saved, moved or seen by state_dict.
         self.__dict__["_kernel_cache"] = (key, value)
         return value
@@ -182,7 +198,7 @@ class BinaryConv2d(nn.Conv2d):
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         cache = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         kernel_mask = self.kernel_mask(mask)
-        kernel, scale = self._eval_kernel(kernel_mask) if cache else self._quantize_kernel(kernel_mask)
+        kernel, scale = self._eval_kernel(kernel_mask) if cache else self.quantized_kernel(kernel_mask)
         if scale is None:
             return self._conv_forward(x, kernel, self.bias)
         if self.training:

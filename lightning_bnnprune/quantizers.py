@@ -15,10 +15,25 @@ Kernel quantizers accept ``in_mask`` (shape ``[in]``, or ``[out, in]`` per filte
 conv; entries 0/1): statistics over input
 channels (the XNOR scale, the centring) are then taken over the kept channels only, which is what
 the physically pruned layer computes.
+
+What the exports, the compression report and the rebuild read off a quantizer is declared on it,
+through the base classes :class:`InputQuantizer` and :class:`KernelQuantizer` (larq names the bit
+width ``precision`` too):
+
+- ``precision``: bits per quantised value (1);
+- ``learned_parameters()``: the constructor arguments that training learns (BDG's ``tau``,
+  ``phi``): they travel with the weights, not with the config a rebuild reads;
+- an input quantizer's ``is_sign``: its forward is exactly ``sign(x)`` with ``sign(0) = +1``
+  (whatever its gradient), what Larq Compute Engine's ``LceQuantize`` computes;
+- a kernel quantizer's ``value_set`` (for messages) and ``export(weight)``: the deployed kernel as
+  a :class:`BinaryKernel`, one bit per weight, the two values the bits stand for and the
+  per-filter scale (XNOR: ``{-1, +1} x mean|W_k|``; BDG: ``{phi - tau, phi + tau}``, no scale).
+  By default it is read off ``forward``'s kernel, which must then take at most two values.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -29,6 +44,10 @@ from .registry import Registry
 __all__ = [
     "ste_sign",
     "approx_sign",
+    "BinaryKernel",
+    "Quantizer",
+    "InputQuantizer",
+    "KernelQuantizer",
     "SteSign",
     "ApproxSign",
     "XnorWeight",
@@ -36,6 +55,7 @@ __all__ = [
     "get",
     "register",
     "available",
+    "display_name",
 ]
 
 _REGISTRY: Registry = Registry("quantizer", "quantizers")
@@ -108,9 +128,108 @@ def approx_sign(x: Tensor) -> Tensor:
     return _ApproxSignFn.apply(x)
 
 
+@dataclass(frozen=True)
+class BinaryKernel:
+    r"""A binary layer's kernel as it is deployed: one bit per weight, and what the bits stand for.
+
+    Filter ``k``'s weights are ``upper`` where ``bits`` is set, else ``lower``, times ``scale[k]``
+    (``None``: 1) applied after the convolution: the value set is ``{lower, upper}`` times a
+    per-filter scale.
+
+    Attributes:
+        bits: ``bool``, the latent weight's shape, ``True`` at the upper value.
+        lower, upper: the two values, ``lower <= upper``.
+        scale: ``[out]`` per-filter scale, or ``None``.
+    """
+
+    bits: Tensor
+    lower: float
+    upper: float
+    scale: Optional[Tensor] = None
+
+    def kernel(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The kernel's values: ``upper`` where ``bits``, else ``lower``."""
+        levels = torch.tensor([self.lower, self.upper], dtype=dtype, device=self.bits.device)
+        return levels[self.bits.long()]
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether the values are ``{-s, +s}`` with ``s > 0``: a sign times a scale, what an XNOR
+        engine (Larq Compute Engine's ``LceBconv2d``) computes."""
+        return self.upper > 0 and self.lower == -self.upper
+
+    @classmethod
+    def from_values(cls, kernel: Tensor, scale: Optional[Tensor], quantizer: str) -> "BinaryKernel":
+        """The kernel read off its values, which must be at most two.
+
+        Raises:
+            ValueError: naming ``quantizer`` when ``kernel`` takes more than two values.
+        """
+        kernel = kernel.detach()
+        values = torch.unique(kernel)
+        if values.numel() > 2:
+            shown = ", ".join(f"{v:.4g}" for v in values[:4].tolist()) + (", ..." if values.numel() > 4 else "")
+            raise ValueError(f"kernel quantizer {quantizer} gives {values.numel()} distinct kernel values "
+                             f"({shown}), not two")
+        lower, upper = (float(values[0]), float(values[-1])) if values.numel() else (-1.0, 1.0)
+        return cls(kernel == upper, lower, upper, None if scale is None else scale.detach())
+
+
+class Quantizer(nn.Module):
+    """What every quantizer declares, for the exports, the report and the rebuild.
+
+    Attributes:
+        precision: bits per quantised value (larq's name); 1 for a binary quantizer.
+    """
+
+    precision: int = 1
+
+    def learned_parameters(self) -> Tuple[str, ...]:
+        """The constructor arguments that training learns (BDG's ``tau``, ``phi``). They travel
+        with the weights, so the config that rebuilds the quantizer leaves them out. Default: the
+        quantizer's own parameters."""
+        return tuple(name for name, _ in self.named_parameters(recurse=False))
+
+
+class InputQuantizer(Quantizer):
+    """Base of activation quantizers: ``forward(x)`` maps a tensor to ``{-1, +1}``.
+
+    Attributes:
+        is_sign: ``True`` when ``forward`` is exactly ``sign(x)`` with ``sign(0) = +1`` (whatever
+            its gradient): what Larq Compute Engine's ``LceQuantize`` computes, so the LCE export
+            can lower it. ``False`` (the default) is refused there by name.
+    """
+
+    is_sign: bool = False
+
+
+class KernelQuantizer(Quantizer):
+    """Base of kernel quantizers: ``forward(weight, in_mask=None) -> (kernel, out_scale)``.
+
+    Attributes:
+        value_set: the kernel's values in words, for messages (``"{-1, +1} x mean|W_k|"``).
+    """
+
+    value_set: str = "two values"
+
+    def export(self, weight: Tensor) -> BinaryKernel:
+        """The deployed kernel of the latent ``weight``, every input channel kept (a pruned layer's
+        are). Default: ``forward``'s kernel and scale, read by :meth:`BinaryKernel.from_values`.
+
+        Raises:
+            ValueError: naming the quantizer, when its kernel takes more than two values.
+        """
+        with torch.no_grad():
+            out = self(weight, in_mask=None)
+        kernel, scale = out if isinstance(out, tuple) else (out, None)
+        return BinaryKernel.from_values(kernel, scale, display_name(self))
+
+
 @register("ste_sign")
-class SteSign(nn.Module):
+class SteSign(InputQuantizer):
     """Activation quantizer :func:`ste_sign` as a module."""
+
+    is_sign = True
 
     def __init__(self, clip_value: float = 1.0) -> None:
         super().__init__()
@@ -126,8 +245,10 @@ class SteSign(nn.Module):
 
 
 @register("approx_sign")
-class ApproxSign(nn.Module):
+class ApproxSign(InputQuantizer):
     """Activation quantizer :func:`approx_sign` as a module."""
+
+    is_sign = True
 
     def forward(self, x: Tensor) -> Tensor:
         return approx_sign(x)
@@ -152,7 +273,7 @@ def _masked_mean(x: Tensor, in_mask: Optional[Tensor], dims: Tuple[int, ...]) ->
 
 
 @register("xnor")
-class XnorWeight(nn.Module):
+class XnorWeight(KernelQuantizer):
     r"""XNOR-Net weight binariser (Rastegari et al., ECCV 2016).
 
     forward: :math:`W_b = \alpha_k \, \mathrm{sign}(W_k)` with
@@ -163,6 +284,8 @@ class XnorWeight(nn.Module):
     gradient: straight-through to ``W`` inside ``[-clip_value, clip_value]``, plus the
     gradient through :math:`\alpha`.
     """
+
+    value_set = "{-1, +1} x mean|W_k|"
 
     def __init__(self, center: bool = False, clip_value: float = 1.0) -> None:
         super().__init__()
@@ -175,12 +298,17 @@ class XnorWeight(nn.Module):
         alpha = _masked_mean(weight.abs(), in_mask, dims=tuple(range(1, weight.dim())))
         return ste_sign(weight, self.clip_value), alpha.flatten()
 
+    def export(self, weight: Tensor) -> BinaryKernel:
+        with torch.no_grad():
+            kernel, alpha = self(weight)
+        return BinaryKernel(kernel > 0, -1.0, 1.0, alpha)
+
     def extra_repr(self) -> str:
         return f"center={self.center}, clip_value={self.clip_value}"
 
 
 @register("bdg")
-class BinaryDomainWeight(nn.Module):
+class BinaryDomainWeight(KernelQuantizer):
     r"""Generalised binary domain (Schiavone, Galati, Zuluaga, ECML-PKDD 2023).
 
     forward: :math:`W_b = \tau \, \mathrm{sign}(W) + \phi`, i.e. the two values
@@ -203,6 +331,16 @@ class BinaryDomainWeight(nn.Module):
     def forward(self, weight: Tensor, in_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
         phi = self.tau if self.phi is None else self.phi
         return self.tau * ste_sign(weight, self.clip_value) + phi, None
+
+    @property
+    def value_set(self) -> str:
+        return "{0, 2 tau}" if self.zero_lower else "{phi - tau, phi + tau}"
+
+    @torch.no_grad()
+    def export(self, weight: Tensor) -> BinaryKernel:
+        phi = self.tau if self.phi is None else self.phi
+        # The two values in the parameters' dtype, rounded as forward's tau * (+-1) + phi is.
+        return BinaryKernel(ste_sign(weight, self.clip_value) > 0, float(phi - self.tau), float(self.tau + phi))
 
     def upper_share(self, weight: Tensor) -> Tensor:
         r"""Share of weights at the upper value, :math:`\#(W \ge 0) / \#W`, differentiable
@@ -235,7 +373,7 @@ def get(identifier: Identifier, **kwargs) -> Optional[nn.Module]:
     )
 
 
-class _Lambda(nn.Module):
+class _Lambda(InputQuantizer, KernelQuantizer):
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn
@@ -246,3 +384,14 @@ class _Lambda(nn.Module):
 
     def extra_repr(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def display_name(quantizer: Optional[nn.Module]) -> str:
+    """How messages name a quantizer: ``'alias' (Class)`` when registered, else its class (or the
+    wrapped callable's name)."""
+    if quantizer is None:
+        return "None"
+    if isinstance(quantizer, _Lambda):
+        return f"callable {quantizer.extra_repr()}"
+    alias = vars(type(quantizer)).get("alias")  # not a registered parent's
+    return f"{alias!r} ({type(quantizer).__name__})" if alias else type(quantizer).__name__

@@ -1,9 +1,9 @@
-"""Name -> class registries: what a config or a callback argument picks by name.
+"""Name -> class (or function) registries: what a config or a callback argument picks by name.
 
-One helper for the three kinds the library resolves by name: quantizers (``"xnor"``), greedy
-criteria (``"l1"``) and datamodules (``"digits"``). In the manner of larq's ``quantizers.get``, a
-class registers itself under an alias with a decorator, and an unknown name fails loudly, listing
-the registered ones::
+One helper for the kinds the library resolves by name: quantizers (``"xnor"``), greedy criteria
+(``"l1"``), datamodules (``"digits"``) and export targets (``"packed"``, functions). In the manner
+of larq's ``quantizers.get``, a class registers itself under an alias with a decorator, and an
+unknown name fails loudly, listing the registered ones::
 
     >>> criteria = Registry("criterion", "criteria")
     >>> @criteria.register("ones")
@@ -22,11 +22,11 @@ from typing import Any, Callable, Dict, Generic, Optional, Tuple, TypeVar
 
 __all__ = ["Registry"]
 
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound=Callable[..., Any])  # a class, or a function (export targets)
 
 
 class Registry(Generic[T]):
-    """Classes registered under aliases.
+    """Classes (or functions) registered under aliases.
 
     Args:
         kind: what one entry is, for messages (``"quantizer"``).
@@ -42,7 +42,7 @@ class Registry(Generic[T]):
         self._classes: Dict[str, T] = {}
 
     def register(self, alias: str) -> Callable[[T], T]:
-        """Class decorator: make the class resolvable as ``alias`` (and set ``cls.alias``).
+        """Class (or function) decorator: make it resolvable as ``alias`` (and set its ``alias``).
 
         Raises:
             ValueError: if ``alias`` is taken by another class (re-importing the same class is fine).

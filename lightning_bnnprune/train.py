@@ -35,6 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_bnnprune import export_targets
 from lightning_bnnprune.config import CONFIG_NAME, GROUPS, ConfigError, conf_dir, register_recipes
 from lightning_bnnprune.errors import building, cli_overrides, one_line_error, squash
 
@@ -148,11 +149,14 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
 
     Returns:
         The summary: test metrics, layers binarised, the pruning figures if a pruning callback
-        exposes them, the run folder and the wall time. Rank zero also prints it and writes it
-        to ``<paths.output_dir>/summary.json``.
+        exposes them, the exported file (``export=<target>``), the run folder and the wall time.
+        Rank zero also prints it and writes it to ``<paths.output_dir>/summary.json``.
+
+    Raises:
+        ConfigError: for an ``export`` that is not a registered export target.
     """
-    if cfg.get("export") not in EXPORTS:
-        raise ConfigError(f"`export` must be one of: null, {', '.join(e for e in EXPORTS if e)}; "
+    if cfg.get("export") is not None and cfg.get("export") not in export_targets.available():
+        raise ConfigError(f"`export` must be one of: null, {', '.join(export_targets.available())}; "
                           f"got {cfg.get('export')!r}")
     from lightning.pytorch import seed_everything
 
@@ -177,7 +181,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     exported = _export(cfg, run)
     summary = _summary(cfg, run, {**val_metrics, **test_metrics}, time.perf_counter() - start)
     if exported:
-        summary["exported_model"] = exported
+        summary["export"], summary["exported_model"] = cfg.export, exported
+        if cfg.export == "lce":  # beside the MAC ratio: what LCE's interpreter makes of it
+            summary.update(_lce_latency(exported))
     _report(summary, Path(str(cfg.paths.output_dir)))
     return summary
 
@@ -244,28 +250,26 @@ def _summary(cfg: DictConfig, run: Run, metrics: Dict[str, float], wall_time_s: 
     return summary
 
 
-EXPORTS = (None, "lce")
-
-
 def _export(cfg: DictConfig, run: Run) -> Optional[str]:
-    """``export=lce``: the final (pruned) network as ``model.tflite`` for Larq Compute Engine,
-    beside ``pruned.pt`` (else in the run folder), never overwriting (``-v1``... suffixes)."""
-    if cfg.get("export") != "lce" or not run.trainer.is_global_zero:
+    """``export=<target>``: the final (pruned) network written by that export target
+    (:mod:`~lightning_bnnprune.export_targets`) as ``model<suffix>`` beside ``pruned.pt`` (else in
+    the run folder), never overwriting (``-v1``... suffixes); the file's path."""
+    if cfg.get("export") is None or not run.trainer.is_global_zero:
         return None
     from .introspect import find_networks
     from .callbacks.base import FilterPruning
-    from .pruning.export_lce import export_lce
+    from .paths import free_stems
 
+    target = export_targets.get(cfg.export)
     prune = run.prune if isinstance(run.prune, FilterPruning) else None
     net = prune.network_of(run.model) if prune is not None else run.model.get_submodule(find_networks(run.model)[0])
     pruned_path = getattr(prune, "pruned_path", None)
     folder = os.path.dirname(pruned_path) if pruned_path else str(cfg.paths.output_dir)
     os.makedirs(folder, exist_ok=True)
-    path = FilterPruning._free_stems(folder, {"model": [".tflite"]})["model"] + ".tflite"
+    path = free_stems(folder, {"model": [target.suffix]})["model"] + target.suffix
     run.datamodule.setup("test")
     images = next(iter(run.datamodule.test_dataloader()))[0]
-    export_lce(net, path, input_size=tuple(images.shape[1:]))
-    return path
+    return target(net, path, tuple(images.shape[1:]), record=getattr(prune, "record", None))
 
 
 def _lce_latency(path: str) -> Dict[str, Any]:
@@ -288,8 +292,6 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
 
     if rank_zero_only.rank != 0:
         return
-    if str(summary.get("exported_model") or "").endswith(".tflite") and "lce_latency_ms" not in summary:
-        summary.update(_lce_latency(summary["exported_model"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -328,7 +330,8 @@ def _report(summary: Dict[str, Any], output_dir: Path) -> None:
     if summary.get("pruned_model"):
         lines.append(f"  pruned model     {summary['pruned_model']}")
     if summary.get("exported_model"):
-        lines.append(f"  LCE model        {summary['exported_model']}")
+        label = export_targets.get(summary["export"]).label
+        lines.append(f"  {label:<17}{summary['exported_model']}")
     lines.append(f"  epochs / steps   {summary['epochs']} / {summary['steps']} in {summary['wall_time_s']:.0f} s")
     print("\n".join(lines), flush=True)
 

@@ -1,5 +1,5 @@
-"""Larq Compute Engine export: LCE's own interpreter against PyTorch, sizes, refusals, and the
-engine-friendly ``round_to`` budget.
+"""Larq Compute Engine export: LCE's own interpreter against PyTorch, sizes, refusals, the
+engine-friendly ``round_to`` budget, and the app's ``export=`` (LCE's and the packed file).
 
 The export needs the ``lce`` extra (``larq-compute-engine``); running the file needs LCE's
 interpreter, which is built against numpy 1 (see :func:`lce_predict`): in a numpy 2 process the
@@ -15,11 +15,11 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning
+from lightning_bnnprune import GreedyFilterPruning, MainSubsidiaryPruning, ZeroFilterPruning, quantizers
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning.allocation import allocate
-from lightning_bnnprune.pruning.export import export_packed
+from lightning_bnnprune.pruning.export import export_packed, load_packed
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
 from lightning_bnnprune.pruning.gates import attach_gates
 from lightning_bnnprune.pruning.lce_runtime import KERNELS
@@ -151,6 +151,36 @@ def test_unsupported_layers_are_refused_naming_the_layer(tmp_path, make, layer, 
     assert "\n" not in str(err.value) and layer in str(err.value) and words in str(err.value)
 
 
+class _ShiftedSign(quantizers.InputQuantizer):
+    """sign(x - 0.5): binary, but not the sign LCE computes (it does not declare is_sign)."""
+
+    def forward(self, x):
+        return quantizers.ste_sign(x - 0.5)
+
+
+class _Ternary(quantizers.KernelQuantizer):
+    """{-1, 0, +1} kernels: not two values."""
+
+    value_set = "{-1, 0, +1}"
+
+    def forward(self, weight, in_mask=None):
+        return torch.where(weight.abs() < 0.05, 0.0, torch.sign(weight)), None
+
+
+@needs_lce
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(input_quantizer=_ShiftedSign()),
+     "LCE binarises inputs with sign(); this layer's input quantizer is _ShiftedSign, not declared is_sign"),
+    (dict(kernel_quantizer=_Ternary()), "kernel quantizer _Ternary gives 3 distinct kernel values (-1, 0, 1), not two"),
+])
+def test_a_quantizer_lce_cannot_run_is_refused_by_name(tmp_path, kwargs, words):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BinaryConv2d(4, 4, 3, padding=1, **kwargs))
+    with pytest.raises(LceExportError) as err:
+        export_lce(net, tmp_path / "m.tflite", input_size=(3, 6, 6))
+    assert str(err.value) == f"cannot export '1' to LCE: {words}"
+
+
 @needs_lce
 def test_a_network_with_gates_attached_is_refused(tmp_path):
     net = timm.create_model("resnet20_cifar", num_classes=10)
@@ -214,31 +244,40 @@ def test_with_round_to_the_counts_are_multiples(tmp_path, make, steps):
 
 # ------------------------------------------------------------------ the app
 @pytest.mark.slow
-@needs_lce
-def test_app_export_lce_writes_model_tflite_beside_pruned_pt(run_app, tmp_path):
+@pytest.mark.parametrize("target, file, label", [
+    pytest.param("lce", "model.tflite", "LCE model", marks=needs_lce),
+    ("packed", "model.bnn", "packed model"),
+])
+def test_app_export_writes_the_model_file_beside_pruned_pt(run_app, tmp_path, target, file, label):
     import json
     from pathlib import Path
+
+    from lightning_bnnprune.pruning.record import load_pruned
 
     from conftest import TINY
 
     run_dir = tmp_path / "run"
-    proc = run_app(*TINY, "export=lce", f"hydra.run.dir={run_dir}")
+    proc = run_app(*TINY, f"export={target}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    tflite = run_dir / "checkpoints" / "model.tflite"
-    assert Path(summary["exported_model"]) == tflite and Path(summary["pruned_model"]).parent == tflite.parent
-    assert tflite.read_bytes()[4:8] == b"TFL3" and f"LCE model        {tflite}" in proc.stdout
+    path = run_dir / "checkpoints" / file
+    assert Path(summary["exported_model"]) == path and Path(summary["pruned_model"]).parent == path.parent
+    assert summary["export"] == target and f"{label:<17}{path}" in proc.stdout
+    net = load_pruned(summary["pruned_model"]).eval()  # the file is the pruned.pt network
+    if target == "packed":
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(load_packed(path)(x), net(x))
+        return
+    assert path.read_bytes()[4:8] == b"TFL3"
     if _INTERPRETER:  # measured beside the MAC ratio, on LCE's fast path
         assert summary["lce_kernels"] == "indirect_bgemm" and summary["lce_latency_ms"] > 0, summary
         assert "LCE latency      " in proc.stdout and "indirect_bgemm kernels" in proc.stdout
-    if _INTERPRETER:  # the file is the pruned.pt network, at the datamodule's image size
-        from lightning_bnnprune.pruning.record import load_pruned
-
-        net = load_pruned(summary["pruned_model"]).eval()
-        x = torch.randn(2, *_input_of(tflite))
+    if _INTERPRETER:  # at the datamodule's image size
+        x = torch.randn(2, *_input_of(path))
         with torch.no_grad():
             ref = net(x).numpy()
-        for kernels, got in lce_predict(tflite, x, kernels=list(KERNELS)).items():  # learned counts: odd ones too
+        for kernels, got in lce_predict(path, x, kernels=list(KERNELS)).items():  # learned counts: odd ones too
             assert np.abs(got - ref).max() < 1e-3, kernels
 
 
@@ -254,9 +293,9 @@ def _input_of(tflite):
 def test_app_refuses_an_unknown_export_in_one_line(call_main):
     from conftest import TINY, stderr_lines
 
-    proc = call_main(*TINY, "export=onnx")
+    proc = call_main(*TINY, "export=nope")
     assert proc.returncode == 2
-    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce; got 'onnx'"]
+    assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce, onnx, packed; got 'nope'"]
 
 
 def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):

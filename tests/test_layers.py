@@ -82,3 +82,15 @@ def test_unknown_quantizer_is_rejected():
         BinaryConv2d(3, 4, 3, kernel_quantizer="ternary")
     with pytest.raises(ValueError, match="needs a kernel_quantizer"):
         BinaryConv2d(3, 4, 3, kernel_quantizer=None)
+
+
+def test_export_kernel_of_a_plain_module_quantizer_reads_its_values():
+    class PlainSign(nn.Module):  # a kernel quantizer that does not subclass KernelQuantizer
+        def forward(self, weight, in_mask=None):
+            return torch.where(weight >= 0, 0.5, -0.5), None
+
+    conv = BinaryConv2d(3, 4, 3, kernel_quantizer=PlainSign())
+    exported = conv.export_kernel()
+    assert (exported.lower, exported.upper, exported.scale) == (-0.5, 0.5, None) and exported.symmetric
+    assert torch.equal(exported.kernel(), conv.quantized_kernel()[0])
+    assert torch.equal(exported.bits, conv.weight.detach() >= 0)

@@ -97,3 +97,43 @@ def test_bad_quantizer_kwarg_is_a_type_error():
 def test_ste_sign_rejects_non_positive_clip():
     with pytest.raises(ValueError, match="clip_value must be > 0"):
         quantizers.SteSign(clip_value=0)
+
+
+# ------------------------------------------------------------------ the contract the exports read
+@pytest.mark.parametrize("quantizer, lower, upper, has_scale", [
+    (XnorWeight(), -1.0, 1.0, True),
+    (XnorWeight(center=True), -1.0, 1.0, True),
+    (BinaryDomainWeight(tau=0.7, phi=0.2), 0.2 - 0.7, 0.2 + 0.7, False),
+    (BinaryDomainWeight(tau=0.7, zero_lower=True), 0.0, 1.4, False),
+])
+def test_exported_kernel_is_the_forward_kernel_as_bits_and_two_values(quantizer, lower, upper, has_scale):
+    w = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    w[0, 0, 0, 0] = 0.0  # sign(0) = +1: the upper value
+    exported = quantizer.export(w)
+    kernel, scale = quantizer(w)
+    assert exported.bits.dtype == torch.bool and bool(exported.bits[0, 0, 0, 0])
+    assert exported.lower == pytest.approx(lower) and exported.upper == pytest.approx(upper)
+    assert torch.equal(exported.kernel(), kernel.detach())  # bit for bit, the values as forward rounds them
+    assert (exported.scale is not None) == has_scale
+    if has_scale:
+        assert torch.equal(exported.scale, scale.detach())
+    assert exported.symmetric == (lower == -upper)
+
+
+def test_declared_signs_learned_parameters_and_precision():
+    assert quantizers.SteSign().is_sign and quantizers.ApproxSign().is_sign
+    assert not quantizers.get(torch.tanh).is_sign  # a callable is not declared a sign
+    assert BinaryDomainWeight().learned_parameters() == ("tau", "phi")
+    assert BinaryDomainWeight(zero_lower=True).learned_parameters() == ("tau",)  # phi tied to tau
+    assert XnorWeight().learned_parameters() == ()
+    assert all(q.precision == 1 for q in (quantizers.SteSign(), XnorWeight(), BinaryDomainWeight()))
+    assert BinaryDomainWeight().value_set == "{phi - tau, phi + tau}"
+    assert BinaryDomainWeight(zero_lower=True).value_set == "{0, 2 tau}"
+    assert quantizers.display_name(XnorWeight()) == "'xnor' (XnorWeight)"
+
+
+def test_a_kernel_of_more_than_two_values_is_refused_naming_the_quantizer():
+    ternary = quantizers.get(lambda w: torch.round(w.clamp(-1, 1)))
+    with pytest.raises(ValueError, match=r"^kernel quantizer callable <lambda> gives 3 distinct kernel values "
+                                         r"\(-1, 0, 1\), not two$"):
+        ternary.export(torch.tensor([[-2.0, 0.1], [0.9, 0.2]]))

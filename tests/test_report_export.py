@@ -1,16 +1,21 @@
-"""The compression report's figures against independent counts, the packed export, ONNX."""
+"""The compression report's figures against independent counts, the packed export, the export
+targets (packed, ONNX, LCE; the app's ``export=`` runs in tests/test_export_lce.py)."""
 import csv
 import os
-import warnings
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_bnnprune import export_targets, quantizers
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
-from lightning_bnnprune.pruning.export import MAGIC, PackedKernel, export_packed, load_packed
+from lightning_bnnprune.pruning.export import MAGIC, PackedKernel, export_packed, load_packed, unpruned_record
+from lightning_bnnprune.pruning.export_lce import lce_available
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
@@ -143,19 +148,60 @@ def test_packed_errors(resnet18, tmp_path):
     assert MAGIC == b"BNNPACK1"
 
 
-def test_onnx_export_of_the_pruned_model_matches(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    _, net, _ = prune_share("test_resnet")
+@pytest.mark.parametrize("name", ["packed", "onnx", "lce"])
+def test_each_export_target_writes_a_file_that_computes_the_network(tmp_path, name):
+    import lightning_bnnprune.models  # noqa: F401  registers resnet20_cifar (test_resnet's ResNet-D pool is not in LCE)
+
+    _, net, record = prune_share("resnet20_cifar")
+    target = export_targets.get(name)
+    path = str(tmp_path / f"model{target.suffix}")
     x = inputs()
-    path = str(tmp_path / "pruned.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The TorchScript exporter inlines the sign's autograd.Function; torch's default dynamo
-        # exporter also works but needs onnxscript and is ~7x slower here.
-        torch.onnx.export(net, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"])
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
-        expected = net(x).numpy()
-    assert logits.shape == expected.shape
-    assert abs(logits - expected).max() < 1e-3
+        expected = net(x)
+    if name == "lce" and not lce_available():
+        pytest.skip("the lce extra (larq-compute-engine) is not installed")
+    assert target(net, path, (3, 32, 32), record=record) == path
+    if name == "packed":
+        with torch.no_grad():
+            assert torch.equal(load_packed(path)(x), expected)
+    elif name == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"x": x.numpy()})  # batch 2: the batch size is free
+        assert logits.shape == expected.shape
+        assert abs(logits - expected.numpy()).max() < 1e-3
+    else:
+        with open(path, "rb") as f:
+            assert f.read(8)[4:8] == b"TFL3"  # LCE's interpreter runs it in tests/test_export_lce.py
+
+
+def test_export_targets_are_a_registry_the_app_reads_without_torch():
+    assert export_targets.available() == ("lce", "onnx", "packed")
+    with pytest.raises(ValueError, match=r"Unknown export target 'nope'; registered export targets: lce, onnx, packed"):
+        export_targets.get("nope")
+    code = "import sys, lightning_bnnprune.export_targets, lightning_bnnprune.train; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+class Ternary(quantizers.KernelQuantizer):
+    """``{-1, 0, +1}`` kernels in 2 bits: counted by the report, refused by the packed export."""
+
+    precision = 2
+    value_set = "{-1, 0, +1}"
+
+    def forward(self, weight, in_mask=None):
+        return torch.where(weight.abs() < 0.05, 0.0, torch.sign(weight)), None
+
+
+def test_a_kernel_that_cannot_be_packed_is_refused_by_name_and_still_counted(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BinaryConv2d(8, 8, 3, padding=1, kernel_quantizer=Ternary()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    record = unpruned_record(net)
+    bits = compression_report(net, record).summary["bits_after"]
+    assert bits == 32 * (8 * 3 * 9 + 8) + 2 * 8 * 8 * 9 + 32 * 8 + 32 * (8 * 10 + 10)  # 2 bits per ternary weight
+    with pytest.raises(ValueError) as err:
+        export_packed(net, tmp_path / "m.bnn")
+    assert str(err.value) == "cannot pack 1: kernel quantizer Ternary gives 3 distinct kernel values (-1, 0, 1), not two"
+    assert not (tmp_path / "m.bnn").exists()

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from ..binarize import binary_layers
 from ..introspect import example_batch, find_networks, input_size_of
+from ..paths import free_stems
 from ..pruning.allocation import allocate, macs_per_channel
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
@@ -335,18 +336,6 @@ class FilterPruning(Callback):
         # trainer.log_dir broadcasts: every rank must ask, which is why this runs on all of them.
         return os.fspath(dirpath or trainer.log_dir or trainer.default_root_dir)
 
-    @staticmethod
-    def _free_stems(directory: str, stems: Dict[str, Sequence[str]]) -> Dict[str, str]:
-        """``{stem: directory/stem[-vN]}`` with one ``N`` for all, so no file with any of the
-        suffixes exists yet (Lightning's ``ModelCheckpoint`` versions its files the same way)."""
-        version = 0
-        while True:
-            tag = f"-v{version}" if version else ""
-            paths = {stem: os.path.join(directory, stem + tag) for stem in stems}
-            if not any(os.path.exists(paths[stem] + ext) for stem, exts in stems.items() for ext in exts):
-                return paths
-            version += 1
-
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._uninstall_distill()
@@ -380,7 +369,7 @@ class FilterPruning(Callback):
         if not trainer.is_global_zero:
             return
         os.makedirs(directory, exist_ok=True)
-        stems = self._free_stems(directory, {"pruned": (".pt",), "pruning_report": (".csv", ".md", ".png")})
+        stems = free_stems(directory, {"pruned": (".pt",), "pruning_report": (".csv", ".md", ".png")})
         self.pruned_path = save_pruned(net, self.record, stems["pruned"] + ".pt")
         self.report_paths = self.report.save(stems["pruning_report"])
         rank_zero_info(f"[{type(self).__name__}] removed the pruned filters (max |logit diff| "

@@ -7,10 +7,12 @@ File layout (little-endian)::
 The header holds the :class:`~.record.PruningRecord` (to rebuild the module tree) and a table of
 the payload's tensors; the payload holds, in the order of :func:`~.report.storage_plan`:
 
-- each binary conv's *quantised* kernel as bits (``np.packbits``; bit 1 = the kernel's upper
-  value, the two values in the header): XNOR's ``sign(W)`` (after centring, if any), BDG's
-  ``tau * sign(W) + phi``;
-- each binary conv's XNOR scale (one float32 per output filter), computed from the latent weights;
+- each binary conv's deployed kernel as bits (``np.packbits``; bit 1 = the upper value, the two
+  values in the header), as its quantizer exports it
+  (:meth:`~lightning_bnnprune.quantizers.KernelQuantizer.export`): XNOR's ``sign(W)`` (after
+  centring, if any), BDG's ``tau * sign(W) + phi``;
+- each binary conv's per-filter scale, if its quantizer has one (XNOR's, one float32 per output
+  filter), computed from the latent weights;
 - every other float tensor of the state dict as float32 (first conv, classifier, biases, norms).
 
 The latent weights are not stored: the file is for inference. Its size is the report's stored
@@ -31,22 +33,25 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
-from .rebuild import rebuild, shape_manifest
+from ..quantizers import BinaryKernel, KernelQuantizer
+from .rebuild import binarize_spec, rebuild, shape_manifest, timm_spec
 from .record import PruningRecord
 from .report import storage_plan
 
-__all__ = ["export_packed", "load_packed", "PackedKernel", "MAGIC"]
+__all__ = ["export_packed", "load_packed", "PackedKernel", "MAGIC", "unpruned_record"]
 
 MAGIC = b"BNNPACK1"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class PackedKernel(nn.Module):
+class PackedKernel(KernelQuantizer):
     """Kernel quantizer of a loaded packed layer: the stored binary kernel, not a quantisation.
 
     forward: ``kernel = where(bits, upper, lower)`` from the layer's 0/1 ``weight``, and the stored
     per-filter ``scale`` (``None`` for quantizers without one, e.g. BDG).
     """
+
+    value_set = "the stored {lower, upper}"
 
     def __init__(self, lower: float, upper: float, scale: Optional[Tensor] = None) -> None:
         super().__init__()
@@ -59,27 +64,49 @@ class PackedKernel(nn.Module):
         kernel = torch.where(weight > 0.5, self.levels[1], self.levels[0]).to(weight.dtype)
         return kernel, self.scale
 
+    def export(self, weight: Tensor) -> BinaryKernel:
+        return BinaryKernel(weight > 0.5, float(self.levels[0]), float(self.levels[1]), self.scale)
 
-@torch.no_grad()
+
 def _binary_kernel(layer: BinaryConv2d, name: str) -> Tuple[np.ndarray, List[float], Optional[Tensor]]:
-    kernel, scale = layer._quantize_kernel(None)
-    values = torch.unique(kernel)
-    if values.numel() > 2:
-        raise ValueError(f"cannot pack {name}: its quantised kernel has {values.numel()} distinct values, not 2")
-    lower, upper = float(values[0]), float(values[-1])
-    bits = (kernel == values[-1]) if values.numel() == 2 else torch.zeros_like(kernel, dtype=torch.bool)
-    return np.packbits(bits.cpu().numpy().reshape(-1)), [lower, upper], scale
+    try:
+        kernel = layer.export_kernel()
+    except ValueError as err:
+        raise ValueError(f"cannot pack {name}: {err}") from None
+    return np.packbits(kernel.bits.cpu().numpy().reshape(-1)), [kernel.lower, kernel.upper], kernel.scale
 
 
-def export_packed(model: nn.Module, path: PathLike, record: PruningRecord) -> Dict[str, int]:
+def unpruned_record(model: nn.Module) -> PruningRecord:
+    """The record of a network nothing was cut from: its manifest, its binarisation and timm name,
+    so that :func:`load_packed` can rebuild it."""
+    manifest = shape_manifest(model)
+    params = sum(p.numel() for p in model.parameters())
+    name, kwargs = timm_spec(model)
+    return PruningRecord(shapes_before=manifest, shapes=dict(manifest), params_before=params,
+                         params_after=params, timm_name=name, timm_kwargs=kwargs,
+                         binarize_kwargs=binarize_spec(model))
+
+
+def export_packed(model: nn.Module, path: PathLike, record: Optional[PruningRecord] = None) -> Dict[str, int]:
     """Write ``model`` (pruned as ``record`` says) in packed form.
+
+    Args:
+        model: the binary network, pruned (no gates attached) or not.
+        path: the file to write.
+        record: its :class:`~.record.PruningRecord`; ``None`` for a network nothing was cut from.
 
     Returns:
         ``{"file_bytes": ..., "payload_bytes": ..., "header_bytes": ...}``.
 
     Raises:
-        ValueError: if ``model`` does not match ``record``, or a binary kernel is not two-valued.
+        ValueError: if ``model`` does not match ``record`` or still has gates attached, or, naming
+            the layer and its quantizer, if a binary kernel is not two-valued.
     """
+    gated = [n for n, m in model.named_modules() if isinstance(m, BinaryConv2d) and m.input_mask() is not None]
+    if gated:
+        raise ValueError(f"cannot pack {gated[0]}: pruning gates are still attached; export the pruned "
+                         "network (remove_filters / load_pruned) instead")
+    record = unpruned_record(model) if record is None else record
     have = shape_manifest(model)
     bad = [k for k, v in record.shapes.items() if have.get(k) != list(v)]
     if bad:

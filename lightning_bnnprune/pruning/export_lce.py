@@ -32,17 +32,19 @@ number of the window's in-map taps ``T`` to each output, and ``m * T`` is subtra
 (a ``MUL`` of the conv's multiplier by ``T``, one ``[1, Ho, Wo, 1]`` constant per conv geometry,
 and a ``SUB``). Every file loads under LCE's three kernel paths.
 
-Size: one self-contained writer (the flatbuffer builder and the layer lowering share private
-helpers and nothing else in the package uses them); running the files is
+Running the files (LCE's interpreter, its kernel paths, latency) is
 :mod:`~lightning_bnnprune.pruning.lce_runtime`'s.
 
 Numerically the file computes what PyTorch computes up to float rounding (max |diff| ~1e-6 on
 logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
 under the folded batch norm's rounding and flip one bit (see ``benchmarks/results/lce_export.md``).
 
-Refused, in one line naming the layer: kernels that are not ``{-s, +s}`` (BDG's
-``{phi - tau, phi + tau}``), binary convs with real inputs or grouped, layers with gates still
-attached, and any module or function without a TFLite/LCE op here.
+What a quantizer exports is its own declaration (:mod:`~lightning_bnnprune.quantizers`): an input
+quantizer lowers to ``LceQuantize`` if it declares ``is_sign``, a kernel is its quantizer's
+``export()``, ``{-s, +s}`` times the per-filter scale. Refused, in one line naming the layer (and
+the quantizer): kernels whose two values are not ``{-s, +s}`` (BDG's ``{phi - tau, phi + tau}``) or
+that are not two-valued, inputs not quantised by a sign (real inputs), grouped binary convs,
+layers with gates still attached, and any module or function without a TFLite/LCE op here.
 """
 from __future__ import annotations
 
@@ -189,7 +191,6 @@ class _Tracer(fx.Tracer):
         return isinstance(m, BinaryConv2d) or super().is_leaf_module(m, qualname)
 
 
-_SIGNS = (quantizers.SteSign, quantizers.ApproxSign)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, Linear, ReLU, "
               "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, "
@@ -351,23 +352,23 @@ class _Exporter:
         if m.input_mask() is not None:
             self.refuse(node, "pruning gates are still attached; export the pruned network "
                               "(remove_filters / load_pruned) instead")
-        if not isinstance(m.input_quantizer, _SIGNS):
+        if not getattr(m.input_quantizer, "is_sign", False):  # the quantizer's own declaration
             self.refuse(node, f"LCE binarises inputs with sign(); this layer's input quantizer is "
-                              f"{type(m.input_quantizer).__name__ if m.input_quantizer is not None else None}")
+                              f"{quantizers.display_name(m.input_quantizer)}, not declared is_sign")
         if m.groups != 1:
             self.refuse(node, f"grouped binary convolution (groups={m.groups})")
         if m.padding_mode != "zeros":
             self.refuse(node, f"padding_mode={m.padding_mode!r} (LCE pads binary inputs with zeros)")
-        with torch.no_grad():
-            kernel, scale = m._quantize_kernel(None)
-        kernel = kernel.detach().cpu().double()
-        mags = kernel.abs().amax(dim=(1, 2, 3))
-        if not bool((kernel.abs() == mags.view(-1, 1, 1, 1)).all()) or bool((mags == 0).any()):
-            values = torch.unique(kernel).tolist()
-            shown = ", ".join(f"{v:.4g}" for v in values[:4]) + (", ..." if len(values) > 4 else "")
-            self.refuse(node, f"its binary kernel takes the values {{{shown}}}; LceBconv2d needs "
-                              "{-s, +s} per filter (BDG's {phi - tau, phi + tau} domain is not one)")
-        mult = mags.numpy() * (scale.detach().cpu().double().numpy() if scale is not None else 1.0)
+        try:
+            exported = m.export_kernel()
+        except ValueError as err:
+            self.refuse(node, str(err))
+        if not exported.symmetric:
+            self.refuse(node, f"its kernel quantizer {quantizers.display_name(m.kernel_quantizer)} takes the "
+                              f"values {getattr(m.kernel_quantizer, 'value_set', 'of its kernel')} = "
+                              f"{{{exported.lower:.4g}, {exported.upper:.4g}}}; LceBconv2d needs {{-s, +s}}")
+        scale = exported.scale.detach().cpu().double().numpy() if exported.scale is not None else 1.0
+        mult = exported.upper * np.ones(m.out_channels) * scale
         mult, bias = self.affine_of(node, m, mult)
         src = self.arg(node)
         _, h, w, c = self.shape(src)
@@ -379,7 +380,7 @@ class _Exporter:
             # a 3x3 conv on a 2x2 map is off by ~0.7); such maps are tiny, so pad them here.
             mode = "EXPLICIT"
         reverse = mode == "REVERSED"
-        sign = kernel >= 0
+        sign = exported.bits.cpu()
         if reverse:
             sign = torch.flip(sign, dims=(2, 3))
         filt = _bitpack(~sign.permute(0, 2, 3, 1).numpy())  # OHWI, bits over input channels

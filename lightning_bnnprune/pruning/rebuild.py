@@ -74,15 +74,20 @@ def _plain(value: Any) -> Any:
 
 
 def describe_quantizer(q: Optional[nn.Module]) -> Tuple[bool, Optional[str], Dict[str, Any]]:
-    """``(ok, alias, kwargs)`` that rebuild quantizer ``q`` through :func:`quantizers.get`."""
+    """``(ok, alias, kwargs)`` that rebuild quantizer ``q`` through :func:`quantizers.get`; the
+    parameters it declares learned (``learned_parameters()``) are left out: they come with the
+    weights."""
     if q is None:
         return True, None, {}
     alias = getattr(type(q), "alias", None)
     if alias is None or alias not in quantizers.available():
         return False, None, {}
+    learned = set(q.learned_parameters()) if isinstance(q, quantizers.Quantizer) else set()
     kwargs = {}
     for p in inspect.signature(type(q).__init__).parameters.values():
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(q, p.name):
+            continue
+        if p.name in learned:
             continue
         value = _plain(getattr(q, p.name))
         if value is not None:
@@ -100,7 +105,6 @@ def binarize_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
         ok_k, k_alias, k_kwargs = describe_quantizer(layer.kernel_quantizer)
         if not (ok_in and ok_k):
             return None
-        k_kwargs = {k: v for k, v in k_kwargs.items() if k not in ("tau", "phi")}  # learnt: come with the weights
         this = dict(input_quantizer=in_alias, input_quantizer_kwargs=in_kwargs,
                     kernel_quantizer=k_alias, kernel_quantizer_kwargs=k_kwargs)
         if spec is None:

@@ -6,9 +6,10 @@ Figures (``docs/method.md``, section 6):
 - **MAC ratio** = MACs of the original / MACs of the pruned network (a reduction factor, like
   the measured speedup it is compared with), counted by forward hooks on every conv and linear
   layer at the input size the removal was checked at: ``MACs = output positions x weight.numel()``.
-- **Stored bits** of the pruned network, as :func:`~.export.export_packed` writes it: 1 bit per
-  binary weight; 32 bits per full-precision value: the XNOR scales (one per output filter), the
-  kernel quantizer's own parameters (BDG's ``tau``, ``phi``), biases, full-precision layers, and
+- **Stored bits** of the pruned network, as :func:`~.export.export_packed` writes it: the kernel
+  quantizer's ``precision`` (1) bits per binary weight; 32 bits per full-precision value: the
+  per-filter scales of the exported kernels (XNOR's, one per output filter), the quantizers' own
+  parameters (BDG's ``tau``, ``phi``), biases, full-precision layers, and
   batch norms at **4 values per channel** (weight, bias, running mean, running variance: what a
   state dict holds; folding them into 2 would be a deployment optimisation, not the network).
   Integer counters (``num_batches_tracked``) are not stored.
@@ -43,18 +44,19 @@ _QUANTIZER_CHILDREN = ("input_quantizer", "kernel_quantizer")
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of the deployed network: ``key`` in the state dict (or ``<conv>.scale`` for an
-    XNOR scale computed from the latent weights), the layer it is counted under, its kind
-    (``"binary"``: 1 bit per value; ``"fp32"``: 32 bits) and its number of values."""
+    """One tensor of the deployed network: ``key`` in the state dict (or ``<conv>.scale`` for a
+    per-filter scale computed from the latent weights), the layer it is counted under, its kind
+    (``"binary"``: ``precision`` bits per value; ``"fp32"``: 32 bits) and its number of values."""
 
     key: str
     layer: str
     kind: str
     numel: int
+    precision: int = 1
 
     @property
     def bits(self) -> int:
-        return self.numel * (1 if self.kind == "binary" else 32)
+        return self.numel * (self.precision if self.kind == "binary" else 32)
 
 
 def _layer_of(key: str, binary: set) -> str:
@@ -69,6 +71,15 @@ def _layer_of(key: str, binary: set) -> str:
     return owner
 
 
+def _exported_scale(conv: BinaryConv2d) -> Optional[torch.Tensor]:
+    """The per-filter scale the deployed layer stores: its exported kernel's, or for a kernel that
+    cannot be exported (more than two values: the packed export refuses it) the quantizer's."""
+    try:
+        return conv.export_kernel().scale
+    except ValueError:
+        return conv.quantized_kernel()[1]
+
+
 @torch.no_grad()
 def storage_plan(model: nn.Module) -> List[StoredTensor]:
     """What the deployed form of ``model`` stores, tensor by tensor (the report's bit counts and
@@ -80,8 +91,9 @@ def storage_plan(model: nn.Module) -> List[StoredTensor]:
             continue
         layer = _layer_of(key, set(binary))
         if layer in binary and key == f"{layer}.weight":
-            plan.append(StoredTensor(key, layer, "binary", value.numel()))
-            _, scale = binary[layer]._quantize_kernel(None)
+            conv = binary[layer]
+            plan.append(StoredTensor(key, layer, "binary", value.numel(), getattr(conv.kernel_quantizer, "precision", 1)))
+            scale = _exported_scale(conv)
             if scale is not None:
                 plan.append(StoredTensor(f"{layer}.scale", layer, "fp32", scale.numel()))
         else:
