@@ -53,13 +53,14 @@ import lightning_bnnprune  # noqa: E402,F401  (registers the CIFAR models)
 from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, export_lce, find_channel_groups, lce_latency, remove_filters,
 )
-from lightning_bnnprune.pruning import budget, criteria  # noqa: E402
+from lightning_bnnprune.pruning import criteria  # noqa: E402
+from lightning_bnnprune.pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS, GLOBAL, allocate, macs_per_channel  # noqa: E402
 from lightning_bnnprune.pruning.export_lce import LceExportError  # noqa: E402
 from lightning_bnnprune.pruning.lce_runtime import KERNELS  # noqa: E402
 
 NETWORKS = {"resnet20_cifar": 32, "resnet18_cifar": 32, "vgg11_cifar": 32, "resnet18": 64, "mobilenetv2_050": 64}
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
-ALLOCATIONS = list(budget.ALLOCATIONS) + [budget.GLOBAL]
+ALLOCATIONS = list(FIXED_ALLOCATIONS) + [GLOBAL]
 TIMING = ("kernels", "rounds", "calls", "warmup", "batch", "seed")  # settings a results file must share
 
 
@@ -119,10 +120,10 @@ def prune(net: torch.nn.Module, strategy: str, pfr: float, round_to: int, size: 
     scores = {g.name: criteria.scores_for(criterion, net, g) for g in analysis.groups}
     extra: Dict[str, Any] = {}
     if allocation == "macs":
-        extra["macs_per_channel"] = budget.macs_per_channel(net, analysis, x[:1])
-    if allocation == budget.GLOBAL:
+        extra["macs_per_channel"] = macs_per_channel(net, analysis, x[:1])
+    if allocation == GLOBAL:
         extra.update(scores=scores, groups=groups)
-    counts = budget.allocate({g: groups[g].size for g in groups}, pfr, allocation, 1, round_to=round_to, **extra)
+    counts = allocate({g: groups[g].size for g in groups}, pfr, allocation, 1, round_to=round_to, **extra)
     masks = {}
     for g in analysis.groups:
         keep = torch.ones(g.size, dtype=torch.bool)

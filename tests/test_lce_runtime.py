@@ -16,7 +16,7 @@ from torch import nn
 from lightning_bnnprune import lce_latency, lce_predict
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
-from lightning_bnnprune.pruning import budget
+from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.lce_runtime import KERNELS, lce_python
@@ -118,7 +118,7 @@ def test_resnet_d_with_odd_counts_exports_and_agrees_under_every_path(tmp_path):
     net.eval()
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(1))
     analysis = find_channel_groups(net, x[:1])
-    counts = budget.allocate({g.name: g.size for g in analysis.groups}, 0.4)
+    counts = allocate({g.name: g.size for g in analysis.groups}, 0.4)
     masks = {}
     for g in analysis.groups:
         keep = torch.ones(g.size, dtype=torch.bool)
@@ -181,18 +181,18 @@ def test_latency_of_one_file_and_of_several_round_robin(tmp_path):
 def _summary(tflite):
     return {"test_acc": 0.5, "test_acc_top5": None, "val_acc": 0.5, "binarized_layers": 1, "model_name": "m",
             "pruning": {"pfr": 0.4, "mac_ratio": 2.0}, "parameters": 10, "epochs": 1, "steps": 1,
-            "wall_time_s": 1.0, "exported_model": str(tflite)}
+            "wall_time_s": 1.0, "export": "lce", "exported_model": str(tflite)}
 
 
 @needs_lce
 def test_the_summary_says_why_without_an_lce_python(tmp_path, monkeypatch, capsys):
     if int(np.__version__.split(".")[0]) < 2:
         pytest.skip("numpy 1 runs LCE's interpreter in this process")
-    from lightning_bnnprune.train import _report
+    from lightning_bnnprune.train import _lce_latency, _report
 
     _, path = conv_file(tmp_path, 4)
     monkeypatch.delenv("BNNPRUNE_LCE_PYTHON", raising=False)
-    _report(_summary(path), tmp_path)
+    _report({**_summary(path), **_lce_latency(path)}, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["lce_latency_ms"] is None and "BNNPRUNE_LCE_PYTHON" in saved["lce_latency_error"]
     assert "  LCE latency      not measured: LCE's interpreter needs numpy<2" in capsys.readouterr().out
@@ -200,10 +200,10 @@ def test_the_summary_says_why_without_an_lce_python(tmp_path, monkeypatch, capsy
 
 @needs_interpreter
 def test_the_summary_prints_the_latency_beside_the_mac_ratio(tmp_path, capsys):
-    from lightning_bnnprune.train import _report
+    from lightning_bnnprune.train import _lce_latency, _report
 
     _, path = conv_file(tmp_path, 4)
-    _report(_summary(path), tmp_path)
+    _report({**_summary(path), **_lce_latency(path)}, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["lce_kernels"] == "indirect_bgemm" and saved["lce_threads"] == 1
     assert 0 < saved["lce_latency_ms"] <= saved["lce_latency_median_ms"]
