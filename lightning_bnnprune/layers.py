@@ -59,6 +59,9 @@ class BinaryConv2d(nn.Conv2d):
                              + ", ".join(quantizers.available()))
         self.same_padding = bool(same_padding)
         self._input_mask: Optional[InputMask] = None
+        # Step 1 of two-step binarisation (ReActNet, Liu et al., ECCV 2020): binary inputs with
+        # the latent real weights. Set by the Binarize callback from the training step, never saved.
+        self.real_weights = False
 
     @classmethod
     def from_conv(
@@ -196,6 +199,8 @@ class BinaryConv2d(nn.Conv2d):
             x = x * mask.view(1, -1, 1, 1).to(x.dtype)
         if self.same_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        if self.real_weights:
+            return self._conv_forward(x, self.weight, self.bias)
         cache = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         kernel_mask = self.kernel_mask(mask)
         kernel, scale = self._eval_kernel(kernel_mask) if cache else self.quantized_kernel(kernel_mask)
@@ -215,4 +220,5 @@ class BinaryConv2d(nn.Conv2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", same_padding=True" if self.same_padding else "")
+        return (super().extra_repr() + (", same_padding=True" if self.same_padding else "")
+                + (", real_weights=True" if self.real_weights else ""))

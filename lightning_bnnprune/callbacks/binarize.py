@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
@@ -19,7 +19,7 @@ from ..introspect import find_networks
 from ..layers import BinaryConv2d
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..quantizers import BinaryDomainWeight
-from .checks import check, is_number
+from .checks import check, is_int, is_number
 from .wrapping import Captured, StepWrapper, student_output
 
 __all__ = ["Binarize", "FULL_PRECISION"]
@@ -27,6 +27,7 @@ __all__ = ["Binarize", "FULL_PRECISION"]
 #: ``teacher=FULL_PRECISION``: the network as the user handed it in, before the swap.
 FULL_PRECISION = "full_precision"
 Teacher = Union[None, str, "os.PathLike[str]", nn.Module]
+UNITS = ("steps", "epochs")
 
 
 class Binarize(Callback):
@@ -77,6 +78,14 @@ class Binarize(Callback):
             distributional loss at ``T = 1``); ``0`` makes no copy and leaves the run exactly
             as without a teacher.
         teacher_temperature: the softmax temperature ``T`` (> 0).
+        binary_weights_from: two-step binarisation (ReActNet, Liu et al., ECCV 2020, section 4):
+            the activations are binary from the start, the weights only from this step (or
+            epoch, see ``binary_weights_unit``); before it every binary conv computes with its
+            latent real weights, which step 2 then binarises as they are. Derived from the
+            trainer's step at every batch, so a resume at any step continues in the right step;
+            the pruning callbacks start no earlier than it. ``None`` (default): binary weights
+            from the start.
+        binary_weights_unit: ``"steps"`` or ``"epochs"``, the unit of ``binary_weights_from``.
 
     Raises:
         MisconfigurationException: on an unknown quantizer, a bad ``weight_clip``, a sparsity
@@ -92,8 +101,9 @@ class Binarize(Callback):
         trainer = Trainer(callbacks=[Binarize(keep_fp=["*.se.*"])])
         trainer.fit(my_lightning_module, datamodule)
 
-        # fine-tuning: distil from the full-precision network the module was built with
-        trainer = Trainer(callbacks=[Binarize(teacher="full_precision")])
+        # fine-tuning: distil from the full-precision network the module was built with, binary
+        # activations first, binary weights from step 2000 (ReActNet's two steps)
+        trainer = Trainer(callbacks=[Binarize(teacher="full_precision", binary_weights_from=2000)])
     """
 
     def __init__(
@@ -110,6 +120,8 @@ class Binarize(Callback):
         teacher: Teacher = None,
         teacher_weight: float = 1.0,
         teacher_temperature: float = 1.0,
+        binary_weights_from: Optional[int] = None,
+        binary_weights_unit: str = "steps",
     ) -> None:
         try:
             quantizers.get(input_quantizer)
@@ -136,6 +148,12 @@ class Binarize(Callback):
         check(teacher is None or isinstance(teacher, (str, os.PathLike, nn.Module)),
               f"`teacher` must be None, {FULL_PRECISION!r}, an nn.Module or a weights file path, "
               f"got {type(teacher).__name__}")
+        check(binary_weights_from is None or (is_int(binary_weights_from) and binary_weights_from >= 0),
+              f"`binary_weights_from` must be an int >= 0 or None, got {binary_weights_from!r}")
+        check(binary_weights_unit in UNITS,
+              f"`binary_weights_unit` must be one of: {', '.join(UNITS)}; got {binary_weights_unit!r}")
+        check(binary_weights_from is None or input_quantizer is not None,
+              "`binary_weights_from` binarises the weights after the activations; it needs an input_quantizer")
         if isinstance(keep_fp, str):
             keep_fp = [keep_fp]
         self.input_quantizer = input_quantizer
@@ -147,6 +165,8 @@ class Binarize(Callback):
         self.relu = relu
         self.sparsity = None if sparsity is None else float(sparsity)
         self.sparsity_gamma = float(sparsity_gamma)
+        self.binary_weights_from = binary_weights_from
+        self.binary_weights_unit = binary_weights_unit
         self.teacher = teacher
         self.teacher_weight = float(teacher_weight)
         self.teacher_temperature = float(teacher_temperature)
@@ -215,6 +235,53 @@ class Binarize(Callback):
             if isinstance(m, BinaryConv2d) and isinstance(m.kernel_quantizer, BinaryDomainWeight)
         ]
 
+    # ------------------------------------------------------------------ two-step binarisation
+    def binary_weights(self, trainer: "pl.Trainer") -> bool:
+        """Whether the weights are binary at the trainer's current step (always, without two steps)."""
+        if self.binary_weights_from is None:
+            return True
+        now = trainer.global_step if self.binary_weights_unit == "steps" else trainer.current_epoch
+        return now >= self.binary_weights_from
+
+    def binary_weights_step(self, trainer: "pl.Trainer") -> int:
+        """The first optimizer step with binary weights (0 without two steps), for the pruning
+        callbacks' start; in epochs, counted with the trainer's batches per epoch."""
+        if self.binary_weights_from is None:
+            return 0
+        if self.binary_weights_unit == "steps":
+            return self.binary_weights_from
+        return self.binary_weights_from * max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
+
+    def _set_weights(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        real = not self.binary_weights(trainer)
+        for module in pl_module.modules():
+            if isinstance(module, BinaryConv2d):
+                module.real_weights = real
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._set_weights(trainer, pl_module)
+        if self.binary_weights_from is not None and not self.binary_weights(trainer):
+            rank_zero_info(f"[Binarize] two steps: binary activations with real weights until "
+                           f"{self.binary_weights_unit[:-1]} {self.binary_weights_from}, then binary weights")
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._set_weights(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._set_weights(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._set_weights(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._set_weights(trainer, pl_module)
+
+    # ------------------------------------------------------------------ teacher
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._teacher is None:
@@ -242,6 +309,10 @@ class Binarize(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_teacher_wrapper()
+        if not self.binary_weights(trainer):
+            rank_zero_warn(f"[Binarize] the fit ended at {self.binary_weights_unit[:-1]} "
+                           f"{trainer.global_step if self.binary_weights_unit == 'steps' else trainer.current_epoch}, "
+                           f"before binary_weights_from={self.binary_weights_from}: the weights are still real-valued")
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

@@ -1,6 +1,9 @@
-"""``Binarize(teacher=...)``: the full-precision network distilled into the binary one, in a real
-Trainer on a real timm model: weight 0 changes nothing, the teacher is the network as the user
-handed it in, a resumed fit distils from the same teacher, and the app reaches it."""
+"""The field's fine-tuning recipe in a real Trainer on a real timm model.
+
+``Binarize(teacher=...)``: the full-precision network distilled into the binary one: weight 0
+changes nothing, the teacher is the network as the user handed it in, a resumed fit distils from
+the same teacher, and the app reaches it. ``Binarize(binary_weights_from=N)``: two-step
+binarisation, real weights before step N and binary after, resumable in either step."""
 import copy
 import json
 
@@ -8,7 +11,7 @@ import pytest
 import timm
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,12 +28,12 @@ def _loader(n=48, batch_size=16):
                       batch_size=batch_size)
 
 
-def _fit(tmp_path, binarize, max_steps=6, module=None, ckpt_path=None, extra=(), seed=0):
+def _fit(tmp_path, binarize, max_steps=6, module=None, ckpt_path=None, extra=(), seed=0, n=48):
     seed_everything(seed)
     module = module or UserModule("resnet20_cifar", lr=5e-3)
     trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=[binarize, *extra])
-    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, _loader(n), ckpt_path=ckpt_path)
     return module
 
 
@@ -122,3 +125,64 @@ def test_app_reaches_the_teacher(run_app, tmp_path):
     assert summary["test_acc"] is not None
     metrics = next(out.rglob("metrics.csv")).read_text().splitlines()
     assert "train/teacher_kd" in metrics[0]
+
+
+class WeightsSeen(Callback):
+    """Which steps trained with real weights (each binary conv's flag at the step's start)."""
+
+    def __init__(self):
+        self.real = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        flags = {m.real_weights for m in pl_module.modules() if isinstance(m, BinaryConv2d)}
+        assert len(flags) == 1
+        self.real[trainer.global_step - 1] = flags.pop()
+
+
+def test_two_steps_real_weights_then_binary(tmp_path):
+    seen = WeightsSeen()
+    module = _fit(tmp_path, Binarize(binary_weights_from=3), max_steps=6, extra=[seen])
+    assert seen.real == {0: True, 1: True, 2: True, 3: False, 4: False, 5: False}
+    conv = next(m for m in module.net.modules() if isinstance(m, BinaryConv2d))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    conv.eval()
+    conv.real_weights = True  # step 1's layer: sign inputs, the latent real weights
+    expected = torch.nn.functional.conv2d(torch.where(x >= 0, 1.0, -1.0), conv.weight, conv.bias,
+                                          conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
+    conv.real_weights = False
+    assert not torch.allclose(conv(x), expected, atol=1e-3)
+    assert "real_weights=True" not in repr(module.net)  # the fit ended in step 2: binary
+
+
+def test_two_steps_by_epoch_and_a_fit_that_ends_in_step_one_says_so(tmp_path):
+    seen = WeightsSeen()
+    _fit(tmp_path / "e", Binarize(binary_weights_from=1, binary_weights_unit="epochs"), max_steps=6, extra=[seen])
+    assert [seen.real[s] for s in range(6)] == [True] * 3 + [False] * 3  # 48 images, batch 16: 3 per epoch
+    with pytest.warns(UserWarning, match="still real-valued"):
+        _fit(tmp_path / "s", Binarize(binary_weights_from=10), max_steps=2)
+
+
+@pytest.mark.parametrize("stop", [2, 4])  # mid step 1, mid step 2
+def test_two_step_resume_equals_uninterrupted(tmp_path, stop):
+    def run(name, max_steps, ckpt_path=None):  # one batch an epoch: a plain loader resumes at its start
+        every = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        return _fit(tmp_path / f"{name}-root", Binarize(teacher="full_precision", binary_weights_from=3),
+                    max_steps=max_steps, ckpt_path=ckpt_path, extra=[every], n=16)
+
+    full = run("full", 6)
+    run("part", stop)
+    resumed = run("resumed", 6, ckpt_path=str(tmp_path / "part" / f"step={stop}.ckpt"))
+    assert _equal(_state(full), _state(resumed))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(binary_weights_from=-1), "binary_weights_from"),
+    (dict(binary_weights_from=True), "binary_weights_from"),
+    (dict(binary_weights_from=2, binary_weights_unit="minutes"), "must be one of: steps, epochs"),
+    (dict(binary_weights_from=2, input_quantizer=None), "needs an input_quantizer"),
+])
+def test_bad_two_step_arguments_are_one_line(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match) as err:
+        Binarize(**kwargs)
+    assert "\n" not in str(err.value)
