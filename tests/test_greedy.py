@@ -167,7 +167,7 @@ def test_gates_never_move_while_weights_train(tmp_path):
 def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_path):
     def make():  # global allocation: the counts fixed at the first layer must survive the resume too
         return GreedyFilterPruning(
-            "l1", target_pfr=0.4, mode="layerwise", retrain=1, allocation="global", remove_at_end=False
+            0.4, criterion="l1", mode="layerwise", retrain=1, allocation="global", remove_at_end=False
         )
 
     class SaveAt(Callback):
