@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["ResumeMismatch", "ScheduleMisconfiguration", "check", "check_pfr", "checked", "is_int", "is_number"]
+__all__ = ["ResumeMismatch", "ScheduleMisconfiguration", "check", "check_pfr", "checked", "is_int", "is_number",
+           "spelled"]
 
 
 class ScheduleMisconfiguration(MisconfigurationException):
@@ -82,3 +83,11 @@ def check_pfr(label: str, value: Any) -> float:
     """A pruned filter ratio in ``[0, 1)``, as a float."""
     check(is_number(value) and 0.0 <= float(value) < 1.0, f"`{label}` must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def spelled(value: Any) -> Any:
+    """An argument's value as messages and recorded settings name it: a string (or None) as it
+    is, a callable (a user's criterion) by its ``__name__``, else its type's name."""
+    if value is None or isinstance(value, str):
+        return value
+    return getattr(value, "__name__", type(value).__name__)

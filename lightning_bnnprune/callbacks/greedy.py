@@ -22,7 +22,7 @@ from ..pruning import budget, criteria
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import RETRAIN, WARMUP, check_lengths
 from .base import FilterPruning
-from .checks import check, checked, is_int, is_number
+from .checks import check, checked, is_int, is_number, spelled
 from .deprecation import accepts_old_spellings
 
 __all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS"]
@@ -151,9 +151,7 @@ class GreedyFilterPruning(FilterPruning):
         check(mode != "oneshot" or retrain is None,
               f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
               f"(training after the pruning is all retraining), got {retrain!r}")
-        self.criterion_name = (
-            criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
-        )
+        self.criterion_name = spelled(criterion)
         self.mode = mode
         self.allocation = allocation
         self.warmup = warmup

@@ -33,7 +33,7 @@ from ..pruning.schedule import (DONE, FINAL, LEAST, RETRAIN, SELECTOR, WARMUP, P
 from ..pruning.selector import BudgetUnit, SelectorLoss
 from ..pruning.slicing import OUT
 from .base import FilterPruning
-from .checks import check, checked, is_int, is_number
+from .checks import check, checked, is_int, is_number, spelled
 from .deprecation import accepts_old_spellings, gate_init_rename
 from .phase_params import PhaseParameters
 from .phase_rates import PhaseRates
@@ -266,8 +266,7 @@ class MainSubsidiaryPruning(FilterPruning):
         self.layers_per_stage = layers_per_stage
         self.final_retrain = final_retrain
         self.scale_to_fit = scale_to_fit
-        self.gate_init_criterion_name = (gate_init_criterion if gate_init_criterion is None or isinstance(
-            gate_init_criterion, str) else getattr(gate_init_criterion, "__name__", type(gate_init_criterion).__name__))
+        self.gate_init_criterion_name = spelled(gate_init_criterion)
         self.gate_lr = float(gate_lr)
         self.gate_init_logit = gate_init_logit
         self.gate_init_spread = gate_init_spread
