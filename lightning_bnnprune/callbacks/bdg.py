@@ -111,6 +111,8 @@ class ZeroFilterPruning(FilterPruning):
             if int((~empty).sum()) < self.min_filters:  # never empty a layer completely
                 empty[torch.nonzero(empty).flatten()[: self.min_filters - int((~empty).sum())]] = False
             kept = int((~empty).sum())
+            # Up to the next multiple, per group: unlike round_counts (nearest, then the global PFR),
+            # this rounding may only keep more, since a filter that is not empty is never cut.
             if self.round_to > 1 and kept % self.round_to:  # keep empties up to the next multiple
                 extra = min(group.size, -(-kept // self.round_to) * self.round_to) - kept
                 empty[torch.nonzero(empty).flatten()[:extra]] = False
