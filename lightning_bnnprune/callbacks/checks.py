@@ -37,8 +37,10 @@ class ResumeMismatch(MisconfigurationException):
     would keep the checkpoint's pruning while the run says the new value. ``setting``,
     ``recorded`` (the checkpoint's value) and ``given`` (this fit's) keep the figures.
 
-        >>> print(ResumeMismatch("MainSubsidiaryPruning", "target_pfr", 0.4, 0.6))
-        MainSubsidiaryPruning cannot resume from this checkpoint with target_pfr=0.6: it was made with target_pfr=0.4; restore target_pfr=0.4 to resume it, or start a new run (no ckpt_path)
+        >>> for part in str(ResumeMismatch("MSF", "target_pfr", 0.4, 0.6)).split("; "):
+        ...     print(part)
+        MSF cannot resume from this checkpoint with target_pfr=0.6: it was made with target_pfr=0.4
+        restore target_pfr=0.4 to resume it, or start a new run (no ckpt_path)
     """
 
     def __init__(self, owner: str, setting: str, recorded: Any, given: Any, why: str = "") -> None:
