@@ -175,7 +175,7 @@ def test_without_the_extra_the_error_says_how_to_install(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ round_to
 @pytest.mark.parametrize("cls, kwargs", [
-    (GreedyFilterPruning, {"criterion": "l1"}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
+    (GreedyFilterPruning, {"target_pfr": 0.4}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
 ])
 def test_every_pruning_callback_takes_round_to(cls, kwargs):
     assert cls(round_to=32, **kwargs).round_to == 32
