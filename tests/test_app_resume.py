@@ -97,3 +97,34 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
         assert torch.equal(weights_cut[name], weight), name  # the same weights, bit for bit
     summary = json.loads((cut_dir / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["pruning"]["pfr"] == pytest.approx(0.4, abs=0.01)
+
+
+def test_resume_with_a_changed_pruning_setting_is_refused_in_one_line(tmp_path, uninterrupted):
+    """The run was made at the schedule's 0.4; resuming at 0.6 would go on with 0.4's counts while
+    printing 0.6 (issue 23, item 2): one line naming the setting and both values, exit 2, and the
+    new folder gets no results."""
+    ckpt = uninterrupted / "checkpoints" / "last.ckpt"
+    proc = _run([*ARGS, f"hydra.run.dir={tmp_path / 'again'}", f"ckpt_path={ckpt}", "prune.target_pfr=0.6"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bnnprune: error:")]
+    assert errors == [
+        "bnnprune: error: ResumeMismatch: MainSubsidiaryPruning cannot resume from this checkpoint with "
+        "target_pfr=0.6: it was made with target_pfr=0.4; restore target_pfr=0.4 to resume it, or start a new run "
+        "(no ckpt_path) (HYDRA_FULL_ERROR=1 for the traceback)"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "again" / "summary.json").exists()
+
+
+def test_resume_with_a_longer_trainer_goes_on_with_the_same_pruning(tmp_path, uninterrupted):
+    """The trainer's length may change: the schedule is the first sitting's (its final retrain
+    kept its length), the training goes on with the gates fixed, the same filters are removed."""
+    ckpt = uninterrupted / "checkpoints" / "last.ckpt"
+    longer = [a for a in ARGS if not a.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=5"]
+    proc = _run([*longer, f"hydra.run.dir={tmp_path / 'longer'}", f"ckpt_path={ckpt}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "longer" / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["pruning"]["pfr"] == pytest.approx(0.4, abs=0.01)
+    record_full, _ = read_pruned(uninterrupted / "checkpoints" / "pruned.pt")
+    record_longer, _ = read_pruned(tmp_path / "longer" / "checkpoints" / "pruned.pt")
+    assert record_longer.groups == record_full.groups

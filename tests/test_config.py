@@ -196,6 +196,71 @@ def test_every_argument_is_in_the_yaml(compose_train, group, option):
     assert sorted(keys) == sorted(params)
 
 
+SCHEDULE = "schedule"  # filled from conf/train.yaml's `schedule` node: one budget for every strategy of a sweep
+DATA_DIR = "under paths.data_dir, the app's data folder"
+CHOSEN_BY_APP = "the app sets it (num_classes from the datamodule)"
+MSF_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "selector", "retrain", "layers_per_stage",
+                                   "retrain_lr", "retrain_lr_factor", "distill"], SCHEDULE)
+GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "distill"], SCHEDULE)
+SCALED = "the app fits every strategy's schedule into the trainer it builds"
+#: Where an option's YAML deliberately differs from its target's default, and why: what makes the
+#: option that option, what the app fills in. Every other value must equal the default.
+DIFFERS = {
+    ("data", "cifar10"): {"root": DATA_DIR, "val_split": "the papers' 5000-image validation split"},
+    ("data", "cifar100"): {"root": DATA_DIR, "val_split": "the papers' 5000-image validation split"},
+    ("data", "npz"): {"data_dir": DATA_DIR, "val_split": "CIFAR-10's 5000-image validation split"},
+    ("data", "imagefolder"): {"root": DATA_DIR, "num_workers": "decoding JPEGs wants workers"},
+    ("model", "nin_cifar"): {"model_name": "the option", "num_classes": CHOSEN_BY_APP},
+    ("model", "resnet18_cifar"): {"model_name": "the option", "num_classes": CHOSEN_BY_APP},
+    ("model", "resnet20_cifar"): {"num_classes": CHOSEN_BY_APP, "lr": "the quickstart's tuned rate"},
+    ("model", "vgg11_cifar"): {"model_name": "the option", "num_classes": CHOSEN_BY_APP},
+    ("model", "timm"): {"model_name": "mandatory (???): the user names the timm model", "num_classes": CHOSEN_BY_APP},
+    ("binarize", "bdg"): {"kernel_quantizer": "the option", "kernel_quantizer_kwargs": "the sparse {0, 2 tau} domain",
+                          "sparsity": "BDG's sparsity constraint"},
+    ("binarize", "bireal"): {"input_quantizer": "the option", "keep_fp": "Bi-Real Net's full-precision shortcuts"},
+    ("prune", "msf"): {**MSF_FROM_SCHEDULE, "scale_to_fit": SCALED},
+    ("prune", "msf_paper"): {**MSF_FROM_SCHEDULE, "scale_to_fit": SCALED, "allocation": "the paper's method",
+                             "layers_per_stage": "the paper's method", "final_retrain": "the paper's method",
+                             "gate_init_criterion": "the paper's method"},
+    ("prune", "greedy_l1"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED},
+    ("prune", "stq"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED, "criterion": "the option"},
+    ("prune", "random"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED, "criterion": "the option"},
+}
+
+
+def _same(value, default) -> bool:
+    """A YAML value equals a Python default; empty containers and None are one "nothing"."""
+    empty = (None, (), [], {})
+    if value in empty and default in empty:
+        return True
+    return value == (list(default) if isinstance(default, tuple) else default)
+
+
+@pytest.mark.parametrize("group,option", SINGLE_TARGET, ids=[f"{g}={o}" for g, o in SINGLE_TARGET])
+def test_every_yaml_value_is_the_default_or_a_named_exception(compose_train, group, option):
+    """A YAML that restates its target's arguments says the same as the Python defaults, except
+    where :data:`DIFFERS` names why not (a value the app fills from ``schedule.*`` must be that
+    interpolation), so a default changed in one place and not the other fails here."""
+    node = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+    if "defaults" in node:
+        node = compose_train([f"{group}={option}"])[group]
+    if "_target_" not in node:
+        return
+    raw = OmegaConf.to_container(node, resolve=False)
+    params = inspect.signature(get_class(node._target_).__init__).parameters
+    exceptions = DIFFERS.get((group, option), {})
+    for key, value in raw.items():
+        if key in ("_target_", "defaults"):
+            continue
+        if exceptions.get(key) == SCHEDULE:
+            assert value == f"${{schedule.{key}}}", f"{group}/{option}.yaml: {key} should come from schedule.{key}"
+        elif key not in exceptions:
+            default = params[key].default
+            assert default is not inspect.Parameter.empty, f"{group}/{option}.yaml: {key} has no default to compare"
+            assert _same(value, default), f"{group}/{option}.yaml: {key}={value!r}, the default is {default!r}"
+    assert set(exceptions) <= set(raw), f"DIFFERS names keys {group}/{option}.yaml does not have"
+
+
 @pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_composes_and_builds(compose_train, name):
     overrides = [f"recipe={name}"]

@@ -62,7 +62,7 @@ def test_the_strategy_example_prunes_at_fit_end(at_end, tmp_path):
     assert sum(m.out_channels for m in module.net.modules() if isinstance(m, torch.nn.Conv2d)) < sum(
         m.out_channels for m in UserModule().net.modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(MisconfigurationException, match=r"`criterion`: Unknown criterion 'l2'"):
-        at_end.PruneAtEnd(criterion="l2")
+        at_end.PruneAtEnd(0.4, criterion="l2")
     with pytest.raises(MisconfigurationException, match=r"`target_pfr` must be in \[0, 1\)"):
         at_end.PruneAtEnd(target_pfr=1.0)
 

@@ -208,7 +208,7 @@ def test_without_the_extra_the_error_says_how_to_install(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ round_to
 @pytest.mark.parametrize("cls, kwargs", [
-    (GreedyFilterPruning, {"criterion": "l1"}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
+    (GreedyFilterPruning, {"target_pfr": 0.4}), (MainSubsidiaryPruning, {"target_pfr": 0.4}), (ZeroFilterPruning, {}),
 ])
 def test_every_pruning_callback_takes_round_to(cls, kwargs):
     assert cls(round_to=32, **kwargs).round_to == 32
@@ -217,7 +217,7 @@ def test_every_pruning_callback_takes_round_to(cls, kwargs):
 
 
 @pytest.mark.parametrize("make, steps", [
-    (lambda: GreedyFilterPruning("l1", target_pfr=0.4, round_to=32, input_size=(3, 32, 32)), 1),
+    (lambda: GreedyFilterPruning(0.4, criterion="l1", round_to=32, input_size=(3, 32, 32)), 1),
     # the defaults: learned counts, rounded to the multiples at the end of the selector
     (lambda: MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, round_to=32, input_size=(3, 32, 32)), 3),
 ], ids=["greedy", "msf_learned"])

@@ -73,7 +73,7 @@ def _achieved(pruning):
     + [("l1", "size"), ("l1", "macs")],
 )
 def test_each_criterion_hits_target_pfr(tmp_path, criterion, allocation):
-    pruning = GreedyFilterPruning(criterion, target_pfr=0.4, allocation=allocation, min_filters=4, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.4, criterion=criterion, allocation=allocation, min_filters=4, remove_at_end=False)
     _fit(tmp_path, pruning, max_steps=2)
     assert abs(_achieved(pruning) - 0.4) <= 0.01
     assert pruning.pfr() == pytest.approx(_achieved(pruning))
@@ -86,7 +86,7 @@ def test_each_criterion_hits_target_pfr(tmp_path, criterion, allocation):
 
 @pytest.mark.parametrize("criterion", ["l1", "binarization_error"])
 def test_closes_the_lowest_scored_filters_by_direct_computation(tmp_path, criterion):
-    pruning = GreedyFilterPruning(criterion, target_pfr=0.3, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.3, criterion=criterion, remove_at_end=False)
     probe = Probe(pruning, at_step=0)
     _fit(tmp_path, pruning, max_steps=1, extra=[probe])
     weights = probe.weights_at[0]  # the latent weights the rule saw (pruned before the first step)
@@ -111,7 +111,7 @@ def test_a_callable_criterion_is_used_as_given(tmp_path):
     def by_index(network, group):  # the user's own rule: later channels are more important
         return torch.arange(group.size, dtype=torch.float32)
 
-    pruning = GreedyFilterPruning(by_index, target_pfr=0.3, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.3, criterion=by_index, remove_at_end=False)
     _fit(tmp_path, pruning, max_steps=1)
     for name, mask in _masks(pruning).items():
         closed = int((mask == 0).sum())
@@ -121,7 +121,7 @@ def test_a_callable_criterion_is_used_as_given(tmp_path):
 def test_random_is_reproducible_by_seed(tmp_path):
     runs = []
     for seed in (3, 3, 4):
-        pruning = GreedyFilterPruning("random", target_pfr=0.4, seed=seed, remove_at_end=False)
+        pruning = GreedyFilterPruning(0.4, criterion="random", seed=seed, remove_at_end=False)
         _fit(tmp_path, pruning, max_steps=1)
         runs.append(_masks(pruning))
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
@@ -129,7 +129,7 @@ def test_random_is_reproducible_by_seed(tmp_path):
 
 
 def test_layerwise_prunes_bottom_up_one_layer_at_a_time(tmp_path):
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", warmup=1, retrain=2, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.4, criterion="l1", mode="layerwise", warmup=1, retrain=2, remove_at_end=False)
     probe = Probe(pruning)
     _fit(tmp_path, pruning, max_steps=20, extra=[probe])
     order = pruning.analysis.names  # forward order, input side first
@@ -142,7 +142,7 @@ def test_layerwise_prunes_bottom_up_one_layer_at_a_time(tmp_path):
 
 
 def test_epoch_interval_waits_for_warmup(tmp_path):
-    pruning = GreedyFilterPruning("l1", target_pfr=0.25, unit="epochs", warmup=1, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.25, criterion="l1", unit="epochs", warmup=1, remove_at_end=False)
     probe = Probe(pruning)
     _fit(tmp_path, pruning, max_steps=-1, extra=[probe], max_epochs=2, limit_train_batches=2)
     assert probe.closed_by_step[0] == [] and probe.closed_by_step[1] == []  # epoch 0: warm-up, all open
@@ -151,7 +151,7 @@ def test_epoch_interval_waits_for_warmup(tmp_path):
 
 
 def test_gates_never_move_while_weights_train(tmp_path):
-    pruning = GreedyFilterPruning("binarization_error", target_pfr=0.4, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.4, criterion="binarization_error", remove_at_end=False)
     probe = Probe(pruning, at_step=0)
     module, _ = _fit(tmp_path, pruning, max_steps=4, extra=[probe])
     assert all(not g.logits.requires_grad and g.logits.grad is None for g in pruning.gates.values())
@@ -167,7 +167,7 @@ def test_gates_never_move_while_weights_train(tmp_path):
 def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_path):
     def make():  # global allocation: the counts fixed at the first layer must survive the resume too
         return GreedyFilterPruning(
-            "l1", target_pfr=0.4, mode="layerwise", retrain=1, allocation="global", remove_at_end=False
+            0.4, criterion="l1", mode="layerwise", retrain=1, allocation="global", remove_at_end=False
         )
 
     class SaveAt(Callback):
@@ -200,8 +200,8 @@ def test_resume_continues_at_the_same_layer_and_ends_with_the_same_gates(tmp_pat
         ({"unit": "batches"}, r"`unit` must be one of steps, epochs; got 'batches'"),
         ({"warmup": -1}, r"`warmup` must be an int >= 0 \(steps\), got -1"),
         ({"warmup": 1.5, "unit": "epochs"}, r"`warmup` must be an int >= 0 \(epochs\), got 1.5"),
-        ({"mode": "layerwise"}, r"mode='layerwise' needs `retrain` as an int >= 1 .*got None"),
-        ({"mode": "layerwise", "retrain": 0}, r"mode='layerwise' needs `retrain` as an int >= 1 .*got 0"),
+        ({"mode": "layerwise"}, r"mode='layerwise': `retrain` must be an int >= 1 \(steps\), got None"),
+        ({"mode": "layerwise", "retrain": 0}, r"mode='layerwise': `retrain` must be an int >= 1 \(steps\), got 0"),
         ({"retrain": 3}, r"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None .*got 3"),
         ({"seed": "x"}, r"`seed` must be an int, got 'x'"),
         ({"min_filters": 0}, r"`min_filters` must be an int >= 1, got 0"),
@@ -214,7 +214,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_unreachable_target_raises(tmp_path, allocation):  # the same message as allocation.allocate's
-    pruning = GreedyFilterPruning("l1", target_pfr=0.95, min_filters=8, allocation=allocation)
+    pruning = GreedyFilterPruning(0.95, criterion="l1", min_filters=8, allocation=allocation)
     with pytest.raises(
         MisconfigurationException,
         match=r"target_pfr=0.95 needs 623 of 656 filters pruned, "
@@ -228,16 +228,16 @@ def test_too_short_a_schedule_raises(tmp_path):
         r"^GreedyFilterPruning's schedule needs 19 steps \(warmup=0 \+ 9 x retrain=2 \+ 1\) but the trainer runs 5, "
         r"and even the shortest schedule needs 10: set max_steps >= 19$"
     )):
-        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=2), max_steps=5)
+        _fit(tmp_path, GreedyFilterPruning(0.4, criterion="l1", mode="layerwise", retrain=2), max_steps=5)
     with pytest.raises(MisconfigurationException, match=(
         r"^GreedyFilterPruning's schedule needs 9 steps \(warmup=8 \+ 1\) but the trainer runs 5: set max_steps >= 9, "
         r"or shorten the schedule to fit, e.g. warmup=4 \(scale_to_fit=True does this\)$"
     )):
-        _fit(tmp_path, GreedyFilterPruning("l1", target_pfr=0.4, warmup=8), max_steps=5)
+        _fit(tmp_path, GreedyFilterPruning(0.4, criterion="l1", warmup=8), max_steps=5)
 
 
 def test_scale_to_fit_prunes_inside_a_short_run(tmp_path):  # the rule msf follows too
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", warmup=10, retrain=4, scale_to_fit=True)
+    pruning = GreedyFilterPruning(0.4, criterion="l1", mode="layerwise", warmup=10, retrain=4, scale_to_fit=True)
     _fit(tmp_path, pruning, max_steps=12)
     assert pruning.finished and abs(pruning.pfr() - 0.4) < 0.05
     assert pruning.due(len(pruning.stages) - 1) < 12
@@ -248,7 +248,7 @@ def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             trainer.should_stop = trainer.global_step >= 3
 
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, mode="layerwise", retrain=1, remove_at_end=False)
+    pruning = GreedyFilterPruning(0.4, criterion="l1", mode="layerwise", retrain=1, remove_at_end=False)
     with pytest.warns(UserWarning, match=r"fit ended before the schedule did; pruning the remaining 7 group\(s\) now"):
         _, trainer = _fit(tmp_path, pruning, max_steps=12, extra=[StopAt()])
     assert trainer.global_step == 3 and pruning.finished
@@ -258,7 +258,7 @@ def test_a_run_stopped_early_still_reaches_the_target(tmp_path):
 def test_after_fit_the_module_is_the_smaller_network_and_reloads(tmp_path):
     from lightning_bnnprune.pruning.record import load_pruned
 
-    pruning = GreedyFilterPruning("binarization_error", target_pfr=0.4)
+    pruning = GreedyFilterPruning(0.4, criterion="binarization_error")
     module = user_module()
     params_before = sum(p.numel() for p in module.my_net.parameters())
     _fit(tmp_path, pruning, max_steps=2, module=module)

@@ -57,7 +57,7 @@ def _macs(net: nn.Module, size) -> int:
 def test_report_counts_macs_at_the_input_size_of_the_data(tmp_path):
     net = timm.create_model("resnet18", num_classes=4)  # timm's pretrained_cfg says 3x224x224
     expected = _macs(net, (3, 32, 32))
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    pruning = GreedyFilterPruning(0.4, criterion="l1")
     _fit(tmp_path, Lit(net), pruning)
     assert pruning.record.input_size == [3, 32, 32]
     assert pruning.summary["input_size"] == [3, 32, 32]
@@ -68,13 +68,13 @@ def test_report_counts_macs_at_the_input_size_of_the_data(tmp_path):
 def test_a_network_without_binary_convolutions_is_a_one_line_error(tmp_path):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(MisconfigurationException, match=r"^GreedyFilterPruning: the network has no binary convolution to prune"):
-        _fit(tmp_path, Lit(mlp), GreedyFilterPruning("l1", target_pfr=0.4))
+        _fit(tmp_path, Lit(mlp), GreedyFilterPruning(0.4, criterion="l1"))
 
 
 @pytest.mark.parametrize("given", ["module", "network"])
 def test_load_pruned_takes_the_module_or_its_network(tmp_path, given):
     trained = Lit(small_cnn())
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    pruning = GreedyFilterPruning(0.4, criterion="l1")
     _fit(tmp_path, trained, pruning, size=16)
     assert pruning.record.network_path == "" and pruning.record.input_size == [3, 16, 16]
     fresh = Lit(small_cnn())
@@ -86,7 +86,7 @@ def test_load_pruned_takes_the_module_or_its_network(tmp_path, given):
 
 
 def test_load_pruned_says_which_module_it_needs(tmp_path):
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    pruning = GreedyFilterPruning(0.4, criterion="l1")
     _fit(tmp_path, Lit(small_cnn()), pruning, size=16)
     with pytest.raises(ValueError, match=r"pruned.pt was written from a LightningModule \(layers named like 'net\.\d+'\).*"
                                          r"pass model= the whole LightningModule or the network"):
@@ -100,7 +100,7 @@ def test_an_exception_inside_fit_leaves_the_module_gated_and_unpruned(tmp_path):
                 raise RuntimeError("boom")
 
     module = Lit(small_cnn())
-    pruning = GreedyFilterPruning("l1", target_pfr=0.4, warmup=1)
+    pruning = GreedyFilterPruning(0.4, criterion="l1", warmup=1)
     with pytest.raises(RuntimeError, match="boom"):
         _fit(tmp_path, module, pruning, steps=6, extra=[Boom()])
     assert pruning.record is None and pruning.pruned_path is None  # nothing removed, nothing written

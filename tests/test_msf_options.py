@@ -211,7 +211,7 @@ def test_greedy_distils_from_the_unpruned_start(tmp_path):
     assert not gates_of(teacher) and not any(p.requires_grad for p in teacher.parameters())
     assert "training_step" not in module.__dict__  # the fit leaves the module as it came
     with pytest.raises(Exception, match="distill"):
-        GreedyFilterPruning(distill=-1.0)
+        GreedyFilterPruning(0.4, distill=-1.0)
     assert teacher(x).shape == (2, 10)
 
 

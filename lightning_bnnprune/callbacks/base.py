@@ -32,7 +32,8 @@ from ..pruning.report import CompressionReport, compression_report
 from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
 from ..pruning.surgery import check_batch, remove_filters, resolve_keep
 from .binarize import Binarize
-from .checks import ScheduleMisconfiguration, check, check_pfr, is_int, is_number
+from .checks import ResumeMismatch, ScheduleMisconfiguration, check, check_pfr, is_int, is_number
+from .deprecation import accepts_old_spellings
 from .wrapping import Captured, StepWrapper, student_output
 
 __all__ = ["FilterPruning"]
@@ -58,7 +59,14 @@ class FilterPruning(Callback):
       lengths fits the trainer through :meth:`fit_schedule`;
     - :meth:`final_masks`: at fit end, before the removal, the keep masks still to set;
     - :meth:`distilling`: whether ``distill`` applies to this step;
+    - :meth:`pruning_settings`: the strategy's arguments that decide what is pruned (extend
+      ``super()``'s), which a resumed fit may not change;
     - ``state_dict`` / ``load_state_dict``: what the strategy needs to resume (extend ``super()``'s).
+
+    Every strategy's constructor reads alike: the target first (the one positional argument),
+    then keyword-only arguments in one order for the concepts they share (the selection, the
+    allocation, the schedule ``unit``, ``warmup``, ``retrain``, ``scale_to_fit``, then this
+    class's), passed on to this class by keyword.
 
     Args:
         target_pfr: pruned filters / prunable filters the strategy aims at, in ``[0, 1)``; None for
@@ -72,6 +80,14 @@ class FilterPruning(Callback):
             (:func:`~lightning_bnnprune.introspect.input_size_of`).
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
+        round_to: every group keeps a multiple of this many filters, or all of them (32 suits
+            Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
+            target (:func:`~lightning_bnnprune.pruning.allocation.round_counts`); 1: no rounding.
+        distill: weight of a distillation loss from the network as the fit found it (the warm
+            start, frozen, see :mod:`~lightning_bnnprune.pruning.distill`) added to the user's loss
+            while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
+            runs no teacher. Offered to every strategy so that comparisons stay equal.
+        distill_temperature: its temperature ``T``.
         remove_at_end: remove the pruned filters physically at the end of ``fit``: the
             LightningModule's network *becomes* the smaller one (in place, on every rank), and
             rank zero writes next to the checkpoints ``pruned.pt`` (weights + record, see
@@ -79,14 +95,25 @@ class FilterPruning(Callback):
             (never overwriting: ``-v1``, ``-v2``... suffixes). Checkpoints saved afterwards
             (``trainer.save_checkpoint``) carry the record under ``"bnnprune_record"`` and reload
             with :func:`~lightning_bnnprune.pruning.record.restore_pruned`.
-        distill: weight of a distillation loss from the network as the fit found it (the warm
-            start, frozen, see :mod:`~lightning_bnnprune.pruning.distill`) added to the user's loss
-            while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
-            runs no teacher. Offered to every strategy so that comparisons stay equal.
-        distill_temperature: its temperature ``T``.
-        round_to: every group keeps a multiple of this many filters, or all of them (32 suits
-            Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
-            target (:func:`~lightning_bnnprune.pruning.budget.round_counts`); 1: no rounding.
+
+    Raises:
+        MisconfigurationException: a bad argument (in ``__init__``, naming it and the rule), and
+            :class:`~lightning_bnnprune.callbacks.checks.ResumeMismatch` when ``fit`` resumes from
+            a checkpoint made with other pruning settings (see below).
+
+    **Resuming** (``trainer.fit(..., ckpt_path=...)``): the checkpoint records
+    :meth:`pruning_settings`, the arguments that decide which filters are pruned, how many and
+    when; a fit resumed with one of them changed would go on with the checkpoint's pruning while
+    saying the new value, so it is refused in one line naming the setting, the checkpoint's value
+    and the new one. Free to change on resume, applying from the resumed step on: the trainer's
+    length (a schedule keeps the lengths the first sitting fitted, a ``"rest"`` final retrain its
+    length), the user's optimizer and learning rate, logging and checkpointing, a strategy's
+    retraining learning rates and ``distill`` / ``distill_temperature`` (loss weights like a
+    learning rate; but distillation cannot be switched on, since a checkpoint made without it
+    holds no teacher), ``scale_to_fit`` (it shapes a fresh schedule only), ``remove_at_end``
+    and ``input_size``. ``network`` and ``exclude`` decide the module tree: a change fails when
+    Lightning loads the weights. Checkpoints written before 0.2.0 record no settings and
+    resume as they did.
 
     If ``fit`` ends in an exception (Ctrl-C, SIGTERM, an error), nothing is removed or written:
     the module stays the *gated* network, every gate attached and closed as far as the schedule
@@ -98,17 +125,20 @@ class FilterPruning(Callback):
     (``{"pfr", "mac_ratio", "compression", ...}``), ``pruned_path`` and ``report_paths``.
     """
 
+    @accepts_old_spellings(("target_pfr", "network", "input_size", "exclude", "min_filters", "remove_at_end",
+                            "distill", "distill_temperature", "round_to"))
     def __init__(
         self,
         target_pfr: Optional[float] = None,
+        *,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        remove_at_end: bool = True,
+        round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
-        round_to: int = 1,
+        remove_at_end: bool = True,
     ) -> None:
         check(is_number(distill) and distill >= 0, f"`distill` must be a number >= 0, got {distill!r}")
         check(is_number(distill_temperature) and distill_temperature > 0,
@@ -213,7 +243,7 @@ class FilterPruning(Callback):
                     total_filters: Optional[int] = None,
                     scores: Optional[Dict[str, Tensor]] = None) -> Dict[str, int]:
         """Filters to close in each of the groups ``names`` so that ``target_pfr`` is met: the
-        allocation every strategy shares (:func:`~lightning_bnnprune.pruning.budget.allocate`),
+        allocation every strategy shares (:func:`~lightning_bnnprune.pruning.allocation.allocate`),
         with ``min_filters``, ``round_to`` and grouped convs' cells; ``"macs"`` is measured at this
         fit's input size, ``"global"`` ranks ``scores``. The PFR's denominator is ``total_filters``
         (default: the filters of ``names``).
@@ -314,13 +344,37 @@ class FilterPruning(Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._uninstall_distill()
 
+    # ------------------------------------------------------------------ resume
+    def pruning_settings(self) -> Dict[str, Any]:
+        """Override point: the arguments that decide what is pruned (which filters, how many,
+        when), as plain values, extending ``super()``'s. ``state_dict`` records them and a fit
+        resumed from the checkpoint must have the same (see "Resuming" in the class docstring)."""
+        return {"target_pfr": self.target_pfr, "min_filters": self.min_filters, "round_to": self.round_to}
+
     @override
     def state_dict(self) -> Dict[str, Any]:
-        return {"distill_teacher": self.teacher.state_dict()} if self.teacher is not None else {}
+        state: Dict[str, Any] = {"settings": self.pruning_settings()}
+        if self.teacher is not None:
+            state["distill_teacher"] = self.teacher.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        recorded = state_dict.get("settings")
+        if recorded is not None:  # None: a checkpoint from before 0.2.0, which resumes as it did
+            self._check_resume(recorded, has_teacher=state_dict.get("distill_teacher") is not None)
         self._teacher_state = state_dict.get("distill_teacher")
+
+    def _check_resume(self, recorded: Dict[str, Any], has_teacher: bool) -> None:
+        """Refuse a resume whose pruning settings differ from the checkpoint's (the first one)."""
+        owner = type(self).__name__
+        now = self.pruning_settings()
+        for key, old in recorded.items():
+            if key in now and now[key] != old:
+                raise ResumeMismatch(owner, key, old, now[key])
+        if self.distill > 0 and not has_teacher:
+            raise ResumeMismatch(owner, "distill", 0.0, self.distill,
+                                 "so it holds no distillation teacher (the network as the first fit found it)")
 
     # ------------------------------------------------------------------ removal
     def _input_shape(self, pl_module: "pl.LightningModule", net: nn.Module) -> Sequence[int]:

@@ -8,7 +8,7 @@ The PFR is whatever the sparsity constraint produced, not a target; it is report
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from ..pruning.criteria import binary_producers
 from ..pruning.slicing import OUT
 from .base import FilterPruning
 from .checks import check, is_number
+from .deprecation import accepts_old_spellings
 
 __all__ = ["ZeroFilterPruning"]
 
@@ -33,12 +34,15 @@ class ZeroFilterPruning(FilterPruning):
     so unlike the other strategies this can change the logits: the test after ``fit`` measures
     the pruned network.
 
+    It has no target (the PFR is an outcome), so every argument is keyword-only.
+
     Args:
         atol: a binary weight with ``|w| <= atol`` counts as zero (0 for the exact ``{0, 2 tau}``
             domain).
-        network, input_size, exclude, min_filters, remove_at_end: see :class:`FilterPruning`.
+        network, input_size, exclude, min_filters: see :class:`FilterPruning`.
         round_to: keep a multiple of this many filters per group (or all), by keeping some empty
             filters: the PFR here is what the training freed, so it can only go down.
+        remove_at_end: see :class:`FilterPruning`.
 
     Raises:
         MisconfigurationException: for a negative ``atol``, and as :class:`FilterPruning`.
@@ -51,20 +55,28 @@ class ZeroFilterPruning(FilterPruning):
         ])
     """
 
+    @accepts_old_spellings(("atol", "network", "input_size", "exclude", "min_filters", "remove_at_end", "round_to"),
+                           positional=0)
     def __init__(
         self,
+        *,
         atol: float = 0.0,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        remove_at_end: bool = True,
         round_to: int = 1,
+        remove_at_end: bool = True,
     ) -> None:
-        super().__init__(None, network, input_size, exclude, min_filters, remove_at_end, round_to=round_to)
+        super().__init__(None, network=network, input_size=input_size, exclude=exclude, min_filters=min_filters,
+                         round_to=round_to, remove_at_end=remove_at_end)
         check(is_number(atol) and atol >= 0, f"`atol` must be >= 0, got {atol!r}")
         self.atol = float(atol)
         self.empty_share: Optional[float] = None
+
+    @override
+    def pruning_settings(self) -> Dict[str, Any]:
+        return {**super().pruning_settings(), "atol": self.atol}
 
     @override
     def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -99,6 +111,8 @@ class ZeroFilterPruning(FilterPruning):
             if int((~empty).sum()) < self.min_filters:  # never empty a layer completely
                 empty[torch.nonzero(empty).flatten()[: self.min_filters - int((~empty).sum())]] = False
             kept = int((~empty).sum())
+            # Up to the next multiple, per group: unlike round_counts (nearest, then the global PFR),
+            # this rounding may only keep more, since a filter that is not empty is never cut.
             if self.round_to > 1 and kept % self.round_to:  # keep empties up to the next multiple
                 extra = min(group.size, -(-kept // self.round_to) * self.round_to) - kept
                 empty[torch.nonzero(empty).flatten()[:extra]] = False

@@ -18,6 +18,7 @@ from ..binarize import RELU_REPLACEMENTS, binarize_model, binary_layers
 from ..introspect import find_networks
 from ..layers import BinaryConv2d
 from ..pruning.distill import FrozenTeacher, distillation_loss
+from ..pruning.schedule import UNITS
 from ..quantizers import BinaryDomainWeight
 from .checks import check, is_int, is_number
 from .wrapping import Captured, StepWrapper, student_output
@@ -27,7 +28,6 @@ __all__ = ["Binarize", "FULL_PRECISION"]
 #: ``teacher=FULL_PRECISION``: the network as the user handed it in, before the swap.
 FULL_PRECISION = "full_precision"
 Teacher = Union[None, str, "os.PathLike[str]", nn.Module]
-UNITS = ("steps", "epochs")
 
 
 class Binarize(Callback):

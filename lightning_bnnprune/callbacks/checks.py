@@ -14,11 +14,12 @@ app prints that message as its one-line error.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["ScheduleMisconfiguration", "check", "check_pfr", "is_int", "is_number"]
+__all__ = ["ResumeMismatch", "ScheduleMisconfiguration", "check", "check_pfr", "checked", "is_int", "is_number",
+           "spelled"]
 
 
 class ScheduleMisconfiguration(MisconfigurationException):
@@ -30,10 +31,44 @@ class ScheduleMisconfiguration(MisconfigurationException):
         self.schedule = schedule
 
 
+class ResumeMismatch(MisconfigurationException):
+    """A fit resumed from a checkpoint made with another value of a setting that decides what is
+    pruned (:meth:`~lightning_bnnprune.callbacks.base.FilterPruning.pruning_settings`): going on
+    would keep the checkpoint's pruning while the run says the new value. ``setting``,
+    ``recorded`` (the checkpoint's value) and ``given`` (this fit's) keep the figures.
+
+        >>> for part in str(ResumeMismatch("MSF", "target_pfr", 0.4, 0.6)).split("; "):
+        ...     print(part)
+        MSF cannot resume from this checkpoint with target_pfr=0.6: it was made with target_pfr=0.4
+        restore target_pfr=0.4 to resume it, or start a new run (no ckpt_path)
+    """
+
+    def __init__(self, owner: str, setting: str, recorded: Any, given: Any, why: str = "") -> None:
+        self.owner, self.setting, self.recorded, self.given = owner, setting, recorded, given
+        super().__init__(
+            f"{owner} cannot resume from this checkpoint with {setting}={given!r}: it was made with "
+            f"{setting}={recorded!r}{', ' + why if why else ''}; restore {setting}={recorded!r} to resume it, "
+            "or start a new run (no ckpt_path)"
+        )
+
+
 def check(ok: bool, message: str) -> None:
     """Raise ``MisconfigurationException(message)`` unless ``ok``."""
     if not ok:
         raise MisconfigurationException(message)
+
+
+T = TypeVar("T")
+
+
+def checked(call: Callable[..., T], *args: Any, prefix: str = "", **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, a ``ValueError`` or ``TypeError`` it raises turned into a
+    ``MisconfigurationException`` (``prefix`` + its message): the pruning core checks with plain
+    Python exceptions, the callbacks answer in Lightning's."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise MisconfigurationException(f"{prefix}{err}") from None
 
 
 def is_int(value: Any, least: Optional[int] = None) -> bool:
@@ -50,3 +85,11 @@ def check_pfr(label: str, value: Any) -> float:
     """A pruned filter ratio in ``[0, 1)``, as a float."""
     check(is_number(value) and 0.0 <= float(value) < 1.0, f"`{label}` must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def spelled(value: Any) -> Any:
+    """An argument's value as messages and recorded settings name it: a string (or None) as it
+    is, a callable (a user's criterion) by its ``__name__``, else its type's name."""
+    if value is None or isinstance(value, str):
+        return value
+    return getattr(value, "__name__", type(value).__name__)

@@ -22,9 +22,10 @@ from ..pruning import criteria
 from ..pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS
 from ..pruning.allocation import GLOBAL
 from ..pruning.criteria import Criterion, scores_for
-from ..pruning.schedule import UNITS
+from ..pruning.schedule import RETRAIN, WARMUP, check_lengths
 from .base import FilterPruning
-from .checks import check, is_int
+from .checks import check, checked, is_int, is_number, spelled
+from .deprecation import accepts_old_spellings
 
 __all__ = ["GreedyFilterPruning", "MODES", "ALLOCATIONS"]
 
@@ -55,30 +56,30 @@ class GreedyFilterPruning(FilterPruning):
     holds per group, and per-group rounding is corrected across groups so the total is exact.
 
     Args:
+        target_pfr: pruned filters / prunable filters, in ``[0, 1)``.
         criterion: a name from :func:`lightning_bnnprune.pruning.criteria.available`
             (``"l1"``, ``"binarization_error"``, ``"random"``) or a callable
             ``(network, group) -> Tensor[group.size]`` of scores, higher = keep.
-        target_pfr: pruned filters / prunable filters, in ``[0, 1)``.
+        seed: seed of the ``"random"`` criterion.
         mode: ``"oneshot"`` (all groups at once, after the warm-up) or ``"layerwise"`` (one group
             at a time, bottom-up, ``retrain`` apart).
         allocation: how many filters each group loses. ``"uniform"``, ``"size"``, ``"macs"``: a
-            fixed share per group, as :func:`lightning_bnnprune.pruning.budget.allocate` gives
+            fixed share per group, as :func:`lightning_bnnprune.pruning.allocation.allocate` gives
             (the same counts as :class:`MainSubsidiaryPruning`); ``"global"``: one ranking of all
             channels by the criterion, scores normalised per group by their mean. In layer-wise
             mode the global counts are fixed when the first group is pruned; each group's
             *choice* of filters is scored at its own turn.
+        unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
         warmup: training before the first pruning, in ``unit`` (0: prune before the first
             optimizer step and retrain from there).
         retrain: layer-wise mode only (required there): retraining between two groups, in ``unit``.
-        unit: ``"steps"`` (optimizer steps, ``trainer.global_step``) or ``"epochs"``.
-        seed: seed of the ``"random"`` criterion.
-        min_filters: the fewest channels any group keeps.
         scale_to_fit: shrink ``warmup`` (and ``retrain``) when the trainer's ``max_steps`` /
             ``max_epochs`` cannot hold the schedule, as :class:`MainSubsidiaryPruning` does
             (``False``: that is an error naming the lengths that would fit).
-        network, input_size, exclude, remove_at_end, round_to: see :class:`FilterPruning`.
+        network, input_size, exclude, min_filters, round_to: see :class:`FilterPruning`.
         distill, distill_temperature: distillation from the unpruned start network once filters
             are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
+        remove_at_end: see :class:`FilterPruning`.
 
     Raises:
         MisconfigurationException: on an unknown criterion, mode, allocation or unit; a
@@ -86,7 +87,9 @@ class GreedyFilterPruning(FilterPruning):
             below 1 in layer-wise mode, or given in one-shot mode; a target that ``min_filters``
             makes unreachable (in ``setup``); a schedule longer than the trainer's
             ``max_steps`` / ``max_epochs`` without ``scale_to_fit`` (in ``on_fit_start``, with
-            the trainer length and the schedule lengths that would fit).
+            the trainer length and the schedule lengths that would fit); a resume with changed
+            pruning settings (:class:`~lightning_bnnprune.callbacks.checks.ResumeMismatch`, see
+            :class:`FilterPruning`).
 
     Example::
 
@@ -95,60 +98,62 @@ class GreedyFilterPruning(FilterPruning):
 
         trainer = Trainer(max_epochs=20, callbacks=[
             Binarize(),
-            GreedyFilterPruning(criterion="binarization_error", target_pfr=0.4,
-                                mode="layerwise", warmup=2, retrain=1, unit="epochs"),
+            GreedyFilterPruning(0.4, criterion="binarization_error", mode="layerwise",
+                                unit="epochs", warmup=2, retrain=1),
         ])
         trainer.fit(my_lightning_module, datamodule)  # afterwards the module is the pruned network
     """
 
+    @accepts_old_spellings(
+        ("criterion", "target_pfr", "mode", "allocation", "warmup", "retrain", "unit", "seed", "min_filters", "network",
+         "input_size", "exclude", "remove_at_end", "distill", "distill_temperature", "round_to", "scale_to_fit"),
+        first_is_old=lambda first: not is_number(first),  # 0.1 put the criterion first
+        old_defaults={"target_pfr": 0.4},
+    )
     def __init__(
         self,
+        target_pfr: float,
+        *,
         criterion: Union[str, Criterion] = "l1",
-        target_pfr: float = 0.4,
+        seed: int = 0,
         mode: str = "oneshot",
         allocation: str = "uniform",
+        unit: str = "steps",
         warmup: int = 0,
         retrain: Optional[int] = None,
-        unit: str = "steps",
-        seed: int = 0,
-        min_filters: int = 1,
+        scale_to_fit: bool = False,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
-        remove_at_end: bool = True,
+        min_filters: int = 1,
+        round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
-        round_to: int = 1,
-        scale_to_fit: bool = False,
+        remove_at_end: bool = True,
     ) -> None:
         super().__init__(
-            target_pfr=target_pfr,
+            target_pfr,
             network=network,
             input_size=input_size,
             exclude=exclude,
             min_filters=min_filters,
-            remove_at_end=remove_at_end,
+            round_to=round_to,
             distill=distill,
             distill_temperature=distill_temperature,
-            round_to=round_to,
+            remove_at_end=remove_at_end,
         )
         check(is_int(seed), f"`seed` must be an int, got {seed!r}")
-        try:
-            self.criterion = criteria.get(criterion, **({"seed": seed} if criterion == "random" else {}))
-        except ValueError as err:
-            raise MisconfigurationException(f"`criterion`: {err}") from None
+        self.criterion = checked(criteria.get, criterion, **({"seed": seed} if criterion == "random" else {}),
+                                 prefix="`criterion`: ")
         check(mode in MODES, f"`mode` must be one of {', '.join(MODES)}; got {mode!r}")
         check(allocation in ALLOCATIONS, f"`allocation` must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
-        check(unit in UNITS, f"`unit` must be one of {', '.join(UNITS)}; got {unit!r}")
-        check(is_int(warmup, 0), f"`warmup` must be an int >= 0 ({unit}), got {warmup!r}")
-        check(mode != "layerwise" or is_int(retrain, 1),
-              f"mode='layerwise' needs `retrain` as an int >= 1 ({unit} of retraining between layers), got {retrain!r}")
+        checked(check_lengths, unit, {WARMUP: warmup})
+        if mode == "layerwise":
+            checked(check_lengths, unit, {RETRAIN: retrain}, prefix="mode='layerwise': ")
         check(mode != "oneshot" or retrain is None,
               f"`retrain` is for mode='layerwise'; with mode='oneshot' it must be None "
               f"(training after the pruning is all retraining), got {retrain!r}")
-        self.criterion_name = (
-            criterion if isinstance(criterion, str) else getattr(criterion, "__name__", repr(criterion))
-        )
+        self.criterion_name = spelled(criterion)
         self.mode = mode
         self.allocation = allocation
         self.warmup = warmup
@@ -157,9 +162,11 @@ class GreedyFilterPruning(FilterPruning):
         self.seed = seed
         self.scale_to_fit = bool(scale_to_fit)
         self.stages: List[List[str]] = []
-        # resume state (the callback's state_dict): groups pruned so far and the per-group counts
+        # resume state (the callback's state_dict): groups pruned so far, the per-group counts and
+        # the lengths fitted to the first sitting's trainer (``warmup`` / ``retrain`` stay the arguments)
         self.done: List[str] = []
         self.counts: Optional[Dict[str, int]] = None
+        self.lengths: Optional[Dict[str, int]] = None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -168,8 +175,10 @@ class GreedyFilterPruning(FilterPruning):
         return round(self.target_pfr * self.analysis.num_filters) if self.analysis is not None else 0
 
     def due(self, stage: int) -> int:
-        """The step / epoch at which ``stages[stage]`` is pruned: ``warmup + stage * retrain``."""
-        return self.warmup + stage * (self.retrain or 0)
+        """The step / epoch at which ``stages[stage]`` is pruned: ``warmup + stage * retrain``, in
+        the lengths fitted to the trainer (from ``on_fit_start`` on; the arguments before)."""
+        lengths = self.lengths or {WARMUP: self.warmup, RETRAIN: self.retrain}
+        return lengths[WARMUP] + stage * (lengths.get(RETRAIN) or 0)
 
     @property
     def finished(self) -> bool:
@@ -197,10 +206,11 @@ class GreedyFilterPruning(FilterPruning):
         super().on_fit_start(trainer, pl_module)
         if not self.stages:
             return
-        lengths = {"warmup": self.warmup} | ({"retrain": self.retrain} if self.mode == "layerwise" else {})
-        fitted = self.fit_schedule(trainer, self.unit, lengths, {"warmup": 1, "retrain": len(self.stages) - 1},
-                                   scale_to_fit=self.scale_to_fit, extra=1)
-        self.warmup, self.retrain = fitted["warmup"], fitted.get("retrain", self.retrain)
+        # a resumed fit keeps the lengths its first sitting fitted (checked against this trainer)
+        resumed = self.lengths is not None
+        lengths = self.lengths or {WARMUP: self.warmup} | ({RETRAIN: self.retrain} if self.mode == "layerwise" else {})
+        self.lengths = self.fit_schedule(trainer, self.unit, lengths, {WARMUP: 1, RETRAIN: len(self.stages) - 1},
+                                         scale_to_fit=self.scale_to_fit and not resumed, extra=1)
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
             f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
@@ -271,15 +281,24 @@ class GreedyFilterPruning(FilterPruning):
 
     # ------------------------------------------------------------------ state
     @override
+    def pruning_settings(self) -> Dict[str, Any]:
+        return {**super().pruning_settings(), "criterion": self.criterion_name, "seed": self.seed, "mode": self.mode,
+                "allocation": self.allocation, "unit": self.unit, "warmup": self.warmup, "retrain": self.retrain}
+
+    @override
     def state_dict(self) -> Dict[str, Any]:
         state = dict(super().state_dict())
-        state.update(greedy_done=list(self.done), greedy_counts=dict(self.counts) if self.counts else None)
+        state.update(greedy_done=list(self.done), greedy_counts=dict(self.counts) if self.counts else None,
+                     greedy_lengths=dict(self.lengths) if self.lengths else None)
         return state
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         state = dict(state_dict)
-        self.done = list(state.pop("greedy_done", []))
+        done = list(state.pop("greedy_done", []))
         counts = state.pop("greedy_counts", None)
+        lengths = state.pop("greedy_lengths", None)
+        super().load_state_dict(state)  # refuses changed settings before anything is taken over
+        self.done = done
         self.counts = dict(counts) if counts is not None else None
-        super().load_state_dict(state)
+        self.lengths = dict(lengths) if lengths is not None else None

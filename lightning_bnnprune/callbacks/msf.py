@@ -4,15 +4,13 @@ Xu, Dong, Li, Su, "Main/Subsidiary Network: Learning to Prune Filters in Binary 
 (CVPR 2019). See ``docs/method.md`` (the selector, section 2) and the class docstring for the
 choices this implementation makes where the paper or its code is silent. The callback does the
 callback's job (arguments, phases, what trains when); the maths lives in the pruning core: the
-schedule (:mod:`~lightning_bnnprune.pruning.schedule`), the budget
-(:mod:`~lightning_bnnprune.pruning.budget`), the selector's loss
+schedule (:mod:`~lightning_bnnprune.pruning.schedule`), the counts
+(:mod:`~lightning_bnnprune.pruning.allocation`), the selector's loss
 (:mod:`~lightning_bnnprune.pruning.selector`) and the distillation
 (:mod:`~lightning_bnnprune.pruning.distill`); the wrapper of the user's ``training_step``
 (:mod:`.wrapping`) and the per-step learning rates (:mod:`.phase_rates`) are shared pieces.
-
-Size: about 600 lines, a third of them the class docstring and the 27 arguments' checks (every
-argument is validated in ``__init__`` and documented, the Lightning way); the rest is one state
-machine (enter / leave a phase, resume into one) that reads best in one place.
+Besides the arguments (each checked in ``__init__`` and documented, the Lightning way), the class
+is one state machine (enter / leave a phase, resume into one) that reads best in one place.
 """
 from __future__ import annotations
 
@@ -30,11 +28,13 @@ from typing_extensions import override
 from ..pruning import criteria
 from ..pruning.allocation import ALLOCATIONS, round_counts
 from ..pruning.criteria import Criterion, scores_for
-from ..pruning.schedule import DONE, FINAL, RETRAIN, SELECTOR, UNITS, LayerwiseSchedule, Phase, trainer_budget
+from ..pruning.schedule import (DONE, FINAL, LEAST, RETRAIN, SELECTOR, WARMUP, Phase, StagewiseSchedule,
+                                check_lengths, trainer_budget)
 from ..pruning.selector import BudgetUnit, SelectorLoss, keep_top_across, rank_logits
 from ..pruning.slicing import OUT
 from .base import FilterPruning
-from .checks import check, is_int, is_number
+from .checks import check, checked, is_int, is_number, spelled
+from .deprecation import accepts_old_spellings, gate_init_rename
 from .phase_params import PhaseParameters
 from .phase_rates import PhaseRates
 from .wrapping import Captured, InstancePatch, StepWrapper, student_output
@@ -42,12 +42,13 @@ from .wrapping import Captured, InstancePatch, StepWrapper, student_output
 __all__ = ["MainSubsidiaryPruning", "MSF_ALLOCATIONS", "REST"]
 
 _DEFAULT_RETRAIN_LR = 1e-4
-#: The fixed shares of :func:`~lightning_bnnprune.pruning.budget.allocate`, plus counts learned
+#: The fixed shares of :func:`~lightning_bnnprune.pruning.allocation.allocate`, plus counts learned
 #: over each stage's groups together.
 MSF_ALLOCATIONS = ALLOCATIONS + ("learned",)
 #: ``final_retrain="rest"``: the final retrain takes what is left of the trainer's length.
 REST = "rest"
-#: ``layer_floor=None`` with learned counts: every group keeps at least this share (measured with).
+#: ``layer_floor=None`` with learned counts: every group keeps at least this share (the value
+#: measured best, ``benchmarks/results/cifar10_cpu_v2.md``).
 _DEFAULT_LAYER_FLOOR = 0.25
 
 
@@ -61,7 +62,7 @@ class MainSubsidiaryPruning(FilterPruning):
     a residual add or a depthwise conv ties channels into one group) gets one subsidiary gate per
     filter, :math:`g_k = (\mathrm{sign}(m_k) + 1)/2` with a clipped straight-through gradient.
     Inside the user's own ``trainer.fit`` the callback then runs a
-    :class:`~lightning_bnnprune.pruning.LayerwiseSchedule`:
+    :class:`~lightning_bnnprune.pruning.StagewiseSchedule`:
 
     1. *warm-up* (optional): the main binary network trains as the user wrote it, gates open;
     2. for each stage (``layers_per_stage`` groups, from the input side; by default one stage of all):
@@ -72,9 +73,11 @@ class MainSubsidiaryPruning(FilterPruning):
 
          .. math:: L = L_{user} + \lambda_{kd}\, T^2\, \mathrm{KL}(\sigma(t/T) \| \sigma(s/T)) + B,
 
+         (:math:`\lambda_{kd}`: ``selector_distill``, :math:`T`: ``selector_distill_temperature``)
+
          with the teacher ``t`` the same network with the stage's gates all open (one extra
          forward without gradient; no copy of the module, one backward per step) and ``B`` the
-         budget term of :func:`~lightning_bnnprune.pruning.budget.budget_term`, which drives the
+         budget term of :func:`~lightning_bnnprune.pruning.selector.budget_term`, which drives the
          layer to its share of ``target_pfr``. At the end of the phase the share is enforced
          exactly: the filters with the highest logits stay open.
        - *retrain*: the main network trains with the gates fixed, at ``retrain_lr`` (or
@@ -96,13 +99,12 @@ class MainSubsidiaryPruning(FilterPruning):
     Learned counts (``allocation="learned"``) are learned across the groups of a stage only (the
     default: one stage of all groups).
 
-    *Defaults, as measured* (``benchmarks/results/cifar10_cpu_v2.md``: binary ResNet-20 from a
-    76.55 % CIFAR-10 warm start, 700 steps, 40 % PFR): the paper's schedule (layer by layer, gates
-    from open, uniform shares, no final retrain) reached 55.8 %, a final retrain 63.0 %, learned
-    counts from the L1 ranking 68.9 % over 3 seeds against 62.9 % for one-shot greedy L1 (which
-    saves more MACs at the same PFR: learned counts keep more of the residual trunk).
+    *Defaults, as measured*: each default is the configuration measured best against the paper's
+    schedule and one-shot greedy L1 at equal PFR; the figures, and what the defaults cost in MACs,
+    are in ``benchmarks/results/cifar10_cpu_v2.md`` (binary ResNet-20, CIFAR-10).
 
-    Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 3 done),
+    Progress: ``msf/stage``, ``msf/phase`` (0 warm-up, 1 selector, 2 retrain, 4 final, 3 done:
+    :data:`~lightning_bnnprune.pruning.schedule.PHASE_CODES`),
     ``msf/kd``, ``msf/budget``, ``msf/pfr`` and ``msf/kept/<group>`` go to the logger; the
     progress bar shows ``msf=selector 3``.
 
@@ -112,51 +114,57 @@ class MainSubsidiaryPruning(FilterPruning):
 
     Args:
         target_pfr: global pruned filters / prunable filters, in ``[0, 1)``.
-        selector: length of each selector phase, in ``unit``.
-        retrain: length of each retrain phase, in ``unit``.
-        warmup: length of the warm-up of the main network, in ``unit`` (0: none).
-        unit: ``"steps"`` (optimizer steps) or ``"epochs"``.
-        layers_per_stage: groups whose selectors train together in one stage (``None``: all of
-            them, one stage; the paper: 1).
         layers: names of the groups to prune (the owner conv, or any binary conv producing the
             group's channels), default all; ``target_pfr`` is then the PFR of these groups, the
             others stay whole.
         allocation: how ``target_pfr`` is shared out over layers: ``"uniform"``, ``"size"`` or
-            ``"macs"`` (see :func:`~lightning_bnnprune.pruning.budget.allocate`), or
+            ``"macs"`` (see :func:`~lightning_bnnprune.pruning.allocation.allocate`), or
             ``"learned"`` (see above; the default).
-        gate_lr: Adam learning rate of the gates in a selector phase (0: the gates do not learn).
-        gate_init: starting logit of a stage's gates (``None``: ``gate_lr`` times a quarter of the
-            selector phase's steps, at most 0.5); with ``gate_init_criterion`` the spread of the
-            ranked logits (``None``: the same value, at least 0.01).
-        retrain_lr: learning rate of a retrain phase (default ``1e-4``).
-        retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
-        lambda_kd: weight of the distillation loss (0: none, and no teacher forward).
-        temperature: distillation temperature ``T``.
-        budget_strength: the adaptive budget's push on each open gate's logit, in units of the
-            spread of the loss gradients over the layer's gates (``beta``).
-        lambda_budget: a fixed budget weight ``lambda`` instead of the adaptive one.
-        scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
-            cannot hold the schedule (else that is an error).
+        layer_floor: ``allocation="learned"`` only: the share of each group's filters it keeps
+            at least (on top of ``min_filters``); ``None``: 0.25 with learned counts.
+        unit: ``"steps"`` (optimizer steps) or ``"epochs"``.
+        warmup: length of the warm-up of the main network, in ``unit`` (0: none).
+        selector: length of each selector phase, in ``unit``.
+        retrain: length of each retrain phase, in ``unit``.
+        layers_per_stage: groups whose selectors train together in one stage (``None``: all of
+            them, one stage; the paper: 1).
         final_retrain: length of the final retrain after the last stage, in ``unit`` (0: none), or
             ``"rest"`` (the default): what is left of the trainer's ``max_steps`` / ``max_epochs``
             after the stages.
+        scale_to_fit: scale the phases down when the trainer's ``max_steps`` / ``max_epochs``
+            cannot hold the schedule (else that is an error).
         gate_init_criterion: start each selector from this criterion's ranking (a name from
             :func:`~lightning_bnnprune.pruning.criteria.available`, e.g. ``"l1"``, or a callable);
             ``None``: all gates open (the paper). Default ``"l1"``.
-        layer_floor: ``allocation="learned"`` only: the share of each group's filters it keeps
-            at least (on top of ``min_filters``); ``None``: 0.25 with learned counts.
-        network, input_size, exclude, min_filters, remove_at_end, distill, distill_temperature,
-            round_to:
+        gate_lr: Adam learning rate of the gates in a selector phase (0: the gates do not learn).
+        gate_init_logit: ``gate_init_criterion=None`` only: the logit every gate of a stage starts
+            at, in ``[0, 1]`` (``None``: ``gate_lr`` times a quarter of the selector phase's steps,
+            at most 0.5).
+        gate_init_spread: with ``gate_init_criterion``: the spread of the ranked starting logits
+            (:func:`~lightning_bnnprune.pruning.selector.rank_logits`), in ``(0, 1]`` (``None``: the
+            default logit above, at least 0.01).
+        selector_distill: weight of the selector's distillation loss, from the same network with
+            the stage's gates open (0: none, and no teacher forward); ``lambda_kd`` before 0.2.0.
+        selector_distill_temperature: its temperature ``T``; ``temperature`` before 0.2.0.
+        budget_strength: the adaptive budget's push on each open gate's logit, in units of the
+            spread of the loss gradients over the layer's gates (``beta``).
+        lambda_budget: a fixed budget weight ``lambda`` instead of the adaptive one.
+        retrain_lr: learning rate of a retrain phase (default ``1e-4``).
+        retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
+        network, input_size, exclude, min_filters, round_to, distill, distill_temperature,
+            remove_at_end:
             see :class:`~lightning_bnnprune.callbacks.base.FilterPruning` (``distill`` applies in
-            the retrain, final and done phases; the selector has its own ``lambda_kd``).
+            the retrain, final and done phases, from the warm start; the selector distils with
+            ``selector_distill``).
 
     Raises:
         MisconfigurationException: ``target_pfr`` outside ``[0, 1)``, a phase of length 0, an
             unknown ``unit`` or ``allocation``, a negative weight or learning rate, both
             ``retrain_lr`` and ``retrain_lr_factor``, a network with no prunable layer, unknown
             names in ``layers`` / ``exclude``, a target the ``min_filters`` floors cannot reach,
-            no ``Binarize`` for a full-precision network, manual optimisation, or a trainer too
-            short for the schedule.
+            no ``Binarize`` for a full-precision network, manual optimisation, a trainer too
+            short for the schedule, or a resume with changed pruning settings
+            (:class:`~lightning_bnnprune.callbacks.checks.ResumeMismatch`, see :class:`FilterPruning`).
 
     Example::
 
@@ -165,95 +173,114 @@ class MainSubsidiaryPruning(FilterPruning):
 
         trainer = Trainer(
             max_steps=12_000,
-            callbacks=[Binarize(), MainSubsidiaryPruning(target_pfr=0.4, selector=200, retrain=600)],
+            callbacks=[Binarize(), MainSubsidiaryPruning(0.4, selector=200, retrain=600)],
         )
         trainer.fit(my_lightning_module, datamodule)
     """
 
+    @accepts_old_spellings(
+        ("target_pfr", "selector", "retrain", "warmup", "unit", "layers_per_stage", "layers", "allocation", "gate_lr",
+         "gate_init", "retrain_lr", "retrain_lr_factor", "lambda_kd", "temperature", "budget_strength", "lambda_budget",
+         "scale_to_fit", "final_retrain", "gate_init_criterion", "layer_floor", "network", "input_size", "exclude",
+         "min_filters", "remove_at_end", "distill", "distill_temperature", "round_to"),
+        renamed={"lambda_kd": "selector_distill", "temperature": "selector_distill_temperature",
+                 "gate_init": gate_init_rename},
+    )
     def __init__(
         self,
         target_pfr: float,
-        selector: int = 200,
-        retrain: int = 400,
-        warmup: int = 0,
-        unit: str = "steps",
-        layers_per_stage: Optional[int] = None,
+        *,
         layers: Optional[Sequence[str]] = None,
         allocation: str = "learned",
+        layer_floor: Optional[float] = None,
+        unit: str = "steps",
+        warmup: int = 0,
+        selector: int = 200,
+        retrain: int = 400,
+        layers_per_stage: Optional[int] = None,
+        final_retrain: Union[int, str] = REST,
+        scale_to_fit: bool = False,
+        gate_init_criterion: Optional[Union[str, Criterion]] = "l1",
         gate_lr: float = 1e-3,
-        gate_init: Optional[float] = None,
-        retrain_lr: Optional[float] = None,
-        retrain_lr_factor: Optional[float] = None,
-        lambda_kd: float = 1.0,
-        temperature: float = 4.0,
+        gate_init_logit: Optional[float] = None,
+        gate_init_spread: Optional[float] = None,
+        selector_distill: float = 1.0,
+        selector_distill_temperature: float = 4.0,
         budget_strength: float = 1.0,
         lambda_budget: Optional[float] = None,
-        scale_to_fit: bool = False,
-        final_retrain: Union[int, str] = REST,
-        gate_init_criterion: Optional[Union[str, Criterion]] = "l1",
-        layer_floor: Optional[float] = None,
+        retrain_lr: Optional[float] = None,
+        retrain_lr_factor: Optional[float] = None,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        remove_at_end: bool = True,
+        round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
-        round_to: int = 1,
+        remove_at_end: bool = True,
     ) -> None:
-        super().__init__(target_pfr, network, input_size, exclude, min_filters, remove_at_end,
-                         distill=distill, distill_temperature=distill_temperature, round_to=round_to)
-        check(unit in UNITS, f"`unit` must be one of {UNITS}, got {unit!r}")
-        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0)):
-            check(is_int(value, least), f"`{label}` must be an int >= {least} ({unit}), got {value!r}")
-        check(final_retrain == REST or is_int(final_retrain, 0),
-              f"`final_retrain` must be an int >= 0 ({unit}) or {REST!r}, got {final_retrain!r}")
-        check(layers_per_stage is None or is_int(layers_per_stage, 1),
-              f"`layers_per_stage` must be None (all groups in one stage) or an int >= 1, got {layers_per_stage!r}")
+        super().__init__(target_pfr, network=network, input_size=input_size, exclude=exclude, min_filters=min_filters,
+                         round_to=round_to, distill=distill, distill_temperature=distill_temperature,
+                         remove_at_end=remove_at_end)
         check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
-        check(is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
         check(layer_floor is None or (is_number(layer_floor) and 0 <= layer_floor < 1),
               f"`layer_floor` must be None or in [0, 1), got {layer_floor!r}")
         check(not layer_floor or allocation == "learned",
               f"`layer_floor` is for allocation='learned' (got allocation={allocation!r}); use min_filters otherwise")
-        try:
-            self.gate_init_criterion = None if gate_init_criterion is None else criteria.get(gate_init_criterion)
-        except (ValueError, TypeError) as err:
-            raise MisconfigurationException(f"`gate_init_criterion`: {err}") from None
-        check(gate_init is None or (is_number(gate_init) and 0 <= gate_init <= 1),
-              f"`gate_init` must be None or in [0, 1], got {gate_init!r}")
+        checked(check_lengths, unit, {WARMUP: warmup, SELECTOR: selector, RETRAIN: retrain})
+        check(final_retrain == REST or is_int(final_retrain, LEAST[FINAL]),  # the schedule's rule, or "rest"
+              f"`final_retrain` must be an int >= {LEAST[FINAL]} ({unit}) or {REST!r}, got {final_retrain!r}")
+        check(layers_per_stage is None or is_int(layers_per_stage, 1),
+              f"`layers_per_stage` must be None (all groups in one stage) or an int >= 1, got {layers_per_stage!r}")
+        self.gate_init_criterion = None if gate_init_criterion is None else checked(
+            criteria.get, gate_init_criterion, prefix="`gate_init_criterion`: ")
+        check(is_number(gate_lr) and gate_lr >= 0, f"`gate_lr` must be a number >= 0, got {gate_lr!r}")
+        check(gate_init_logit is None or (is_number(gate_init_logit) and 0 <= gate_init_logit <= 1),
+              f"`gate_init_logit` must be None or in [0, 1], got {gate_init_logit!r}")
+        check(gate_init_logit is None or gate_init_criterion is None,
+              f"`gate_init_logit` is the start of gates opened alike (gate_init_criterion=None); with "
+              f"gate_init_criterion={gate_init_criterion!r} set `gate_init_spread`")
+        check(gate_init_spread is None or (is_number(gate_init_spread) and 0 < gate_init_spread <= 1),
+              f"`gate_init_spread` must be None or in (0, 1], got {gate_init_spread!r}")
+        check(gate_init_spread is None or gate_init_criterion is not None,
+              "`gate_init_spread` spreads a criterion's ranking: set gate_init_criterion (e.g. 'l1'), or use "
+              "`gate_init_logit` for gates opened alike")
+        check(is_number(selector_distill) and selector_distill >= 0,
+              f"`selector_distill` must be a number >= 0, got {selector_distill!r}")
+        check(is_number(selector_distill_temperature) and selector_distill_temperature > 0,
+              f"`selector_distill_temperature` must be a number > 0, got {selector_distill_temperature!r}")
+        check(is_number(budget_strength) and budget_strength > 0,
+              f"`budget_strength` must be a number > 0, got {budget_strength!r}")
+        check(lambda_budget is None or (is_number(lambda_budget) and lambda_budget >= 0),
+              f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
         for label, value in (("retrain_lr", retrain_lr), ("retrain_lr_factor", retrain_lr_factor)):
             check(value is None or (is_number(value) and value > 0), f"`{label}` must be None or > 0, got {value!r}")
         check(retrain_lr is None or retrain_lr_factor is None,
               f"pass `retrain_lr` or `retrain_lr_factor`, not both (got {retrain_lr!r} and {retrain_lr_factor!r})")
-        check(is_number(lambda_kd) and lambda_kd >= 0, f"`lambda_kd` must be a number >= 0, got {lambda_kd!r}")
-        check(lambda_budget is None or (is_number(lambda_budget) and lambda_budget >= 0),
-              f"`lambda_budget` must be None (adaptive) or a number >= 0, got {lambda_budget!r}")
-        check(is_number(temperature) and temperature > 0, f"`temperature` must be > 0, got {temperature!r}")
-        check(is_number(budget_strength) and budget_strength > 0,
-              f"`budget_strength` must be a number > 0, got {budget_strength!r}")
         if layers is not None:
             layers = [layers] if isinstance(layers, str) else list(layers)
             check(bool(layers), "`layers` must name at least one group, or be None for all")
-        self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
-        self.layers_per_stage = layers_per_stage
         self.layers = layers
         self.allocation = allocation
+        self.selector, self.retrain, self.warmup, self.unit = selector, retrain, warmup, unit
+        self.layers_per_stage = layers_per_stage
+        self.final_retrain = final_retrain
+        self.scale_to_fit = scale_to_fit
+        self.gate_init_criterion_name = spelled(gate_init_criterion)
         self.gate_lr = float(gate_lr)
-        self.gate_init = gate_init
-        self.retrain_lr = retrain_lr
-        self.retrain_lr_factor = retrain_lr_factor
-        self.lambda_kd = float(lambda_kd)
-        self.temperature = float(temperature)
+        self.gate_init_logit = gate_init_logit
+        self.gate_init_spread = gate_init_spread
+        self.selector_distill = float(selector_distill)
+        self.selector_distill_temperature = float(selector_distill_temperature)
         self.budget_strength = float(budget_strength)
         self.lambda_budget = lambda_budget
-        self.scale_to_fit = scale_to_fit
-        self.final_retrain = final_retrain
+        self.retrain_lr = retrain_lr
+        self.retrain_lr_factor = retrain_lr_factor
         if layer_floor is None:
             layer_floor = _DEFAULT_LAYER_FLOOR if allocation == "learned" else 0.0
         self.layer_floor = float(layer_floor)
 
-        self.schedule: Optional[LayerwiseSchedule] = None
+        self.schedule: Optional[StagewiseSchedule] = None
         self.prune_counts: Dict[str, int] = {}
         # state that survives a resume (see state_dict)
         self._phase: Optional[Phase] = None
@@ -265,7 +292,8 @@ class MainSubsidiaryPruning(FilterPruning):
         self._bar_patch: Optional[InstancePatch] = None
         self._rates: Optional[PhaseRates] = None
         self._origin = 0
-        self._loss = SelectorLoss(self.lambda_kd, self.temperature, self.budget_strength, lambda_budget)
+        self._loss = SelectorLoss(self.selector_distill, self.selector_distill_temperature, self.budget_strength,
+                                  lambda_budget)
         self._stage_prune: Dict[int, int] = {}  # learned counts: filters each stage closes (resumed)
         self._goal = 0
 
@@ -287,12 +315,12 @@ class MainSubsidiaryPruning(FilterPruning):
                   f"layer_floor={self.layer_floor} and min_filters={self.min_filters} allow at most {room}")
         per_stage = self.layers_per_stage or len(names)
         final = 0 if self.final_retrain == REST else self.final_retrain  # the rest is known at train start
-        self.schedule = LayerwiseSchedule.from_groups(names, self.selector, self.retrain, self.warmup, per_stage,
+        self.schedule = StagewiseSchedule.from_groups(names, self.selector, self.retrain, self.warmup, per_stage,
                                                       self.unit, final)
 
     def _rounded(self, counts: Dict[str, int]) -> Dict[str, int]:
         """Learned counts moved to keep multiples of ``round_to`` (or whole groups), the stage's
-        total within :data:`~lightning_bnnprune.pruning.budget.ROUND_TOLERANCE` of PFR; the
+        total within :data:`~lightning_bnnprune.pruning.allocation.ROUND_TOLERANCE` of PFR; the
         multiple wins over ``layer_floor``."""
         sizes = {name: self.analysis[name].size for name in counts}
         quanta = {name: self.analysis[name].num_parts for name in counts}
@@ -333,8 +361,11 @@ class MainSubsidiaryPruning(FilterPruning):
         # after the checkpoint's training state is restored: global_step / current_epoch are final
         super().on_train_start(trainer, pl_module)
         if self._loaded.get("schedule"):
-            saved = LayerwiseSchedule(**self._loaded["schedule"])
-            if saved != self.schedule and not (self.scale_to_fit and saved.stages == self.schedule.stages):
+            saved = StagewiseSchedule(**self._loaded["schedule"])
+            # a checkpoint with recorded settings was checked in load_state_dict: its schedule is
+            # this one's, fitted to the first sitting's trainer; an older one may differ: say so
+            if (not self._loaded.get("settings_checked") and saved != self.schedule
+                    and not (self.scale_to_fit and saved.stages == self.schedule.stages)):
                 rank_zero_warn(f"[{type(self).__name__}] resuming with the checkpoint's schedule {saved!r}, "
                                f"not {self.schedule!r}")
             self.schedule = saved
@@ -364,13 +395,13 @@ class MainSubsidiaryPruning(FilterPruning):
             wanted["final"], repeats["final"] = s.final, 1
         lengths = self.fit_schedule(trainer, self.unit, wanted, repeats,
                                     scale_to_fit=self.scale_to_fit and self._phase is None, origin=self._origin)
-        fitted = LayerwiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"], s.unit,
+        fitted = StagewiseSchedule(s.stages, lengths["selector"], lengths["retrain"], lengths["warmup"], s.unit,
                                    final=lengths.get("final", 0))
         if self.final_retrain == REST and self._phase is None and not self._loaded.get("schedule"):
             available = trainer_budget(trainer, self.unit, self._origin)[0]
             check(math.isfinite(available), f"final_retrain={REST!r} needs a trainer of finite length: set "
                                             "max_steps or max_epochs, or give final_retrain a length")
-            fitted = LayerwiseSchedule(s.stages, fitted.selector, fitted.retrain, fitted.warmup, s.unit,
+            fitted = StagewiseSchedule(s.stages, fitted.selector, fitted.retrain, fitted.warmup, s.unit,
                                        final=max(0, int(available) - fitted.total))
         if fitted != s:
             self.schedule = fitted
@@ -469,12 +500,10 @@ class MainSubsidiaryPruning(FilterPruning):
             logits = [self.gates[name].logits for name in phase.groups]
             if fresh:
                 self._loss.spread = {}
-                init = self.gate_init
-                if init is None:
-                    init = min(0.5, self.gate_lr * self._selector_steps(trainer) / 4)
                 if self.allocation == "learned":
                     self._stage_prune[phase.stage] = self._stage_budget(phase)
-                self._init_gates(pl_module, phase, init)
+                # by default the gates start as far from 0 as Adam moves them in a quarter of the phase
+                self._init_gates(pl_module, phase, default=min(0.5, self.gate_lr * self._selector_steps(trainer) / 4))
             self._gate_optimizer = torch.optim.Adam(logits, lr=self.gate_lr)
             if not fresh and self._loaded.get("gate_optimizer") is not None:
                 self._gate_optimizer.load_state_dict(self._loaded["gate_optimizer"])
@@ -499,16 +528,17 @@ class MainSubsidiaryPruning(FilterPruning):
         return max(0, min(room, goal - earlier - later))
 
     @torch.no_grad()
-    def _init_gates(self, pl_module: "pl.LightningModule", phase: Phase, init: float) -> None:
-        """Open at ``+init`` (the paper), or ranked by ``gate_init_criterion`` around each
-        group's cut (all groups scored before any gate moves, as the greedy rule does)."""
+    def _init_gates(self, pl_module: "pl.LightningModule", phase: Phase, default: float) -> None:
+        """Open alike at ``+gate_init_logit`` (the paper), or ranked by ``gate_init_criterion``
+        around each group's cut, ``gate_init_spread`` apart (all groups scored before any gate
+        moves, as the greedy rule does); ``default`` stands for a None."""
         if self.gate_init_criterion is None:
             for name in phase.groups:
-                self.gates[name].logits.fill_(init)
+                self.gates[name].logits.fill_(default if self.gate_init_logit is None else self.gate_init_logit)
             return
         net = self.network_of(pl_module)
         scores = {name: scores_for(self.gate_init_criterion, net, self.analysis[name]) for name in phase.groups}
-        spread = self.gate_init if self.gate_init else max(init, 0.01)
+        spread = max(default, 0.01) if self.gate_init_spread is None else self.gate_init_spread
         for name in phase.groups:
             logits = self.gates[name].logits
             logits.copy_(rank_logits(scores[name], self.prune_counts[name], spread).to(logits))
@@ -534,18 +564,19 @@ class MainSubsidiaryPruning(FilterPruning):
 
     @override
     def distilling(self) -> bool:
-        # the selector distils with its own teacher (lambda_kd); retraining phases from the warm start
+        # the selector distils with its own teacher (selector_distill); retraining phases from the warm start
         return self._phase is not None and self._phase.name in (RETRAIN, FINAL, DONE) and super().distilling()
 
     # ------------------------------------------------------------------ selector loss
     def _selector_loss(self, pl_module: "pl.LightningModule", loss: Tensor, captured: Optional[Captured]) -> Tensor:
         """The user's loss plus the selector's terms (:class:`~lightning_bnnprune.pruning.selector.SelectorLoss`)."""
-        student = student_output(captured, type(self).__name__, self.network_path, "lambda_kd") if self.lambda_kd > 0 else None
+        student = (student_output(captured, type(self).__name__, self.network_path, "selector_distill")
+                   if self.selector_distill > 0 else None)
         kd, budget = self._loss.terms(self.network_of(pl_module), self.gates, self._phase.groups, self._budget_units(),
                                       loss, student)
         pl_module.log("msf/kd", kd.detach(), on_step=True, on_epoch=False)
         pl_module.log("msf/budget", budget.detach(), on_step=True, on_epoch=False)
-        return loss + self.lambda_kd * kd + budget
+        return loss + self.selector_distill * kd + budget
 
     def _budget_units(self) -> List[BudgetUnit]:
         """The selector's budget units: one per group, or one per stage with learned counts (its
@@ -619,6 +650,18 @@ class MainSubsidiaryPruning(FilterPruning):
 
     # ------------------------------------------------------------------ resume
     @override
+    def pruning_settings(self) -> Dict[str, Any]:
+        return {
+            **super().pruning_settings(), "layers": self.layers, "allocation": self.allocation,
+            "layer_floor": self.layer_floor, "unit": self.unit, "warmup": self.warmup, "selector": self.selector,
+            "retrain": self.retrain, "layers_per_stage": self.layers_per_stage, "final_retrain": self.final_retrain,
+            "gate_init_criterion": self.gate_init_criterion_name, "gate_lr": self.gate_lr,
+            "gate_init_logit": self.gate_init_logit, "gate_init_spread": self.gate_init_spread,
+            "selector_distill": self.selector_distill, "selector_distill_temperature": self.selector_distill_temperature,
+            "budget_strength": self.budget_strength, "lambda_budget": self.lambda_budget,
+        }
+
+    @override
     def state_dict(self) -> Dict[str, Any]:
         state = dict(super().state_dict())
         phase = self._phase
@@ -641,7 +684,8 @@ class MainSubsidiaryPruning(FilterPruning):
             return
         self._loaded = {k: state[k] for k in ("origin", "schedule", "prune_counts", "gate_optimizer")}
         self._loaded["stage_prune"] = state.get("stage_prune")
+        self._loaded["settings_checked"] = "settings" in state_dict
         self._loss.spread = dict(state.get("grad_spread", {}))
         if state["phase"] is not None and state["schedule"] is not None:
-            schedule = LayerwiseSchedule(**state["schedule"])
+            schedule = StagewiseSchedule(**state["schedule"])
             self._phase = schedule.phase_at(int(state["phase"]["start"]))

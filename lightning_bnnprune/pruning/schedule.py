@@ -1,7 +1,8 @@
-"""The layer-wise, bottom-up schedule of Xu et al., "Main/Subsidiary Network" (CVPR 2019).
+"""The stage-wise, bottom-up schedule of Xu et al., "Main/Subsidiary Network" (CVPR 2019).
 
-An optional *warm-up* of the main binary network, then for each stage (one or a few prunable
-layers, from the input side) a *selector* phase, in which only that stage's gates learn, and a
+An optional *warm-up* of the main binary network, then for each stage (one prunable layer in the
+paper, a few, or all of them in one stage: ``MainSubsidiaryPruning``'s default; from the input
+side) a *selector* phase, in which only that stage's gates learn, and a
 *retrain* phase, in which the main network adapts to the closed filters. Training one layer's
 selector at a time is the paper's answer to the gradient mismatch of the straight-through gate.
 An optional *final* retrain of the whole network closes the schedule (this project's addition: the
@@ -9,17 +10,20 @@ greedy rules retrain for a whole schedule after their one cut, the last stages h
 only one short retrain phase).
 
 The schedule is a plain value: it knows nothing of Lightning, can be printed, compared, scaled to
-a budget and asked which phase a step (or an epoch) falls in, so it is tested on its own.
+a budget and asked which phase a step (or an epoch) falls in, so it is tested on its own. The
+rule for the phases' lengths (:func:`check_lengths`) is this module's too: the strategies check
+their arguments with it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    "Phase", "LayerwiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES",
-    "UNITS", "ScheduleTooLong", "trainer_budget", "fit_lengths",
+    "Phase", "StagewiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES",
+    "UNITS", "LEAST", "check_lengths", "ScheduleTooLong", "trainer_budget", "fit_lengths",
 ]
 
 WARMUP, SELECTOR, RETRAIN, DONE = "warmup", "selector", "retrain", "done"
@@ -27,6 +31,30 @@ FINAL = "final"
 #: Numbers for loggers and progress bars, which take numbers only (``final`` came later: 4).
 PHASE_CODES = {WARMUP: 0, SELECTOR: 1, RETRAIN: 2, DONE: 3, FINAL: 4}
 UNITS = ("steps", "epochs")
+#: The fewest units each phase lasts: a stage must select and retrain; warm-up and final may be absent.
+LEAST = {WARMUP: 0, SELECTOR: 1, RETRAIN: 1, FINAL: 0}
+
+
+def check_lengths(unit: str, lengths: Mapping[str, Any], name: Callable[[str], str] = lambda key: key) -> None:
+    """The one check of a schedule's unit and phase lengths: each an ``int`` (not a ``bool``) of at
+    least :data:`LEAST` of its phase (``lengths`` is keyed by phase: ``warmup``, ``selector``,
+    ``retrain``, ``final``); ``name(key)`` is how the caller spells the argument.
+
+    Raises:
+        ValueError: the first bad value, in one line naming it, the rule and the value.
+
+    Example::
+
+        >>> check_lengths("steps", {"selector": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: `selector` must be an int >= 1 (steps), got 0
+    """
+    if unit not in UNITS:
+        raise ValueError(f"`{name('unit')}` must be one of {', '.join(UNITS)}; got {unit!r}")
+    for key, value in lengths.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < LEAST[key]:
+            raise ValueError(f"`{name(key)}` must be an int >= {LEAST[key]} ({unit}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,8 +82,13 @@ class Phase:
         return f"stage {self.stage + 1}/{num_stages} {self.name}: {', '.join(self.groups)}"
 
 
-class LayerwiseSchedule:
-    """Warm-up, then (selector, retrain) per stage of prunable groups, bottom-up.
+class StagewiseSchedule:
+    """Warm-up, then (selector, retrain) per stage of prunable groups, bottom-up, then a final retrain.
+
+    A stage is one or more groups whose selectors train together (``from_groups``'s
+    ``layers_per_stage``): one group per stage is the paper's layer-by-layer schedule, all groups
+    in one stage ``MainSubsidiaryPruning``'s default. (Called ``LayerwiseSchedule`` before 0.2.0;
+    that name is a deprecated alias until 0.3.0.)
 
     Args:
         stages: the groups trained together in each stage, in schedule order (input side first).
@@ -67,12 +100,12 @@ class LayerwiseSchedule:
             ``stage = num_stages`` like ``DONE``.
 
     Raises:
-        ValueError: no stage, an empty or repeated group, a non-positive selector / retrain
-            length, a negative warm-up or an unknown unit.
+        ValueError: no stage, an empty or repeated group, or a length or unit that
+            :func:`check_lengths` refuses.
 
     Example::
 
-        >>> s = LayerwiseSchedule.from_groups(["a", "b", "c"], selector=2, retrain=3, warmup=1)
+        >>> s = StagewiseSchedule.from_groups(["a", "b", "c"], selector=2, retrain=3, warmup=1)
         >>> s.total
         16
         >>> s.phase_at(4)
@@ -88,12 +121,7 @@ class LayerwiseSchedule:
         unit: str = "steps",
         final: int = 0,
     ) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-        for label, value, least in (("selector", selector, 1), ("retrain", retrain, 1), ("warmup", warmup, 0),
-                                    ("final", final, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{label} length must be an int >= {least} {unit}, got {value!r}")
+        check_lengths(unit, {WARMUP: warmup, SELECTOR: selector, RETRAIN: retrain, FINAL: final})
         self.stages: Tuple[Tuple[str, ...], ...] = tuple(tuple(s) for s in stages)
         if not self.stages or any(not s for s in self.stages):
             raise ValueError(f"every stage needs at least one group, got {self.stages!r}")
@@ -126,7 +154,7 @@ class LayerwiseSchedule:
         layers_per_stage: int = 1,
         unit: str = "steps",
         final: int = 0,
-    ) -> "LayerwiseSchedule":
+    ) -> "StagewiseSchedule":
         """``groups`` (in forward order) cut into stages of ``layers_per_stage`` consecutive groups."""
         if not isinstance(layers_per_stage, int) or layers_per_stage < 1:
             raise ValueError(f"layers_per_stage must be an int >= 1, got {layers_per_stage!r}")
@@ -152,7 +180,7 @@ class LayerwiseSchedule:
                 return phase
         return self._done
 
-    def scaled(self, available: int) -> "LayerwiseSchedule":
+    def scaled(self, available: int) -> "StagewiseSchedule":
         """The same schedule with every length scaled down (floor, at least 1; the warm-up may
         vanish) so that it fits in ``available`` units.
 
@@ -173,10 +201,10 @@ class LayerwiseSchedule:
         spare = available - self.num_stages * (selector + retrain)
         warmup = max(0, min(int(self.warmup * factor), spare))
         final = max(0, min(int(self.final * factor), spare - warmup))
-        return LayerwiseSchedule(self.stages, selector, retrain, warmup, self.unit, final)
+        return StagewiseSchedule(self.stages, selector, retrain, warmup, self.unit, final)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayerwiseSchedule) and self.state() == other.state()
+        return isinstance(other, StagewiseSchedule) and self.state() == other.state()
 
     def state(self) -> dict:
         """Plain description (for checkpoints and comparisons)."""
@@ -191,7 +219,7 @@ class LayerwiseSchedule:
 
     def __repr__(self) -> str:
         return (
-            f"LayerwiseSchedule({self.num_stages} stages, warmup={self.warmup}, selector={self.selector}, "
+            f"StagewiseSchedule({self.num_stages} stages, warmup={self.warmup}, selector={self.selector}, "
             f"retrain={self.retrain}, {f'final={self.final}, ' if self.final else ''}unit={self.unit!r}, "
             f"total={self.total})"
         )
@@ -205,6 +233,16 @@ class LayerwiseSchedule:
             lines.append(f"  {unit} {span}  {phase.describe(self.num_stages)}")
         lines.append(f"  {unit} {self.total:>{width}}+{'':<{width}}  {self._done.describe(self.num_stages)}")
         return "\n".join(lines)
+
+
+def __getattr__(name: str) -> Any:
+    """``LayerwiseSchedule``: the schedule's name before 0.2.0, a deprecated alias until 0.3.0."""
+    if name == "LayerwiseSchedule":
+        warnings.warn("LayerwiseSchedule is deprecated and will be removed in 0.3.0; use StagewiseSchedule "
+                      "(the same class: one stage of all layers is MainSubsidiaryPruning's default)",
+                      FutureWarning, stacklevel=2)
+        return StagewiseSchedule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ the short-run rule
