@@ -200,8 +200,8 @@ SCHEDULE = "schedule"  # filled from conf/train.yaml's `schedule` node: one budg
 DATA_DIR = "under paths.data_dir, the app's data folder"
 CHOSEN_BY_APP = "the app sets it (num_classes from the datamodule)"
 MSF_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "selector", "retrain", "layers_per_stage",
-                                   "retrain_lr", "retrain_lr_factor", "distill"], SCHEDULE)
-GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "distill"], SCHEDULE)
+                                   "retrain_lr", "retrain_lr_factor", "distill", "distill_teacher"], SCHEDULE)
+GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "distill", "distill_teacher"], SCHEDULE)
 SCALED = "the app fits every strategy's schedule into the trainer it builds"
 #: Where an option's YAML deliberately differs from its target's default, and why: what makes the
 #: option that option, what the app fills in. Every other value must equal the default.

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY, UserModule
-from lightning_bnnprune import Binarize, MainSubsidiaryPruning
+from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning
 from lightning_bnnprune.layers import BinaryConv2d
 
 
@@ -49,7 +49,7 @@ def test_weight_zero_is_todays_run_bit_for_bit_and_makes_no_copy(tmp_path):
     plain = _fit(tmp_path / "a", Binarize())
     off = Binarize(teacher="full_precision", teacher_weight=0)
     zero = _fit(tmp_path / "b", off)
-    assert off._teacher is None and not off.distilling
+    assert off.full_precision_teacher is None and not off.distilling
     assert _equal(_state(plain), _state(zero))
     taught = _fit(tmp_path / "c", Binarize(teacher="full_precision"))
     assert not _equal(_state(plain), _state(taught))  # the term is really added
@@ -63,8 +63,8 @@ def test_teacher_is_the_full_precision_network_the_user_handed_in(tmp_path):
     _fit(tmp_path, binarize, module=module)
     x = torch.randn(4, 3, 32, 32)
     assert any(isinstance(m, BinaryConv2d) for m in module.net.modules())
-    assert not any(isinstance(m, BinaryConv2d) for m in binarize._teacher.net.modules())
-    assert torch.equal(binarize._teacher(x), before(x))  # frozen: unchanged by the fit
+    assert not any(isinstance(m, BinaryConv2d) for m in binarize.full_precision_teacher.net.modules())
+    assert torch.equal(binarize.full_precision_teacher(x), before(x))  # frozen: unchanged by the fit
     assert binarize._teacher_wrapper is None and "training_step" not in module.__dict__  # the step is the user's again
 
 
@@ -76,10 +76,10 @@ def test_teacher_from_a_weights_file_and_from_a_module(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     from_file = Binarize(teacher=str(path))
     _fit(tmp_path / "f", from_file, max_steps=2)
-    assert torch.equal(from_file._teacher(x), other(x))
+    assert torch.equal(from_file.full_precision_teacher(x), other(x))
     from_module = Binarize(teacher=other)
     _fit(tmp_path / "m", from_module, max_steps=2)
-    assert torch.equal(from_module._teacher(x), other(x))
+    assert torch.equal(from_module.full_precision_teacher(x), other(x))
     torch.save(timm.create_model("resnet18_cifar", num_classes=10).state_dict(), tmp_path / "wrong.pt")
     with pytest.raises(MisconfigurationException, match="does not fit the network"):
         _fit(tmp_path / "w", Binarize(teacher=str(tmp_path / "wrong.pt")), max_steps=1)
@@ -186,3 +186,42 @@ def test_bad_two_step_arguments_are_one_line(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match) as err:
         Binarize(**kwargs)
     assert "\n" not in str(err.value)
+
+
+class PhasesSeen(Callback):
+    """msf's phase at each step and the weights' flag, to check where pruning starts."""
+
+    def __init__(self, prune):
+        self.prune, self.phases = prune, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        real = next(m for m in pl_module.modules() if isinstance(m, BinaryConv2d)).real_weights
+        phase = self.prune.phase
+        self.phases.append((None if phase is None else phase.name, real))
+
+
+def test_two_steps_under_msf_prune_after_the_weights_turn_binary_with_the_schedules_lengths(tmp_path):
+    prune = MainSubsidiaryPruning(0.4, warmup=1, selector=1, retrain=2, final_retrain=0, input_size=(3, 32, 32))
+    seen = PhasesSeen(prune)
+    _fit(tmp_path, Binarize(binary_weights_from=3), max_steps=9, extra=[prune, seen])
+    names = [name for name, _ in seen.phases]
+    first = next(i for i, n in enumerate(names) if n not in (None, "warmup"))
+    assert first == 3 and not seen.phases[first][1]  # not at warmup=1: at the first binary-weight step
+    assert names[3:6] == ["selector", "retrain", "retrain"]  # selector 1 + retrain 2, as configured
+    assert prune.schedule.warmup == 3 and prune.record is not None
+
+
+def test_pruning_retrains_against_the_full_precision_teacher(tmp_path):
+    binarize = Binarize(teacher="full_precision", teacher_weight=0)  # kept for the pruning only
+    prune = GreedyFilterPruning(0.4, criterion="l1", warmup=2, distill=1.0, distill_teacher="full_precision",
+                                input_size=(3, 32, 32))
+    module = _fit(tmp_path, binarize, max_steps=5, extra=[prune])
+    assert prune.teacher is binarize.full_precision_teacher is not None  # shared, not a copy
+    assert not any(isinstance(m, BinaryConv2d) for m in prune.teacher.net.modules())
+    assert "training_step" not in module.__dict__ and prune.record is not None
+    with pytest.raises(MisconfigurationException, match="add Binarize\\(teacher='full_precision'\\)"):
+        _fit(tmp_path / "none", Binarize(), max_steps=3,
+             extra=[GreedyFilterPruning(0.4, warmup=1, distill=1.0, distill_teacher="full_precision",
+                                        input_size=(3, 32, 32))])
+    with pytest.raises(MisconfigurationException, match="must be one of: binary_start, full_precision"):
+        GreedyFilterPruning(0.4, distill_teacher="teacher")

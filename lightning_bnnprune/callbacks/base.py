@@ -8,6 +8,7 @@ measured through the same machinery. ``docs/extending.md`` shows a new strategy 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -31,12 +32,16 @@ from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
 from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
 from ..pruning.surgery import check_batch, remove_filters, resolve_keep
-from .binarize import Binarize
+from .binarize import FULL_PRECISION, Binarize
 from .checks import ResumeMismatch, ScheduleMisconfiguration, check, check_pfr, is_int, is_number
 from .deprecation import accepts_old_spellings
 from .wrapping import Captured, StepWrapper, student_output
 
-__all__ = ["FilterPruning"]
+__all__ = ["FilterPruning", "BINARY_START", "DISTILL_TEACHERS"]
+
+#: ``distill_teacher=BINARY_START``: the binary network as the fit found it (the warm start).
+BINARY_START = "binary_start"
+DISTILL_TEACHERS = (BINARY_START, FULL_PRECISION)
 
 
 class FilterPruning(Callback):
@@ -88,6 +93,10 @@ class FilterPruning(Callback):
             while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
             runs no teacher. Offered to every strategy so that comparisons stay equal.
         distill_temperature: its temperature ``T``.
+        distill_teacher: the teacher of that distillation: ``"binary_start"`` (default), the binary
+            network as this fit found it, frozen; or ``"full_precision"``, the full-precision
+            network kept by ``Binarize(teacher=...)`` (shared, not copied; that callback saves
+            it), the teacher of ReActNet's and Real-to-Binary's recipes.
         remove_at_end: remove the pruned filters physically at the end of ``fit``: the
             LightningModule's network *becomes* the smaller one (in place, on every rank), and
             rank zero writes next to the checkpoints ``pruned.pt`` (weights + record, see
@@ -138,9 +147,12 @@ class FilterPruning(Callback):
         round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        distill_teacher: str = BINARY_START,
         remove_at_end: bool = True,
     ) -> None:
         check(is_number(distill) and distill >= 0, f"`distill` must be a number >= 0, got {distill!r}")
+        check(distill_teacher in DISTILL_TEACHERS,
+              f"`distill_teacher` must be one of: {', '.join(DISTILL_TEACHERS)}; got {distill_teacher!r}")
         check(is_number(distill_temperature) and distill_temperature > 0,
               f"`distill_temperature` must be a number > 0, got {distill_temperature!r}")
         check(is_int(round_to, 1), f"`round_to` must be an int >= 1, got {round_to!r}")
@@ -164,6 +176,7 @@ class FilterPruning(Callback):
         self._pruned_in_place = False
         self.distill = float(distill)
         self.distill_temperature = float(distill_temperature)
+        self.distill_teacher = distill_teacher
         self.teacher: Optional[FrozenTeacher] = None
         self._teacher_state: Optional[Dict[str, Any]] = None
         self._distill_wrapper: Optional[StepWrapper] = None
@@ -275,6 +288,11 @@ class FilterPruning(Callback):
             MisconfigurationException: the schedule does not fit (see above).
         """
         available, knob, per_epoch = trainer_budget(trainer, unit, origin)
+        start = self._binary_weights_start(trainer, unit, per_epoch) - origin
+        if lengths.get("warmup", start) < start:
+            rank_zero_info(f"[{type(self).__name__}] pruning starts once the weights are binary "
+                           f"(Binarize's two steps): warmup {lengths['warmup']} -> {start} {unit}")
+            lengths = {**lengths, "warmup": start}
         try:
             fitted = fit_lengths(type(self).__name__, lengths, repeats, available, unit, knob=knob,
                                  per_epoch=per_epoch, scale_to_fit=scale_to_fit, extra=extra, origin=origin)
@@ -282,7 +300,23 @@ class FilterPruning(Callback):
             raise ScheduleMisconfiguration(err) from None
         if fitted != lengths:
             rank_zero_info(f"[{type(self).__name__}] schedule scaled to fit {int(available)} {unit}: {fitted}")
+        check(fitted.get("warmup", start) >= start,
+              f"{type(self).__name__}: scaled to fit the trainer, pruning would start at {unit} "
+              f"{fitted.get('warmup')}, before the weights turn binary at {start} (Binarize's "
+              "binary_weights_from); lengthen the trainer or binarise the weights earlier")
         return fitted
+
+    @staticmethod
+    def _binary_weights_start(trainer: "pl.Trainer", unit: str, per_epoch: float) -> int:
+        """When ``Binarize``'s two-step binarisation makes the weights binary, in ``unit``
+        (0 without it): no strategy prunes a network whose weights are still real."""
+        binarize = next((cb for cb in trainer.callbacks if isinstance(cb, Binarize)), None)
+        if binarize is None or binarize.binary_weights_from is None:
+            return 0
+        if unit == binarize.binary_weights_unit:
+            return binarize.binary_weights_from
+        steps = binarize.binary_weights_step(trainer)
+        return steps if unit == "steps" else math.ceil(steps / max(per_epoch, 1))
 
     def final_masks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[Dict[str, Tensor]]:
         """Override point, called at fit end before the removal (also with ``remove_at_end=False``):
@@ -315,13 +349,20 @@ class FilterPruning(Callback):
         if self.distill <= 0 or self.analysis is None:
             return
         net = self.network_of(pl_module)
-        # After a checkpoint's weights are restored: a resumed fit takes its teacher from the
-        # checkpoint (the first sitting's start), not from the network it resumes.
-        self.teacher = FrozenTeacher(net)
-        if self._teacher_state is not None:
-            self.teacher.load_state_dict(self._teacher_state)
-            self._teacher_state = None
-        self.teacher.to(pl_module.device)
+        if self.distill_teacher == FULL_PRECISION:
+            binarize = next((cb for cb in trainer.callbacks if isinstance(cb, Binarize)), None)
+            self.teacher = binarize.full_precision_teacher if binarize is not None else None
+            check(self.teacher is not None, f"{type(self).__name__}: distill_teacher='full_precision' distils "
+                                            "from Binarize's teacher; add Binarize(teacher='full_precision') "
+                                            "(or a module or weights file) to the trainer")
+        else:
+            # After a checkpoint's weights are restored: a resumed fit takes its teacher from the
+            # checkpoint (the first sitting's start), not from the network it resumes.
+            self.teacher = FrozenTeacher(net)
+            if self._teacher_state is not None:
+                self.teacher.load_state_dict(self._teacher_state)
+                self._teacher_state = None
+            self.teacher.to(pl_module.device)
         self._install_distill(pl_module, net)
 
     def _install_distill(self, pl_module: "pl.LightningModule", net: nn.Module) -> None:
@@ -349,12 +390,13 @@ class FilterPruning(Callback):
         """Override point: the arguments that decide what is pruned (which filters, how many,
         when), as plain values, extending ``super()``'s. ``state_dict`` records them and a fit
         resumed from the checkpoint must have the same (see "Resuming" in the class docstring)."""
-        return {"target_pfr": self.target_pfr, "min_filters": self.min_filters, "round_to": self.round_to}
+        return {"target_pfr": self.target_pfr, "min_filters": self.min_filters, "round_to": self.round_to,
+                "distill_teacher": self.distill_teacher}
 
     @override
     def state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"settings": self.pruning_settings()}
-        if self.teacher is not None:
+        if self.teacher is not None and self.distill_teacher == BINARY_START:  # Binarize keeps the other
             state["distill_teacher"] = self.teacher.state_dict()
         return state
 
@@ -372,7 +414,7 @@ class FilterPruning(Callback):
         for key, old in recorded.items():
             if key in now and now[key] != old:
                 raise ResumeMismatch(owner, key, old, now[key])
-        if self.distill > 0 and not has_teacher:
+        if self.distill > 0 and self.distill_teacher == BINARY_START and not has_teacher:
             raise ResumeMismatch(owner, "distill", 0.0, self.distill,
                                  "so it holds no distillation teacher (the network as the first fit found it)")
 

@@ -180,13 +180,22 @@ class Binarize(Callback):
         """Whether a teacher is set and weighs anything."""
         return self.teacher is not None and self.teacher_weight > 0
 
+    @property
+    def full_precision_teacher(self) -> Optional[FrozenTeacher]:
+        """The frozen teacher (None without one): also what a pruning callback's
+        ``distill_teacher="full_precision"`` distils from while it retrains."""
+        return self._teacher
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         try:
             paths = find_networks(pl_module, self.networks)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        if self.distilling and self._teacher is None:
+        # a pruning callback may take the teacher for its retraining, even at teacher_weight=0
+        wanted = any(getattr(cb, "distill_teacher", None) == FULL_PRECISION and getattr(cb, "distill", 0) > 0
+                     for cb in trainer.callbacks)
+        if self.teacher is not None and (self.teacher_weight > 0 or wanted) and self._teacher is None:
             self._teacher = self._build_teacher(pl_module, paths)
         for path in paths:
             net = pl_module.get_submodule(path) if path else pl_module
@@ -290,6 +299,8 @@ class Binarize(Callback):
               "Binarize: the teacher is binary (the network was binarised before this fit and no "
               "checkpoint held the teacher); pass teacher= a full-precision module or weights file")
         self._teacher.to(pl_module.device)
+        if not self.distilling:
+            return  # kept for a pruning callback's retraining only
         path = find_networks(pl_module, self.networks)[0]
         net = pl_module.get_submodule(path) if path else pl_module
 

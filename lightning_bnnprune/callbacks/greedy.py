@@ -23,7 +23,7 @@ from ..pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS
 from ..pruning.allocation import GLOBAL
 from ..pruning.criteria import Criterion, scores_for
 from ..pruning.schedule import RETRAIN, WARMUP, check_lengths
-from .base import FilterPruning
+from .base import BINARY_START, FilterPruning
 from .checks import check, checked, is_int, is_number, spelled
 from .deprecation import accepts_old_spellings
 
@@ -77,8 +77,9 @@ class GreedyFilterPruning(FilterPruning):
             ``max_epochs`` cannot hold the schedule, as :class:`MainSubsidiaryPruning` does
             (``False``: that is an error naming the lengths that would fit).
         network, input_size, exclude, min_filters, round_to: see :class:`FilterPruning`.
-        distill, distill_temperature: distillation from the unpruned start network once filters
-            are closed (see :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
+        distill, distill_temperature, distill_teacher: distillation from the unpruned start
+            network (or the full-precision one) once filters are closed (see
+            :class:`FilterPruning`), as ``MainSubsidiaryPruning`` offers it.
         remove_at_end: see :class:`FilterPruning`.
 
     Raises:
@@ -129,6 +130,7 @@ class GreedyFilterPruning(FilterPruning):
         round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        distill_teacher: str = BINARY_START,
         remove_at_end: bool = True,
     ) -> None:
         super().__init__(
@@ -140,6 +142,7 @@ class GreedyFilterPruning(FilterPruning):
             round_to=round_to,
             distill=distill,
             distill_temperature=distill_temperature,
+            distill_teacher=distill_teacher,
             remove_at_end=remove_at_end,
         )
         check(is_int(seed), f"`seed` must be an int, got {seed!r}")

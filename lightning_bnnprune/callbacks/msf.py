@@ -32,7 +32,7 @@ from ..pruning.schedule import (DONE, FINAL, LEAST, RETRAIN, SELECTOR, WARMUP, P
                                 check_lengths, trainer_budget)
 from ..pruning.selector import BudgetUnit, SelectorLoss, keep_top_across, rank_logits
 from ..pruning.slicing import OUT
-from .base import FilterPruning
+from .base import BINARY_START, FilterPruning
 from .checks import check, checked, is_int, is_number, spelled
 from .deprecation import accepts_old_spellings, gate_init_rename
 from .phase_params import PhaseParameters
@@ -152,10 +152,10 @@ class MainSubsidiaryPruning(FilterPruning):
         retrain_lr: learning rate of a retrain phase (default ``1e-4``).
         retrain_lr_factor: instead of ``retrain_lr``, this factor times the user's learning rate.
         network, input_size, exclude, min_filters, round_to, distill, distill_temperature,
-            remove_at_end:
+            distill_teacher, remove_at_end:
             see :class:`~lightning_bnnprune.callbacks.base.FilterPruning` (``distill`` applies in
-            the retrain, final and done phases, from the warm start; the selector distils with
-            ``selector_distill``).
+            the retrain, final and done phases, from the warm start or the full-precision
+            network; the selector distils with ``selector_distill``).
 
     Raises:
         MisconfigurationException: ``target_pfr`` outside ``[0, 1)``, a phase of length 0, an
@@ -217,11 +217,12 @@ class MainSubsidiaryPruning(FilterPruning):
         round_to: int = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
+        distill_teacher: str = BINARY_START,
         remove_at_end: bool = True,
     ) -> None:
         super().__init__(target_pfr, network=network, input_size=input_size, exclude=exclude, min_filters=min_filters,
                          round_to=round_to, distill=distill, distill_temperature=distill_temperature,
-                         remove_at_end=remove_at_end)
+                         distill_teacher=distill_teacher, remove_at_end=remove_at_end)
         check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
         check(layer_floor is None or (is_number(layer_floor) and 0 <= layer_floor < 1),
               f"`layer_floor` must be None or in [0, 1), got {layer_floor!r}")
