@@ -15,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 from types import ModuleType
 from typing import Any, Optional, Sequence
 
@@ -126,6 +127,23 @@ class _RegisterAfterExec(importlib.abc.Loader):
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...
         return getattr(self.loader, name)
 
+
+# --------------------------------------------------------------------- known third-party noise
+#: Warnings that Lightning (2.6) raises on every fit because newer torch (2.14 here) deprecates
+#: what it calls, which the user cannot act on: (message, category, module that warns).
+#: CombinedLoader builds torch's `LeafSpec()` (lightning/pytorch/utilities/_pytree.py:21), and
+#: `strategy.all_gather` (MainSubsidiaryPruning's check that every DDP rank has the same gates)
+#: calls `torch.distributed.nn.functional.all_gather`. Only these, for the app and the callbacks
+#: alike: every other warning shows as before.
+_KNOWN_THIRD_PARTY_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+     r"lightning\.pytorch\.utilities\._pytree$"),
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning,
+     r"lightning\.fabric\.utilities\.distributed$"),
+)
+for _message, _category, _module in _KNOWN_THIRD_PARTY_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message, category=_category, module=_module)
+del _message, _category, _module
 
 if "timm" in sys.modules:
     _register_cifar_models()
