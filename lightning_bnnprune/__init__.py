@@ -92,32 +92,37 @@ class _RegisterWithTimm(importlib.abc.MetaPathFinder):
     Finds nothing itself: when ``timm`` is looked up, it takes the spec the other finders give
     and wraps its loader, so that ``timm`` executes as usual and :mod:`lightning_bnnprune.models`
     is imported straight after (still inside the user's ``import timm``). One-shot: it leaves
-    ``sys.meta_path`` at the first lookup of ``timm``.
+    ``sys.meta_path`` when ``timm`` executes (a mere ``importlib.util.find_spec("timm")``, as
+    availability checks do, leaves it in place).
     """
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]] = None,
                   target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname != "timm":
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = next((s for s in (f.find_spec(fullname, path, target) for f in sys.meta_path
-                                 if hasattr(f, "find_spec")) if s is not None), None)
-        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _RegisterAfterExec(spec.loader)
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisterAfterExec(spec.loader, self)
         return spec
 
 
 class _RegisterAfterExec(importlib.abc.Loader):
     """``timm``'s own loader, then :func:`_register_cifar_models`; the module keeps its loader."""
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self.loader = loader
+    def __init__(self, loader: importlib.abc.Loader, hook: _RegisterWithTimm) -> None:
+        self.loader, self.hook = loader, hook
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        if self.hook in sys.meta_path:
+            sys.meta_path.remove(self.hook)
         module.__loader__ = self.loader  # what timm's module would have had without the hook
         if getattr(module, "__spec__", None) is not None:
             module.__spec__.loader = self.loader

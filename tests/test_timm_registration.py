@@ -36,7 +36,10 @@ def _python(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("code", [
     "import timm, lightning_bnnprune; print(type(timm.create_model('resnet20_cifar')).__name__)",
     "import lightning_bnnprune; from timm.models import create_model; print(type(create_model('resnet20_cifar')).__name__)",
-], ids=["timm_first", "timm_submodule_after"])
+    # an availability check (Lightning's RequirementCache style) before the import
+    "import importlib.util, lightning_bnnprune; importlib.util.find_spec('timm'); import timm; "
+    "print(type(timm.create_model('resnet20_cifar')).__name__)",
+], ids=["timm_first", "timm_submodule_after", "find_spec_before_import"])
 def test_importing_the_package_registers_the_cifar_networks(code):
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
