@@ -158,8 +158,9 @@ def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None
     Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
     the keys that exist there), override syntax, missing mandatory values, errors raised while
     building the configured objects (``build`` names the config key), a ``ckpt_path`` that is
-    truncated or not a checkpoint, a run folder that already holds results, a strategy's schedule that the trainer cannot hold (in the app's keys), and
-    Lightning's ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
+    truncated or not a checkpoint, a run folder that already holds results, a strategy's schedule
+    that the trainer cannot hold (in the app's keys), and Lightning's
+    ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
     """
     if isinstance(err, BuildError):
         cause = err.__cause__
