@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lightning_bnnprune.config import CONFIG_NAME, GROUPS, RECIPE_GROUP, ConfigError, conf_dir
+from lightning_bnnprune.torch_files import UnreadableFileError
 
 __all__ = ["BuildError", "building", "cli_overrides", "config_mistake", "one_line_error", "squash"]
 
@@ -156,14 +157,17 @@ def one_line_error(err: BaseException, overrides: Optional[Sequence[str]] = None
 
     Covers unknown config-group options and recipes (listing the choices), unknown keys (listing
     the keys that exist there), override syntax, missing mandatory values, errors raised while
-    building the configured objects (``build`` names the config key), a run folder that already
-    holds results, a strategy's schedule that the trainer cannot hold (in the app's keys), and
-    Lightning's ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
+    building the configured objects (``build`` names the config key), a ``ckpt_path`` that is
+    truncated or not a checkpoint, a run folder that already holds results, a strategy's schedule
+    that the trainer cannot hold (in the app's keys), and Lightning's
+    ``MisconfigurationException`` / a missing file raised by a callback or datamodule.
     """
     if isinstance(err, BuildError):
         cause = err.__cause__
         if isinstance(cause, OmegaConfBaseException):
             return one_line_error(cause, overrides)
+        if isinstance(cause, UnreadableFileError):  # says all there is: no traceback to offer
+            return squash(f"{err.key}: {cause}")
         return squash(f"{err.key}: {type(cause).__name__}: {cause}") + " (HYDRA_FULL_ERROR=1 for the traceback)"
     if isinstance(err, CompactHydraException):
         mistake = config_mistake(overrides or ())

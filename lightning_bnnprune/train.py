@@ -158,6 +158,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("export") is not None and cfg.get("export") not in export_targets.available():
         raise ConfigError(f"`export` must be one of: null, {', '.join(export_targets.available())}; "
                           f"got {cfg.get('export')!r}")
+    _check_checkpoint(cfg.get("ckpt_path"))
     from lightning.pytorch import seed_everything
 
     from lightning_bnnprune import ImageClassifier  # noqa: F401  (the whole library, loaded before the clock)
@@ -186,6 +187,17 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             summary.update(_lce_latency(exported))
     _report(summary, Path(str(cfg.paths.output_dir)))
     return summary
+
+
+def _check_checkpoint(ckpt_path: Optional[str]) -> None:
+    """A local ``ckpt_path`` cut short (or not a checkpoint) is a one-line mistake, found before
+    the training stack loads; a missing one is Lightning's (``FileNotFoundError``), and ``last``,
+    ``hpc``, ``best`` or a remote URL are Lightning's to resolve."""
+    from lightning_bnnprune.torch_files import check_torch_file
+
+    if ckpt_path and os.path.isfile(str(ckpt_path)):
+        with building("ckpt_path"):
+            check_torch_file(str(ckpt_path), "checkpoint")
 
 
 def _interrupted(cfg: DictConfig, run: Run, stop: SystemExit) -> None:

@@ -70,3 +70,28 @@ def test_a_failed_sweep_job_is_a_row_and_the_sweep_goes_on(run_app, tmp_path):
     assert any(line.startswith("bnnprune: error: job 0: ") for line in lines), lines
     assert lines[-1] == f"bnnprune: error: 1 of 2 jobs failed; see {sweep_dir / 'sweep_summary.md'}"
     assert "Tip:" not in proc.stdout + proc.stderr  # Lightning's promotions are silenced
+
+
+@pytest.mark.parametrize("where", ["new_folder", "its_run_folder"])
+def test_a_truncated_checkpoint_is_one_line_and_leaves_the_folders_as_they_were(run_app, tmp_path, where):
+    import torch
+
+    from lightning_bnnprune.module import ImageClassifier
+
+    old_run = tmp_path / "old_run"
+    (old_run / "checkpoints").mkdir(parents=True)
+    intact = old_run / "checkpoints" / "intact.ckpt"
+    torch.save({"state_dict": ImageClassifier("resnet20_cifar").state_dict(), "global_step": 50}, intact)
+    data = intact.read_bytes()
+    cut = old_run / "checkpoints" / "last.ckpt"
+    cut.write_bytes(data[: len(data) // 2])  # a copy cut in half
+    run_dir = old_run if where == "its_run_folder" else tmp_path / "new_run"
+    proc = run_app(*TINY, "logger=none", f"ckpt_path={cut}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert stderr_lines(proc) == [
+        f"bnnprune: error: ckpt_path: {cut} is truncated or not a checkpoint "
+        f"(its zip index is missing: the file ends early; {len(data) // 2} bytes)"
+    ]
+    assert not (tmp_path / "new_run").exists()  # no folder left by the mistake
+    assert sorted(p.name for p in (old_run / "checkpoints").iterdir()) == ["intact.ckpt", "last.ckpt"]
+    assert cut.read_bytes() == data[: len(data) // 2]

@@ -45,6 +45,7 @@ def test_tiny_run_leaves_its_outputs_and_resumes_in_place(run_app, call_main, tm
     assert Path(summary["last_checkpoint"]) == last and last.is_file()
     assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "is deprecated" not in proc.stdout + proc.stderr  # Lightning's LeafSpec warning is silenced
 
     # The folder now holds results: a new run there is refused, in one line ...
     refused = call_main(*TINY, f"hydra.run.dir={run_dir}")

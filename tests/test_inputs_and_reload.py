@@ -107,3 +107,19 @@ def test_an_exception_inside_fit_leaves_the_module_gated_and_unpruned(tmp_path):
     assert len(gates_of(module.net)) == len(pruning.gates) > 0  # the gates stay attached, closed as chosen
     assert module.net[3].out_channels == 16  # the filters are all still there
     assert pruning.pfr() == pytest.approx(0.4, abs=0.05)
+
+
+@pytest.mark.parametrize("cut", ["half", "text"])
+def test_load_pruned_on_a_truncated_file_is_one_line_naming_it(tmp_path, cut):
+    pruning = GreedyFilterPruning("l1", target_pfr=0.4)
+    _fit(tmp_path, Lit(small_cnn()), pruning, size=16)
+    data = open(pruning.pruned_path, "rb").read()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2] if cut == "half" else b"not a model\n")
+    with pytest.raises(ValueError) as raised:
+        load_pruned(bad)
+    message = str(raised.value)
+    assert message == (f"{bad} is truncated or not a pruned model written by save_pruned ("
+                       + ("its zip index is missing: the file ends early" if cut == "half"
+                          else "not a zip archive as torch.save writes") + f"; {bad.stat().st_size} bytes)")
+    assert load_pruned(pruning.pruned_path, model=Lit(small_cnn())) is not None  # the intact file still loads

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..torch_files import check_torch_file
 from .gates import is_gate_key
 from .rebuild import rebuild
 
@@ -135,7 +136,12 @@ def _mismatch_state(state: Mapping[str, Tensor], record: PruningRecord) -> None:
 
 
 def read_pruned(path: PathLike) -> Tuple[PruningRecord, Dict[str, Tensor]]:
-    """The record and state dict of a file written by :func:`save_pruned`."""
+    """The record and state dict of a file written by :func:`save_pruned`.
+
+    Raises:
+        UnreadableFileError: (a ``ValueError``) if the file is truncated or not a ``torch.save`` file.
+    """
+    check_torch_file(path, "pruned model written by save_pruned")
     blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a pruned model written by save_pruned (format {FORMAT!r})")
@@ -162,7 +168,8 @@ def load_pruned(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
 
     Raises:
         ValueError: if ``model`` (or the rebuilt one) does not match the record; the message
-            names the first mismatching tensors, or says which module the record needs.
+            names the first mismatching tensors, or says which module the record needs; or if
+            the file is truncated or not a pruned model (one line naming the file).
     """
     record, state = read_pruned(path)
     if model is None:
