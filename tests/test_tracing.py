@@ -12,7 +12,7 @@ from torch import nn
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning import attach_gates
-from lightning_bnnprune.pruning.block_sizes import rule_for
+from lightning_bnnprune.pruning.block_sizes import owner_of
 from lightning_bnnprune.pruning.budget import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.record import load_pruned, save_pruned
@@ -207,15 +207,26 @@ def test_a_radix_reshape_without_a_trace_form_is_refused_by_name():
     assert analysis.refused["paths"].endswith("which Torch-Pruning maps as a flatten")
 
 
+class OwnSliceBlock(nn.Module):
+    """A user's own block that cuts a conv's output at a position written in its code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.conv(self.stem(x))[:, :12])
+
+
 def test_a_slice_whose_block_has_no_rule_is_refused_by_name():
-    # DPN without "b": the residual width is c1x1_c's output minus the dense increment, which no
-    # layer shape gives, so x[:, :self.num_1x1_c] could not follow a cut
-    net = binary_net("dpn68")
-    block = net.get_submodule("features.conv2_2")
-    assert block.c1x1_c1 is None and rule_for(block) is None
-    assert rule_for(binary_net("dpn48b").get_submodule("features.conv2_2")) is not None
-    analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
-    assert any(why.endswith("sliced at channel positions fixed in the model's code") for why in analysis.refused.values())
+    net = OwnSliceBlock()
+    binarize_model(net)
+    assert owner_of(net, "conv") is None
+    analysis = find_channel_groups(net.eval(), torch.randn(1, 3, 16, 16))
+    assert analysis.refused["conv"] == "conv: its output is sliced at channel positions fixed in the model's code"
 
 
 def test_mixed_kernel_splits_follow_their_convs(tmp_path):

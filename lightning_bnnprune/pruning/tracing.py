@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch_pruning as tp
@@ -235,14 +235,16 @@ class Closure:
 FAN_OUT = 64
 
 
-def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module) -> Closure:
-    """Follow every output channel of ``root_module`` through ``graph`` (each pair crosses each edge
-    at most once; the walk stops at a node that fans out past :data:`FAN_OUT`)."""
+def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module,
+            channels: Optional[Sequence[int]] = None) -> Closure:
+    """Follow output ``channels`` (default: every one) of ``root_module`` through ``graph`` (each
+    pair crosses each edge at most once; the walk stops at a node that fans out past :data:`FAN_OUT`)."""
     root = graph.module2node[root_module]
     handler = graph.get_pruner_of_module(root_module).prune_out_channels
-    channels = graph.get_pruner_of_module(root_module).get_out_channels(root_module)
-    start = {(i, i) for i in range(channels)}
-    cap = FAN_OUT * channels
+    if channels is None:
+        channels = range(graph.get_pruner_of_module(root_module).get_out_channels(root_module))
+    start = {(i, i) for i in channels}
+    cap = FAN_OUT * len(start)
     reached: Dict[Tuple[Any, Any], Pairs] = {(root, handler): set(start)}
     stack = [(root, handler, start)]
     while stack:

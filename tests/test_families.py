@@ -1,0 +1,148 @@
+"""The last CNN families: ConvNeXt's layer norm over channels (its statistics follow the gates),
+DPN's plain blocks (a cut position that moves with its conv's cut) and free per-channel
+parameters (layer scales). Each: a real timm model in a tiny configuration, a random 40 % of every
+group closed, the closed gates equal to the removed channels, the reload equal to the pruned model,
+and the PFR over all binary filters at the target."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_bnnprune.binarize import binarize_model
+from lightning_bnnprune.layers import BinaryConv2d
+from lightning_bnnprune.pruning import attach_gates, detach_gates
+from lightning_bnnprune.pruning.budget import allocate
+from lightning_bnnprune.pruning.gated_norm import masked_layer_norm
+from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
+from lightning_bnnprune.pruning.record import load_pruned, save_pruned
+from lightning_bnnprune.pruning.slicing import per_channel_axis
+from lightning_bnnprune.pruning.surgery import remove_filters
+
+from conftest import randomise_norms
+
+
+def binary_net(name: str, **kwargs) -> nn.Module:
+    """Binarised, eval mode; batch norms, layer norms and layer scales random, so that a wrong cut or
+    a norm that still sees a closed channel shows in the logits (ConvNeXt's layer scale starts at
+    1e-6, which would hide every residual branch)."""
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10, **kwargs)
+    binarize_model(net)
+    randomise_norms(net)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+        for n, p in net.named_parameters():
+            if n.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def binary_filters(net: nn.Module) -> int:
+    return sum(m.out_channels for m in net.modules() if isinstance(m, BinaryConv2d))
+
+
+def prune_40(net, tmp_path, timm_kwargs, size=32):
+    """A seeded random 40 % of every prunable group closed, removed (checked against the gated
+    logits), saved and reloaded from the record; returns the analysis and its prunable share."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    analysis = find_channel_groups(net, x[:1])
+    share = coverage(net, analysis).share
+    names = [g.name for g in analysis.groups if g.capacity() > 0]
+    counts = allocate({n: analysis[n].size for n in names}, 0.4, total_filters=analysis.num_filters,
+                      quanta={n: analysis[n].num_parts for n in names})
+    g = torch.Generator().manual_seed(0)
+    masks = {n: ~analysis[n].keep_top(torch.rand(analysis[n].size, generator=g), counts[n]) for n in names}
+    gates = attach_gates(net, analysis)
+    for n, keep in masks.items():
+        gates[n].set_mask(keep)
+    with torch.no_grad():
+        gated = net(x)
+    detach_gates(net)
+    record = remove_filters(net, analysis, masks=masks, example_inputs=x, atol=1e-5, timm_kwargs=timm_kwargs)
+    with torch.no_grad():
+        pruned = net(x)
+    assert (pruned - gated).abs().max() <= 1e-5 and record.max_abs_diff <= 1e-5
+    loaded = load_pruned(save_pruned(net, record, tmp_path / "pruned.pt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned)
+    return analysis, share
+
+
+@pytest.mark.parametrize("axis, shape", [(1, (2, 6, 3, 3)), (-1, (2, 3, 3, 6))])
+def test_masked_layer_norm_equals_the_norm_over_the_kept_channels(axis, shape):
+    x = torch.randn(*shape)
+    weight, bias = torch.randn(6), torch.randn(6)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    kept = mask.bool()
+    y = masked_layer_norm(x, mask, weight, bias, 1e-6, axis)
+    if axis == 1:
+        ref = F.layer_norm(x[:, kept].permute(0, 2, 3, 1), (4,), weight[kept], bias[kept], 1e-6).permute(0, 3, 1, 2)
+        assert torch.allclose(y[:, kept], ref, atol=1e-6)
+    else:
+        ref = F.layer_norm(x[..., kept], (4,), weight[kept], bias[kept], 1e-6)
+        assert torch.allclose(y[..., kept], ref, atol=1e-6)
+    assert torch.isfinite(y).all()  # a closed channel's output is finite: masked consumers zero it
+
+
+# convnext_atto's blocks in the NCHW form (LayerNorm2d, 1x1 convs: binarised), test_convnext's in the
+# channels-last form (nn.LayerNorm over the last dimension, linear layers: full precision)
+CONVNEXTS = [
+    ("convnext_atto", dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))),
+    ("test_convnext", {}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", CONVNEXTS, ids=[n for n, _ in CONVNEXTS])
+def test_convnext_layer_norms_follow_the_gates_and_are_cut_exactly(tmp_path, name, kwargs):
+    net = binary_net(name, **kwargs)
+    norms = {n: m.normalized_shape[0] for n, m in net.named_modules() if isinstance(m, nn.LayerNorm)}
+    filters = binary_filters(net)
+    analysis, share = prune_40(net, tmp_path, kwargs)
+    assert not analysis.refused
+    assert any(m.module in norms for g in analysis.groups for m in g.members)
+    cut = {n for n, c in norms.items() if net.get_submodule(n).normalized_shape[0] < c}
+    assert cut and all(net.get_submodule(n).weight.shape[0] == net.get_submodule(n).normalized_shape[0] for n in cut)
+    if name == "convnext_atto":  # every binary filter is in a group: the target over all of them
+        assert share == 1.0
+        assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+
+
+def test_an_open_gate_leaves_the_layer_norm_as_it_was():
+    net = binary_net("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = net(x)
+    attach_gates(net, find_channel_groups(net, x[:1]))
+    with torch.no_grad():
+        assert torch.allclose(net(x), plain, atol=1e-5)  # all open: the same norm, computed the masked way
+    detach_gates(net)
+    with torch.no_grad():
+        assert torch.equal(net(x), plain)  # hooks gone
+
+
+def test_layer_scales_are_cut_with_their_channels(tmp_path):
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
+    net = binary_net("convnext_atto", **kwargs)
+    scales = {n: p.numel() for n, p in net.named_parameters() if n.endswith("gamma")}
+    assert scales and all(per_channel_axis(p) == 0 for n, p in net.named_parameters() if n in scales)
+    analysis, _ = prune_40(net, tmp_path, kwargs)
+    assert any(m.role == "param:gamma" for g in analysis.groups for m in g.members)
+    assert all(dict(net.named_parameters())[n].numel() < size for n, size in scales.items())
+
+
+def test_plain_dpn_blocks_move_their_cut_position_with_their_conv(tmp_path):
+    # dpn68 (no "b"): c1x1_c makes the residual and the dense increment in one conv, cut at num_1x1_c
+    kwargs = dict(k_sec=(2, 2, 1, 1), k_r=64)
+    net = binary_net("dpn68", **kwargs)
+    block = net.get_submodule("features.conv2_2")
+    assert block.c1x1_c1 is None
+    before = block.num_1x1_c, block.inc
+    filters = binary_filters(net)
+    analysis, share = prune_40(net, tmp_path, kwargs)
+    assert not analysis.refused and share == 1.0
+    assert block.num_1x1_c < before[0] and block.num_1x1_c + block.inc == block.c1x1_c.conv.out_channels
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
