@@ -8,7 +8,8 @@ uniform allocation, equal counts per conv group where a grouped conv needs them:
 (:func:`~lightning_bnnprune.pruning.surgery.remove_filters`, which checks that the pruned logits
 equal the gated ones), save the pruned model, reload it from its record alone
 (:func:`~lightning_bnnprune.pruning.record.load_pruned`) and compare its logits. Batch norms get
-random statistics first, so a wrong cut shows in the logits.
+random statistics first, layer norms random affine terms and layer scales (``gamma``, initialised
+near 0) values near 1, so a wrong cut shows in the logits.
 
 Per family: the prunable share of the binary filters, the PFR over the prunable groups and over
 **all** binary filters, the exactness (max |logit difference|), the reload, the seconds, and each
@@ -148,6 +149,12 @@ def _binary_net(name: str, seed: int) -> nn.Module:
                 if m.weight is not None:
                     m.weight.normal_(1.0, 0.3)
                     m.bias.normal_(0.0, 0.3)
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+        for n, p in net.named_parameters():
+            if n.rpartition(".")[2] == "gamma":  # layer scales start near 0 (1e-6), hiding every residual branch
+                p.uniform_(0.5, 1.5)
     return net.eval()
 
 

@@ -146,3 +146,20 @@ def test_plain_dpn_blocks_move_their_cut_position_with_their_conv(tmp_path):
     assert not analysis.refused and share == 1.0
     assert block.num_1x1_c < before[0] and block.num_1x1_c + block.inc == block.c1x1_c.conv.out_channels
     assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+
+
+def test_fastvit_layer_scales_and_channel_multipliers_are_cut_exactly(tmp_path):
+    # FastViT's patch embedding widens the stream with a depthwise conv of channel multiplier 2
+    # (groups == in, out == 2 * in): input channel c and outputs 2c, 2c+1 go together, so every
+    # stage's stream is one group; its layer scales (LayerScale2d.gamma, [C, 1, 1]) are cut with it
+    kwargs = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128))
+    net = binary_net("fastvit_t8", **kwargs)
+    embed = net.get_submodule("stages.1.downsample.proj.0.large_conv.conv")
+    assert embed.groups == embed.in_channels == 16 and embed.out_channels == 32
+    filters = binary_filters(net)
+    analysis, share = prune_40(net, tmp_path, kwargs)
+    assert not analysis.refused and share == 1.0
+    assert embed.groups == embed.in_channels < 16 and embed.out_channels == 2 * embed.in_channels
+    scale = net.get_submodule("stages.1.blocks.0.layer_scale").gamma
+    assert scale.shape == (embed.out_channels, 1, 1)
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)

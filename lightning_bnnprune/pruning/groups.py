@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
 from .block_sizes import owner_of, position_owner
-from .slicing import (IN, OUT, channel_count, is_channel_norm, is_depthwise, is_grouped, is_param_dim, param_dim,
-                      per_channel_axis)
+from .slicing import (IN, OUT, channel_count, is_channel_multiplier, is_channel_norm, is_depthwise, is_grouped,
+                      is_param_dim, param_dim, per_channel_axis)
 from .tracing import CHANNEL_DIM, FAN_OUT, BlurPool2d, ChannelFlow, closure, trace
 
 __all__ = [
@@ -450,6 +450,7 @@ def find_channel_groups(
             continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut
         by_key: Dict[Tuple[str, str], Dict[int, set]] = {}
         cuts: List[Tuple[object, set]] = []
+        ties: List[Dict[int, set]] = []
         reason = reshaped = ""
         for (node, fn), pairs in reached.items():
             module = node.module
@@ -467,6 +468,9 @@ def find_channel_groups(
                 continue
             if id(module) not in names and not isinstance(module, nn.Parameter):
                 continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, concats
+            if is_channel_multiplier(module) and not graph.is_out_channel_pruning_fn(fn):
+                ties.append(_by_idx(pairs))  # its input channel c is cut with its outputs' conv group c
+                continue
             if isinstance(module, nn.Parameter):
                 label, role, why = _free_parameter(module, param_names)
             else:
@@ -504,7 +508,7 @@ def find_channel_groups(
         split_units: List[Tuple[str, int, Buckets]] = []
         classes: Dict[int, int] = {}
         if not reason:
-            classes = _tie(list(by_key.values()) + [_by_idx(p) for _, p in cuts], start)
+            classes = _tie(list(by_key.values()) + [_by_idx(p) for _, p in cuts] + ties, start)
             for node, pairs in cuts:
                 unit, why = _cuts(model, flow, node, pairs, names, classes)
                 reason = reason or why

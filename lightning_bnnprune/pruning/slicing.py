@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .block_sizes import cut_position, position_count, position_rule
 
 __all__ = [
-    "OUT", "IN", "channel_count", "is_blur_pool", "is_channel_norm", "is_depthwise", "is_grouped", "is_param_dim", "param_dim",
+    "OUT", "IN", "channel_count", "is_blur_pool", "is_channel_multiplier", "is_channel_norm", "is_depthwise", "is_grouped", "is_param_dim", "param_dim",
     "per_channel_axis", "slice_channels",
 ]
 
@@ -59,9 +59,18 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def is_channel_multiplier(m: nn.Module) -> bool:
+    """A depthwise conv with a channel multiplier ``k > 1`` (``groups == in``, ``out == k * in``;
+    FastViT's patch embedding): input channel ``c`` makes output channels ``c*k ... c*k + k-1``
+    alone, so they are cut together, a whole conv group at a time, from the output side."""
+    return (isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels < m.out_channels
+            and m.out_channels % m.groups == 0)
+
+
 def is_grouped(m: nn.Module) -> bool:
-    """A grouped conv that is not depthwise: each of its conv groups must keep as many channels."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+    """A grouped conv that is not depthwise (nor a channel multiplier): each of its conv groups
+    must keep as many channels."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m) and not is_channel_multiplier(m)
 
 
 def is_blur_pool(m: nn.Module) -> bool:
@@ -79,6 +88,10 @@ def _set_param(module: nn.Module, name: str, dim: int, idx: Tensor) -> None:
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         setattr(module, name, new)  # a registered buffer stays registered
+
+
+def _equal_per_group(conv: nn.Conv2d, idx: Tensor, size: int) -> bool:
+    return len(set(torch.bincount(idx // (size // conv.groups), minlength=conv.groups).tolist())) == 1
 
 
 def _check_balanced(conv: nn.Conv2d, dim: str, idx: Tensor, size: int) -> None:
@@ -101,6 +114,20 @@ def _cut_grouped_inputs(conv: nn.Conv2d, idx: Tensor, size: int) -> None:
     index = local.to(w.device).view(g, 1, -1, *([1] * (w.dim() - 3))).expand(-1, w.shape[1], -1, *w.shape[3:])
     new = w.gather(2, index).reshape(-1, local.shape[1], *w.shape[3:]).clone()
     conv.weight = nn.Parameter(new, requires_grad=conv.weight.requires_grad)
+
+
+def _cut_conv_groups(conv: nn.Conv2d, dim: str, keep: Sequence[int]) -> None:
+    """Keep output channels ``keep`` of a channel multiplier, whole conv groups: the groups and
+    their input channels go with them."""
+    k = conv.out_channels // conv.groups
+    groups = sorted({i // k for i in keep})
+    if dim != OUT or len(keep) != k * len(groups):
+        raise ValueError(f"a depthwise conv with channel multiplier {k} is cut by whole conv groups of {k} output "
+                         f"channels (dim 'out'), got dim {dim!r} keeping {len(keep)} outputs of {len(groups)} groups")
+    idx = torch.tensor(keep, dtype=torch.long)
+    _set_param(conv, "weight", 0, idx)
+    _set_param(conv, "bias", 0, idx)
+    conv.out_channels, conv.in_channels, conv.groups = len(keep), len(groups), len(groups)
 
 
 def _param_of(module: nn.Module, dim: str) -> Tuple[str, Tensor, int]:
@@ -161,6 +188,10 @@ def slice_channels(module: nn.Module, dim: str, keep: Sequence[int]) -> None:
     if dim.startswith(_PARAM):  # a free per-channel parameter (a layer scale): cut along its channel axis
         attr, _, axis = _param_of(module, dim)
         _set_param(module, attr, axis, idx)
+    elif is_channel_multiplier(module) and not (dim == OUT and _equal_per_group(module, idx, size)):
+        # (a grouped conv whose inputs were cut to one per conv group has the same shape: it keeps
+        # its groups and an equal count of outputs in each, the grouped-conv cut below)
+        _cut_conv_groups(module, dim, keep)
     elif isinstance(module, nn.Conv2d):
         depthwise = is_depthwise(module)
         if module.groups > 1 and not depthwise:

@@ -35,6 +35,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
+from .slicing import is_channel_multiplier
 from .traceable import traceable_attention
 
 __all__ = ["BlurPoolPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
@@ -249,17 +250,28 @@ def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module
     stack = [(root, handler, start)]
     while stack:
         node, fn, pairs = stack.pop()
-        for dep in node.dependencies:
-            if not dep.is_triggered_by(fn):
-                continue
-            mapped = flow.map(dep, pairs)
-            if not mapped and not {dep.source, dep.target} & flow.unmapped:
+        steps = [(dep.target, dep.handler, flow.map(dep, pairs), {dep.source, dep.target})
+                 for dep in node.dependencies if dep.is_triggered_by(fn)]
+        if is_channel_multiplier(node.module):
+            steps.append((node, *_multiplier_side(graph, node.module, fn, pairs), set()))
+        for target, handler, mapped, ends in steps:
+            if not mapped and not ends & flow.unmapped:
                 continue  # e.g. a concat's other inputs: none of these channels goes there
-            seen = reached.setdefault((dep.target, dep.handler), set())
+            seen = reached.setdefault((target, handler), set())
             fresh = mapped - seen
             if fresh:
                 seen |= fresh
                 if len(seen) > cap:
-                    return Closure(root=root, reached=reached, fanned_out=dep.target)
-                stack.append((dep.target, dep.handler, fresh))
+                    return Closure(root=root, reached=reached, fanned_out=target)
+                stack.append((target, handler, fresh))
     return Closure(root=root, reached=reached)
+
+
+def _multiplier_side(graph: tp.DependencyGraph, conv: nn.Conv2d, fn, pairs: Pairs) -> Tuple[Any, Pairs]:
+    """The other side of a channel multiplier (:func:`~.slicing.is_channel_multiplier`): its input
+    channel ``c`` and its outputs ``c*k ... c*k + k-1`` carry the same root channels (Torch-Pruning
+    couples the two sides of a depthwise conv only when ``out == in``)."""
+    pruner, k = graph.get_pruner_of_module(conv), conv.out_channels // conv.groups
+    if graph.is_out_channel_pruning_fn(fn):
+        return pruner.prune_in_channels, {(i // k, r) for i, r in pairs}
+    return pruner.prune_out_channels, {(i * k + j, r) for i, r in pairs for j in range(k)}
