@@ -67,6 +67,7 @@ FAMILIES: List[Tuple[str, str, str]] = [
     ("Res2NeXt", "res2next50", "split/concat, grouped"),
     ("DenseNet", "densenet121", "concat"),
     ("DPN", "dpn48b", "dual-path (add + concat), grouped"),
+    ("DPN (no b)", "dpn68", "dual-path, one conv makes residual and dense parts"),
     ("DLA", "dla34", "aggregation (concat)"),
     ("DLA-X", "dla46x_c", "aggregation, grouped"),
     ("CSPResNet", "cspresnet50", "cross-stage split/concat"),
