@@ -165,6 +165,8 @@ class ChannelFlow:
         src, dst = dep.source, dep.target
         backward = any(fn is dst.grad_fn for fn, _ in getattr(src.grad_fn, "next_functions", ()) or ())
         consumer, producer = (src, dst) if backward else (dst, src)
+        if consumer.type == tp.ops.OPTYPE.ELEMENTWISE and self._broadcast_over_channels(consumer, producer):
+            return set()
         split = self._channel_layout(producer, self.split_layout) if producer.type == tp.ops.OPTYPE.SPLIT else None
         cat = self._channel_layout(consumer, self.cat_layout) if consumer.type == tp.ops.OPTYPE.CONCAT else None
         if not split and not cat:
@@ -176,6 +178,26 @@ class ChannelFlow:
             pairs = self._tp_maps(dep, pairs)
         out = self._cat_split(consumer, producer, split, cat, pairs, backward)
         return out if tp_first else self._tp_maps(dep, out)
+
+    @classmethod
+    def _broadcast_over_channels(cls, consumer, producer) -> bool:
+        """Whether ``producer`` enters the element-wise ``consumer`` as one channel broadcast to all
+        (a spatial attention map ``[B, 1, H, W]`` times ``[B, C, H, W]``): the same value for every
+        channel, so no channel of one is a channel of the other (Torch-Pruning maps channel ``c`` to
+        ``c``)."""
+        try:
+            out = list(consumer.grad_fn._input_metadata[0].shape)
+            shapes = [list(producer.grad_fn._input_metadata[nr].shape) for _, nr in cls._links(consumer, producer)]
+        except (AttributeError, IndexError, TypeError):
+            return False
+        if len(out) < 2 or out[CHANNEL_DIM] == 1 or not shapes:
+            return False
+        for shape in shapes:
+            shape = [1] * (len(out) - len(shape)) + shape  # broadcasting aligns the trailing dimensions
+            others = [a for k, a in enumerate(shape) if k != CHANNEL_DIM]
+            if shape[CHANNEL_DIM] != 1 or others != [b for k, b in enumerate(out) if k != CHANNEL_DIM]:
+                return False
+        return True
 
     def _cat_split(self, consumer, producer, split, cat, pairs: Pairs, backward: bool) -> Pairs:
         links = self._links(consumer, producer)
