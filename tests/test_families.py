@@ -163,3 +163,48 @@ def test_fastvit_layer_scales_and_channel_multipliers_are_cut_exactly(tmp_path):
     scale = net.get_submodule("stages.1.blocks.0.layer_scale").gamma
     assert scale.shape == (embed.out_channels, 1, 1)
     assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+
+
+class OwnEcaNet(nn.Module):
+    """ECA in front of a full-precision classifier: a binary consumer would hide it (sign(x * a) =
+    sign(x) for a positive attention a), a linear layer sees every change of a channel's window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.eca import EcaModule
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.attn = EcaModule(kernel_size=5)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.head(self.attn(self.bn(self.conv(self.stem(x)))))
+
+
+def test_eca_runs_on_the_kept_channels_while_gated_and_is_removed_exactly(tmp_path):
+    # ECA's 1-D conv runs across the channels: after a cut, channel c's window holds its kept
+    # neighbours; gated, the layer runs on the open channels only, so the logits agree
+    torch.manual_seed(0)
+    net = OwnEcaNet()
+    binarize_model(net)
+    randomise_norms(net).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    analysis = find_channel_groups(net, x[:1])
+    assert not analysis.refused and analysis.names == ["conv"]
+    assert any(m.module == "attn" and m.role == "mixer" for m in analysis["conv"].members)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    record = remove_filters(net, analysis, masks={"conv": keep}, example_inputs=x, atol=1e-5)
+    assert record.max_abs_diff <= 1e-5 and net.conv.out_channels == net.head[2].in_features == int(keep.sum())
+    loaded = load_pruned(save_pruned(net, record, tmp_path / "pruned.pt"), model=OwnEcaNet())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_eca_resnet_prunes_to_the_target_exactly(tmp_path):
+    net = binary_net("eca_resnet33ts")
+    filters = binary_filters(net)
+    analysis, share = prune_40(net, tmp_path, {})
+    assert not analysis.refused and share == 1.0
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)

@@ -56,15 +56,17 @@ from torch import Tensor, nn
 from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
 from .block_sizes import owner_of, position_owner
+from .channel_mixers import is_channel_mixer
 from .slicing import (IN, OUT, channel_count, is_channel_multiplier, is_channel_norm, is_depthwise, is_grouped,
                       is_param_dim, param_dim, per_channel_axis)
 from .tracing import CHANNEL_DIM, FAN_OUT, BlurPool2d, ChannelFlow, closure, trace
 
 __all__ = [
-    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
+    "MIXER", "NORM", "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
 ]
 
 NORM = "norm"  # a member role beside slicing.OUT / slicing.IN: a norm, cut along its only dimension
+MIXER = "mixer"  # a layer mixing neighbouring channels with nothing per channel (ECA): gated, not cut
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,8 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
         return NORM, ""  # one fixed filter per channel (anti-aliasing): cut with its channel
     if is_channel_norm(module):
         return NORM, ""  # its statistics follow the gates (gated_norm), its weight and bias the cut
+    if is_channel_mixer(module):
+        return MIXER, ""  # sees the open channels only while gated (channel_mixers); nothing to cut
     if isinstance(module, nn.LayerNorm):
         return None, f"{type(module).__name__} normalises over channels and other dimensions together"
     if isinstance(module, nn.GroupNorm):
@@ -481,7 +485,7 @@ def find_channel_groups(
             if not pairs:
                 continue
             dim = role if role == IN or is_param_dim(role) else OUT
-            if max(i for i, _ in pairs) >= channel_count(model.get_submodule(label), dim):
+            if role != MIXER and max(i for i, _ in pairs) >= channel_count(model.get_submodule(label), dim):
                 reason = reason or (f"{label}: channel indices past its channels "
                                     "(a reshape or op Torch-Pruning maps wrongly)")
                 continue

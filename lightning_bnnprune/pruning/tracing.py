@@ -21,7 +21,8 @@ caller can refuse them or keep the attributes in step (:mod:`.block_sizes`).
 
 timm's ``BlurPool2d`` (anti-aliased downsampling) filters each channel with ``F.conv2d`` over a fixed
 per-channel buffer; registered here as a channel-preserving layer (:class:`BlurPoolPruner`), it is a
-member of its channels' group instead of an op the tracer cannot see into.
+member of its channels' group instead of an op the tracer cannot see into. ECA's layers
+(:mod:`.channel_mixers`) are registered the same way (:class:`ChannelMixerPruner`).
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
+from .channel_mixers import CHANNEL_MIXERS
 from .slicing import is_channel_multiplier
 from .traceable import traceable_attention
 
-__all__ = ["BlurPoolPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
+__all__ = ["BlurPoolPruner", "ChannelMixerPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
 
 CHANNEL_DIM = 1
 Pairs = Set[Tuple[int, int]]  # (channel of this node, root channel it carries)
@@ -68,6 +70,16 @@ class BlurPoolPruner(tp.pruner.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class ChannelMixerPruner(BlurPoolPruner):
+    """A layer that mixes neighbouring channels but has no per-channel tensor (ECA): input channel
+    ``c`` is output channel ``c``; its width is the input's (not stored in the layer)."""
+
+    def get_out_channels(self, layer: nn.Module):
+        return None
+
+    get_in_channels = get_out_channels
+
+
 @contextlib.contextmanager
 def _own_concat_split_maps() -> Iterator[None]:
     """Torch-Pruning's concat / split index maps switched off while it builds its graph: they crash
@@ -86,6 +98,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     traced as a per-channel layer, radix attention in its split/add form (:mod:`.traceable`), and
     without Torch-Pruning's concat / split index maps."""
     customized = {BlurPool2d: BlurPoolPruner()} if BlurPool2d is not None else {}
+    customized.update({mixer: ChannelMixerPruner() for mixer in CHANNEL_MIXERS})
     with _own_concat_split_maps(), traceable_attention(model):
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                      customized_pruners=customized, verbose=False)
@@ -192,10 +205,10 @@ class ChannelFlow:
             return False
         if len(out) < 2 or out[CHANNEL_DIM] == 1 or not shapes:
             return False
-        for shape in shapes:
-            shape = [1] * (len(out) - len(shape)) + shape  # broadcasting aligns the trailing dimensions
+        for shape in shapes:  # same rank only: an op that adds a dimension (stack) is no broadcast
             others = [a for k, a in enumerate(shape) if k != CHANNEL_DIM]
-            if shape[CHANNEL_DIM] != 1 or others != [b for k, b in enumerate(out) if k != CHANNEL_DIM]:
+            if len(shape) != len(out) or shape[CHANNEL_DIM] != 1 or others != [
+                    b for k, b in enumerate(out) if k != CHANNEL_DIM]:
                 return False
         return True
 
