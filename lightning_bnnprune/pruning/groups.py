@@ -501,8 +501,6 @@ def find_channel_groups(
         )
         if not binary_producers:
             continue  # nothing binary to prune here (e.g. full-precision stems and heads)
-        # a conv whose output two groups share owns the first one's gate; the second is named after
-        # its next binary producer (every gate has its own owner)
         # a conv whose output two groups share (DPN's projection: residual and dense part) owns the
         # first one's gate; the second is named after its next binary producer, else joins the first
         taken = {g.name: k for k, g in enumerate(analysis.groups)}
