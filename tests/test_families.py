@@ -1,8 +1,9 @@
 """The last CNN families: ConvNeXt's layer norm over channels (its statistics follow the gates),
-DPN's plain blocks (a cut position that moves with its conv's cut) and free per-channel
-parameters (layer scales). Each: a real timm model in a tiny configuration, a random 40 % of every
+DPN's plain blocks (a cut position that moves with its conv's cut), free per-channel parameters
+(layer scales), FastViT's channel-multiplier convs and ECA's conv across channels (run on the open
+channels while gated). Each: a real timm model in a tiny configuration, a random 40 % of every
 group closed, the closed gates equal to the removed channels, the reload equal to the pruned model,
-and the PFR over all binary filters at the target."""
+and the PFR over all binary filters at the target; ConvNeXt also through a real Trainer."""
 import pytest
 import timm
 import torch
@@ -208,3 +209,33 @@ def test_eca_resnet_prunes_to_the_target_exactly(tmp_path):
     analysis, share = prune_40(net, tmp_path, {})
     assert not analysis.refused and share == 1.0
     assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
+
+
+def test_convnext_fit_with_learned_gates_prunes_to_the_target_exactly(tmp_path):
+    # through a real Trainer: Main/Subsidiary's gates learn through the gated layer norms, the
+    # removal at fit end is exact and the saved model reloads to the same logits
+    from lightning.pytorch import Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bnnprune import Binarize, MainSubsidiaryPruning
+
+    from conftest import UserModule
+
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    module = UserModule(timm.create_model("convnext_atto", num_classes=10, **kwargs), example_input_size=(3, 32, 32))
+    pruning = MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, allocation="uniform")
+    trainer = Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[Binarize(), pruning])
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert not pruning.analysis.refused
+    assert pruning.summary["binary_pfr"] == pytest.approx(0.4, abs=0.02)
+    assert pruning.record.max_abs_diff <= 1e-4
+    loaded = load_pruned(pruning.pruned_path, model=timm.create_model("convnext_atto", num_classes=10, **kwargs))
+    x = torch.randn(3, 3, 32, 32)
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module(x))
