@@ -239,3 +239,45 @@ def test_convnext_fit_with_learned_gates_prunes_to_the_target_exactly(tmp_path):
     module.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), module(x))
+
+
+class NormActNet(nn.Module):
+    """timm's LayerNormAct2d (norm, then its activation) between two binary convs, and a user's own
+    layer-norm subclass, whose forward this library does not know, refused by name."""
+
+    def __init__(self, own_norm: bool = False) -> None:
+        super().__init__()
+        from timm.layers import LayerNormAct2d
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.norm = OwnLayerNorm2d(16) if own_norm else LayerNormAct2d(16, act_layer=nn.GELU)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.conv2(self.norm(self.conv(self.stem(x)))))
+
+
+class OwnLayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * 2.0
+
+
+def test_layer_norm_with_activation_is_gated_and_an_unknown_form_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    net = NormActNet()
+    binarize_model(net)
+    with torch.no_grad():
+        net.norm.weight.normal_(1.0, 0.3)
+        net.norm.bias.normal_(0.0, 0.3)
+    analysis = find_channel_groups(net.eval(), x[:1])
+    assert "conv" in analysis.names
+    keep = torch.arange(16) % 3 != 1
+    record = remove_filters(net, analysis, masks={"conv": keep}, example_inputs=x, atol=1e-5)
+    assert record.max_abs_diff <= 1e-5 and net.norm.normalized_shape == (int(keep.sum()),)
+    own = NormActNet(own_norm=True)
+    binarize_model(own)
+    refused = find_channel_groups(own.eval(), x[:1]).refused
+    assert refused["conv"] == "norm: OwnLayerNorm2d is a layer norm whose forward this library does not know"

@@ -21,13 +21,28 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["attach_channel_mask", "channel_axis", "masked_layer_norm"]
+__all__ = ["attach_channel_mask", "channel_axis", "is_channel_norm", "masked_layer_norm"]
+
+# The layer norms whose forward this module re-computes, by the axis they normalise: timm's NCHW
+# forms permute inside (dimension 1), torch's and timm's plain ones normalise the last dimension;
+# timm's "Act" forms apply their drop and activation after the norm.
+_CHANNELS_FIRST = {"LayerNorm2d", "LayerNorm2dFp32", "LayerNormExp2d", "LayerNormAct2d", "LayerNormAct2dFp32"}
+_CHANNELS_LAST = {"LayerNorm", "LayerNormFp32", "LayerNormAct", "LayerNormActFp32"}
+
+
+def is_channel_norm(m: nn.Module) -> bool:
+    """A layer norm over one dimension, the channels, of a form known here (torch's or timm's):
+    cut with its channels while the gates make its statistics cover the kept channels only."""
+    kind = type(m)
+    return (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+            and kind.__name__ in _CHANNELS_FIRST | _CHANNELS_LAST
+            and kind.__module__.split(".")[0] in ("torch", "timm"))
 
 
 def channel_axis(norm: nn.LayerNorm) -> int:
-    """The axis the norm normalises: 1 for timm's NCHW forms (``LayerNorm2d``, which permute
-    inside), the last one for a plain layer norm on channels-last features."""
-    return 1 if type(norm).__name__.startswith("LayerNorm2d") else -1
+    """The axis the norm normalises: 1 for timm's NCHW forms, the last one for a plain layer norm
+    on channels-last features."""
+    return 1 if type(norm).__name__ in _CHANNELS_FIRST else -1
 
 
 def masked_layer_norm(x: Tensor, mask: Tensor, weight, bias, eps: float, axis: int) -> Tensor:
@@ -56,6 +71,9 @@ def attach_channel_mask(norm: nn.LayerNorm, mask: Callable[[], Tensor]) -> Remov
 
     def hook(module: nn.LayerNorm, args, output: Tensor) -> Tensor:
         x = args[0]
-        return masked_layer_norm(x, mask().to(x.device), module.weight, module.bias, module.eps, axis).to(output.dtype)
+        y = masked_layer_norm(x, mask().to(x.device), module.weight, module.bias, module.eps, axis).to(output.dtype)
+        if hasattr(module, "act"):  # timm's LayerNormAct forms: norm, drop, activation
+            y = module.act(module.drop(y))
+        return y
 
     return norm.register_forward_hook(hook)

@@ -220,6 +220,8 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
         return NORM, ""  # its statistics follow the gates (gated_norm), its weight and bias the cut
     if is_channel_mixer(module):
         return MIXER, ""  # sees the open channels only while gated (channel_mixers); nothing to cut
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return None, f"{type(module).__name__} is a layer norm whose forward this library does not know"
     if isinstance(module, nn.LayerNorm):
         return None, f"{type(module).__name__} normalises over channels and other dimensions together"
     if isinstance(module, nn.GroupNorm):

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .block_sizes import cut_position, position_count, position_rule
+from .gated_norm import is_channel_norm
 
 __all__ = [
-    "OUT", "IN", "channel_count", "is_blur_pool", "is_channel_multiplier", "is_channel_norm", "is_depthwise", "is_grouped", "is_param_dim", "param_dim",
-    "per_channel_axis", "slice_channels",
+    "OUT", "IN", "channel_count", "is_blur_pool", "is_channel_multiplier", "is_channel_norm", "is_depthwise",
+    "is_grouped", "is_param_dim", "param_dim", "per_channel_axis", "slice_channels",
 ]
 
 OUT, IN = "out", "in"
@@ -44,13 +45,6 @@ def per_channel_axis(t: Tensor) -> int:
     axis longer than 1 (0 when none is); -1 when several are (not a per-channel tensor)."""
     axes = [i for i, s in enumerate(t.shape) if s > 1]
     return axes[0] if len(axes) == 1 else (0 if not axes else -1)
-
-
-def is_channel_norm(m: nn.Module) -> bool:
-    """A layer norm over one dimension, the channels (timm's ``LayerNorm2d`` on NCHW, ``nn.LayerNorm``
-    on channels-last features): cut with its channels while the gates make its statistics
-    cover the kept channels only (:mod:`.gated_norm`)."""
-    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
 def is_depthwise(m: nn.Module) -> bool:
