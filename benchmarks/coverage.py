@@ -8,11 +8,16 @@ uniform allocation, equal counts per conv group where a grouped conv needs them:
 (:func:`~lightning_bnnprune.pruning.surgery.remove_filters`, which checks that the pruned logits
 equal the gated ones), save the pruned model, reload it from its record alone
 (:func:`~lightning_bnnprune.pruning.record.load_pruned`) and compare its logits. Batch norms get
-random statistics first, so a wrong cut shows in the logits.
+random statistics first, layer norms random affine terms and layer scales (``gamma``, initialised
+near 0) values near 1, so a wrong cut shows in the logits.
 
 Per family: the prunable share of the binary filters, the PFR over the prunable groups and over
 **all** binary filters, the exactness (max |logit difference|), the reload, the seconds, and each
-refused group's reason. Resumable: families already in ``--out``'s JSON are skipped; each family
+refused group's reason. With ``--lce``, also the pruned network exported for Larq Compute Engine
+(:func:`~lightning_bnnprune.pruning.export_lce.export_lce`), run by LCE's interpreter on 64 seeded
+inputs and compared with PyTorch (top-1 agreement, max |logit difference|), or the exporter's
+one-line refusal naming the layer (the table gets an LCE column; needs the ``lce`` extra and, under
+numpy 2, ``BNNPRUNE_LCE_PYTHON``). Resumable: families already in ``--out``'s JSON are skipped; each family
 is written as soon as it ends.
 
 Example::
@@ -66,6 +71,7 @@ FAMILIES: List[Tuple[str, str, str]] = [
     ("Res2NeXt", "res2next50", "split/concat, grouped"),
     ("DenseNet", "densenet121", "concat"),
     ("DPN", "dpn48b", "dual-path (add + concat), grouped"),
+    ("DPN (no b)", "dpn68", "dual-path, one conv makes residual and dense parts"),
     ("DLA", "dla34", "aggregation (concat)"),
     ("DLA-X", "dla46x_c", "aggregation, grouped"),
     ("CSPResNet", "cspresnet50", "cross-stage split/concat"),
@@ -148,11 +154,41 @@ def _binary_net(name: str, seed: int) -> nn.Module:
                 if m.weight is not None:
                     m.weight.normal_(1.0, 0.3)
                     m.bias.normal_(0.0, 0.3)
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+        for n, p in net.named_parameters():
+            if n.rpartition(".")[2] == "gamma":  # layer scales start near 0 (1e-6), hiding every residual branch
+                p.uniform_(0.5, 1.5)
     return net.eval()
 
 
-def run_family(name: str, size: int, pfr: float, seed: int, workdir: str) -> Dict[str, Any]:
-    """One family: the row of the table (see the module docstring)."""
+LCE_INPUTS = 64
+
+
+def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, Any]:
+    """The pruned ``net`` exported for LCE and run on :data:`LCE_INPUTS` seeded inputs: top-1
+    agreement and max |logit difference| with PyTorch, or the exporter's refusal."""
+    from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_predict
+
+    path = os.path.join(workdir, "lce.tflite")
+    try:
+        export_lce(net, path, input_size=(3, size, size))
+    except LceExportError as err:
+        return dict(status="refused", message=str(err).splitlines()[0].split("; supported:")[0][:200])
+    x = torch.randn(LCE_INPUTS, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        reference = net(x)
+    try:
+        out = torch.from_numpy(lce_predict(path, x))
+    except RuntimeError as err:  # LCE's interpreter failed to load or run the file
+        return dict(status="error", message=str(err).splitlines()[0][:200])
+    return dict(status="ok", top1_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
+                max_abs_diff=float((out - reference).abs().max()))
+
+
+def run_family(name: str, size: int, pfr: float, seed: int, workdir: str, lce: bool = False) -> Dict[str, Any]:
+    """One family: the row of the table (see the module docstring); ``lce``: add :func:`lce_check`."""
     start = time.perf_counter()
     net = _binary_net(name, seed)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -188,8 +224,10 @@ def run_family(name: str, size: int, pfr: float, seed: int, workdir: str) -> Dic
         status="ok", exact=exact, max_abs_diff=record.max_abs_diff, group_pfr=record.pfr,
         binary_pfr=report.summary["binary_pfr"], params_before=record.params_before,
         params_after=record.params_after, reloaded=reload_diff == 0.0, reload_diff=reload_diff,
-        seconds=time.perf_counter() - start,
     )
+    if lce:
+        row["lce"] = lce_check(net, size, seed, workdir)
+    row["seconds"] = time.perf_counter() - start
     return row
 
 
@@ -198,8 +236,18 @@ def _fmt_refused(row: Dict[str, Any]) -> str:
                      for why, n in sorted(row.get("refused", {}).items(), key=lambda kv: -kv[1])) or ""
 
 
+def _fmt_lce(row: Dict[str, Any]) -> str:
+    lce = row.get("lce")
+    if lce is None:
+        return "–"
+    if lce["status"] == "ok":
+        return f"{lce['top1_agreement']:.0%} top-1 ({lce['max_abs_diff']:.0e})"
+    return f"{lce['status']}: {lce['message']}".replace("|", "/")
+
+
 def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> None:
     rows = [r for r in results.values()]
+    with_lce = any("lce" in r for r in rows)  # the column appears once a run used --lce
     ok = [r for r in rows if r.get("status") == "ok" and r.get("exact") and r.get("reloaded")]
     pruned = [r for r in rows if r.get("status") in ("ok", "not exact")]
     lines = [
@@ -218,11 +266,14 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         "prunable group channels; *PFR (all binary)*: pruned / all binary filters (the figure a user sees); "
         "*groups (equal-count)*: prunable groups, in brackets those that lose equal counts per cell (they feed "
         "a grouped conv or a split into equal parts); *exact*: max |logits pruned - logits gated|; *reload*: logits of the model rebuilt from its record "
-        "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced).",
+        "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced)."
+        + (f" *LCE* (runs with `--lce`): the pruned network exported for Larq Compute Engine, run by its "
+           f"interpreter on {LCE_INPUTS} seeded inputs: top-1 agreement with PyTorch (max |logit difference|), "
+           "or the exporter's refusal naming the layer; – where not run." if with_lce else ""),
         "",
         "| family | model | design | input | binary filters | prunable share | groups (equal-count) "
-        "| PFR (groups) | PFR (all binary) | exact | reload | s | refused groups: reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PFR (groups) | PFR (all binary) | exact | reload | s | refused groups: reason |" + (" LCE |" if with_lce else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_lce else ""),
     ]
     for fam, model, design in FAMILIES:
         r = results.get(model)
@@ -231,7 +282,7 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         size = INPUT.get(model, meta["size"])
         if r.get("status") == "error":
             lines.append(f"| {fam} | `{model}` | {design} | {size} | | | | | | error | | {r.get('seconds', 0):.0f} "
-                         f"| {r['error'][:160]} |")
+                         f"| {r['error'][:160]} |" + (" – |" if with_lce else ""))
             continue
         exact = (f"{r['max_abs_diff']:.0e}" if r.get("status") == "ok" else
                  ("no" if r.get("status") == "not exact" else "–"))
@@ -241,7 +292,7 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         lines.append(
             f"| {fam} | `{model}` | {design} | {size} | {r['binary_filters']} | {r['prunable_share']:.1%} "
             f"| {r['groups']} ({r['grouped_groups']}) | {gp} | {bp} | {exact} | {reload} | {r['seconds']:.0f} "
-            f"| {_fmt_refused(r)} |"
+            f"| {_fmt_refused(r)} |" + (f" {_fmt_lce(r)} |" if with_lce else "")
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -257,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per family before it is an error")
     parser.add_argument("--only", nargs="*", default=None, help="models to run (default: every family)")
     parser.add_argument("--redo", action="store_true", help="rerun families already in the JSON")
+    parser.add_argument("--lce", action="store_true",
+                        help="also export each pruned network for LCE and compare its top-1 with PyTorch's")
     args = parser.parse_args(argv)
     if not 0.0 < args.pfr < 1.0:
         parser.error(f"--pfr must be in (0, 1), got {args.pfr}")
@@ -286,7 +339,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             signal.alarm(args.timeout)
             try:
-                row = run_family(model, INPUT.get(model, args.size), args.pfr, args.seed, workdir)
+                row = run_family(model, INPUT.get(model, args.size), args.pfr, args.seed, workdir, lce=args.lce)
             except _Timeout:
                 row = dict(status="error", error=f"timed out after {args.timeout} s", seconds=time.perf_counter() - start)
             except Exception as err:  # noqa: BLE001  a family that fails is a row, the others go on
@@ -298,7 +351,8 @@ def main(argv=None) -> int:
             results[model] = row
             print(f"{fam:<18} {model:<24} {row['status']:<17} "
                   f"binary PFR {row.get('binary_pfr', float('nan')):.3f} {row['seconds']:.0f}s "
-                  f"{_fmt_refused(row) or row.get('error', '')[:100]}", flush=True)
+                  f"{_fmt_refused(row) or row.get('error', '')[:100]}"
+                  + (f" LCE: {_fmt_lce(row)}" if args.lce else ""), flush=True)
             with open(json_path, "w") as f:
                 json.dump(dict(meta=meta, families=results), f, indent=1)
             write_markdown(md_path, results, meta)

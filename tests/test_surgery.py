@@ -93,15 +93,33 @@ def test_removal_is_exact_smaller_and_reloads(tmp_path, name):
         assert torch.equal(loaded(x), pruned)
 
 
+class SpatialNormNet(nn.Module):
+    """Every binary conv feeds a layer norm over channels *and* space (``LayerNorm([C, H, W])``):
+    a channel's values enter every other channel's statistics together with the positions'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.norm = nn.LayerNorm([16, 32, 32])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(self.stem(x))))
+
+
 def test_a_family_without_prunable_group_is_refused_naming_the_layer():
-    net = binary_net("test_convnext")
+    net = SpatialNormNet()
+    binarize_model(net)
+    net.eval()
     analysis = find_channel_groups(net, inputs(1))
     assert not analysis.groups and analysis.refused
-    assert all("LayerNorm normalises across channels" in why for why in analysis.refused.values())
-    with pytest.raises(ValueError, match=r"no prunable channel group.*blocks\.0\.norm: LayerNorm normalises across channels"):
+    why = "LayerNorm normalises over channels and other dimensions together"
+    assert all(why in reason for reason in analysis.refused.values())
+    with pytest.raises(ValueError, match=rf"no prunable channel group.*norm: {why}"):
         remove_filters(net, analysis, example_inputs=inputs())
     refused = next(iter(analysis.refused))
-    with pytest.raises(ValueError, match=rf"group '{refused}' cannot be pruned: .*LayerNorm normalises across channels"):
+    with pytest.raises(ValueError, match=rf"group '{refused}' cannot be pruned: .*{why}"):
         remove_filters(net, analysis, masks={refused: [0]}, example_inputs=inputs())
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning import attach_gates
-from lightning_bnnprune.pruning.block_sizes import rule_for
+from lightning_bnnprune.pruning.block_sizes import owner_of
 from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.record import load_pruned, save_pruned
@@ -117,12 +117,41 @@ def test_channel_padded_residual_is_exact_and_follows_in_channels(tmp_path):
     assert block.in_channels == first.in_channels < before
 
 
-def test_a_reshape_read_as_a_flatten_is_refused_by_name_not_a_time_out(tmp_path):
+class OwnGlobalContext(nn.Module):
+    """A user's own global context, written as GCNet writes it (``x.reshape(B, C, H*W) @ attn``),
+    with no trace-time form: Torch-Pruning reads the reshape as a flatten of the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.attn = nn.Conv2d(16, 1, 1)
+        self.head = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10))
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        b, c, h, w = x.shape
+        weights = self.attn(x).reshape(b, 1, h * w).softmax(-1).unsqueeze(3)
+        return self.head(x + (x.reshape(b, c, h * w).unsqueeze(1) @ weights).view(b, c, 1, 1))
+
+
+def test_a_reshape_read_as_a_flatten_is_refused_by_name_not_a_time_out():
+    net = OwnGlobalContext()
+    binarize_model(net)
+    analysis = find_channel_groups(net.eval(), torch.randn(1, 3, 16, 16))
+    assert analysis.refused["conv"] == (f"conv: channel mapping fans out past {FAN_OUT} entries per channel "
+                                        "(a reshape Torch-Pruning reads as a flatten)")
+
+
+def test_global_context_is_pruned_to_the_target_exactly(tmp_path):
+    # GCNet's context is traced as a weighted sum over space; its attention map [B, 1, H, W] is
+    # broadcast over the channels (no channel map), its MLP's LayerNorm2d takes the gates
     net = binary_net("gcresnet33ts")
+    filters = binary_filters(net)
     analysis, share, _ = prune_40(net, tmp_path)
-    fanned = [why for why in analysis.refused.values() if "fans out" in why]
-    assert fanned and all(f"past {FAN_OUT}" in why for why in fanned)
-    assert 0.5 < share < 1.0  # the rest of the network is pruned
+    assert not analysis.refused and share == 1.0
+    assert 1 - binary_filters(net) / filters == pytest.approx(0.4, abs=0.02)
 
 
 def resnest_2x(width: int = 16) -> nn.Module:
@@ -134,8 +163,9 @@ def resnest_2x(width: int = 16) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("make", [lambda: binary_net("resnest14d"), lambda: binary_net("skresnet18"), resnest_2x],
-                         ids=["resnest14d", "skresnet18", "resnest_2x"])
+@pytest.mark.parametrize("make", [lambda: binary_net("resnest14d"), lambda: binary_net("skresnet18"), resnest_2x,
+                                  lambda: binary_net("gcresnet33ts")],
+                         ids=["resnest14d", "skresnet18", "resnest_2x", "gcresnet33ts"])
 def test_radix_attention_trace_form_computes_the_real_forward(make):
     net = make()
     blocks = [m for m in net.modules() if type(m) in TRACEABLE_FORMS]
@@ -207,15 +237,26 @@ def test_a_radix_reshape_without_a_trace_form_is_refused_by_name():
     assert analysis.refused["paths"].endswith("which Torch-Pruning maps as a flatten")
 
 
+class OwnSliceBlock(nn.Module):
+    """A user's own block that cuts a conv's output at a position written in its code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.conv(self.stem(x))[:, :12])
+
+
 def test_a_slice_whose_block_has_no_rule_is_refused_by_name():
-    # DPN without "b": the residual width is c1x1_c's output minus the dense increment, which no
-    # layer shape gives, so x[:, :self.num_1x1_c] could not follow a cut
-    net = binary_net("dpn68")
-    block = net.get_submodule("features.conv2_2")
-    assert block.c1x1_c1 is None and rule_for(block) is None
-    assert rule_for(binary_net("dpn48b").get_submodule("features.conv2_2")) is not None
-    analysis = find_channel_groups(net, torch.randn(1, 3, 32, 32))
-    assert any(why.endswith("sliced at channel positions fixed in the model's code") for why in analysis.refused.values())
+    net = OwnSliceBlock()
+    binarize_model(net)
+    assert owner_of(net, "conv") is None
+    analysis = find_channel_groups(net.eval(), torch.randn(1, 3, 16, 16))
+    assert analysis.refused["conv"] == "conv: its output is sliced at channel positions fixed in the model's code"
 
 
 def test_mixed_kernel_splits_follow_their_convs(tmp_path):

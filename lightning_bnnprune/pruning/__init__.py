@@ -13,10 +13,12 @@ Graph analysis
 
 Gates and selection
     - ``gates``: per-filter gates, the subsidiary component of Main/Subsidiary
+    - ``gated_norm``: layer norms over the channels that normalise over the open ones while gated
+    - ``channel_mixers``: layers mixing across channels (ECA) run on the open channels while gated
     - ``criteria``: importance criteria for the greedy rules, by name
     - ``distill``: the selector's teacher and the retrain's distillation
     - ``selector``: the selector phase's loss (distillation, budget term), start logits, end masks
-    - ``schedule``: the layer-wise warm-up / selector / retrain phases
+    - ``schedule``: the warm-up / selector / retrain / final phases, in stages of layers
 
 Allocation
     - ``allocation``: a global target PFR shared out over layers as counts of filters
@@ -29,6 +31,7 @@ Removal and record
 Export
     - ``export``: the packed binary file, 8 weights per byte
     - ``export_lce``: Larq Compute Engine's ``.tflite``
+    - ``lce_runtime``: LCE's interpreter (its kernel paths, predictions, latency), in a numpy<2 Python
 
 Report
     - ``report``: filters, parameters, MACs and stored bits of a removal

@@ -12,14 +12,25 @@ model (:func:`sync_block_sizes`), and nothing extra is stored.
 A split into equal parts by one number (``split(n)``, ``chunk``) also needs every part to lose the
 same number of channels; :mod:`.groups` asks for that. A block with such a cut but no rule here is
 refused by name (its cut position cannot follow).
+
+Where no layer's shape gives the position, it moves with the cut itself (:data:`POSITION_RULES`):
+DPN's plain blocks (no "b") make the residual and the dense increment in one conv, ``c1x1_c``, and
+cut its output at ``num_1x1_c``; after a cut that keeps positions ``kept`` of that output, the
+position is the number of kept positions below it. The block is then a member of its layer's
+channel groups (:func:`position_owner`) and is cut, through :mod:`.slicing`, with the same kept
+positions as the layer, so the removal and the replay of a record move it alike.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import nn
 
-__all__ = ["SIZE_RULES", "rule_for", "owner_of", "sync_block_sizes"]
+__all__ = [
+    "SIZE_RULES", "POSITION_RULES", "PositionRule", "rule_for", "position_rule", "owner_of", "position_owner",
+    "sync_block_sizes", "position_count", "cut_position",
+]
 
 Rule = Callable[[nn.Module], Optional[Dict[str, Any]]]
 
@@ -91,6 +102,77 @@ def _rules() -> Dict[type, Rule]:
 SIZE_RULES: Dict[type, Rule] = _rules()
 
 
+@dataclass(frozen=True)
+class PositionRule:
+    """A block cuts ``layer``'s output channels at ``block.<position>``; ``block.<rest>`` holds the
+    channels past it (``position + rest`` is the layer's width)."""
+
+    layer: str
+    position: str
+    rest: str
+
+
+def _dual_path_position(block: nn.Module) -> Optional[PositionRule]:
+    # forward: out1 = x[:, :self.num_1x1_c], out2 = x[:, self.num_1x1_c:] of c1x1_c's conv; the same
+    # position cuts the projection's output (or the block's input), whose first num_1x1_c channels
+    # are added to out1: one channel group, so they keep as many as c1x1_c's first part
+    if getattr(block, "c1x1_c1", None) is not None or not isinstance(getattr(block.c1x1_c, "conv", None), nn.Conv2d):
+        return None
+    return PositionRule("c1x1_c.conv", "num_1x1_c", "inc")
+
+
+def _position_rules() -> Dict[type, Callable[[nn.Module], Optional[PositionRule]]]:
+    try:
+        from timm.models import dpn
+    except ImportError:  # pragma: no cover
+        return {}
+    return {dpn.DualPathBlock: _dual_path_position}
+
+
+POSITION_RULES = _position_rules()
+
+
+def position_rule(block: nn.Module) -> Optional[PositionRule]:
+    """The block's :class:`PositionRule`, if it has one that holds for it now."""
+    rule = POSITION_RULES.get(type(block))
+    try:
+        found = rule(block) if rule is not None else None
+        layer = block.get_submodule(found.layer) if found is not None else None
+    except AttributeError:
+        return None
+    if found is None or getattr(block, found.position) + getattr(block, found.rest) != layer.out_channels:
+        return None
+    return found
+
+
+def position_owner(model: nn.Module, layer_name: str) -> Optional[str]:
+    """The block whose :class:`PositionRule` cuts ``layer_name``'s output, or None."""
+    parts = layer_name.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        name = ".".join(parts[:end])
+        try:
+            rule = position_rule(model.get_submodule(name))
+        except AttributeError:
+            return None
+        if rule is not None and ".".join(parts[end:]) == rule.layer:
+            return name
+    return None
+
+
+def position_count(block: nn.Module) -> int:
+    """The width of the output the block's position indexes (its layer's, before any cut of it)."""
+    rule = POSITION_RULES[type(block)](block)
+    return getattr(block, rule.position) + getattr(block, rule.rest)
+
+
+def cut_position(block: nn.Module, kept: Sequence[int]) -> None:
+    """Move the block's position after its layer keeps output positions ``kept`` (sorted)."""
+    rule = POSITION_RULES[type(block)](block)
+    position = sum(1 for k in kept if k < getattr(block, rule.position))
+    setattr(block, rule.position, position)
+    setattr(block, rule.rest, len(kept) - position)
+
+
 def rule_for(block: nn.Module) -> Optional[Rule]:
     """The block's rule, if it has one that holds for it now (the derived numbers equal the
     block's own: a rule that does not describe this configuration is no rule)."""
@@ -107,7 +189,8 @@ def rule_for(block: nn.Module) -> Optional[Rule]:
 
 
 def owner_of(model: nn.Module, module_name: str) -> Optional[str]:
-    """The nearest block around ``module_name`` (itself included) that has a rule, or None."""
+    """The nearest block around ``module_name`` (itself included) that has a rule (a size or a
+    position rule), or None."""
     parts = module_name.split(".") if module_name else []
     for end in range(len(parts), -1, -1):
         name = ".".join(parts[:end])
@@ -115,7 +198,7 @@ def owner_of(model: nn.Module, module_name: str) -> Optional[str]:
             block = model.get_submodule(name)
         except AttributeError:
             return None
-        if rule_for(block) is not None:
+        if rule_for(block) is not None or position_rule(block) is not None:
             return name
     return None
 

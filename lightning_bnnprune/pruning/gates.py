@@ -9,7 +9,10 @@ Where the gate acts: on every *consumer* of the group's channels (the next convs
 layers' input channels, after their binarisation), not on the producer's output. A closed gate then
 contributes exactly what a removed channel contributes: nothing. (Zeroing the producer's output
 would not: a batch norm turns 0 into a constant, and ``sign(0) = +1``.) This is what makes the
-gated network and the physically pruned one compute the same logits.
+gated network and the physically pruned one compute the same logits. A layer norm over the
+group's channels (ConvNeXt) gets the gate too: its mean and variance cover the open channels only
+(:mod:`.gated_norm`), as they will once the closed ones are removed; a layer that mixes
+neighbouring channels (ECA) runs on the open channels only (:mod:`.channel_mixers`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
 from ..quantizers import ste_sign
-from .groups import ChannelGroup, GroupAnalysis
-from .slicing import IN
+from .channel_mixers import attach_kept_channels, is_channel_mixer
+from .gated_norm import attach_channel_mask
+from .groups import MIXER, NORM, ChannelGroup, GroupAnalysis
+from .slicing import IN, is_channel_norm
 
 __all__ = ["FilterGate", "attach_gates", "detach_gates", "gates_of", "is_gate_key", "GATE_ATTR"]
 
@@ -129,14 +134,21 @@ def attach_gates(model: nn.Module, analysis: GroupAnalysis, init: float = 0.0) -
     consumers: Dict[str, List[Entry]] = {}
     for group in analysis.groups:
         for member in group.members:
-            if member.role == IN:
+            if member.role in (IN, MIXER) or (member.role == NORM and is_channel_norm(model.get_submodule(member.module))):
                 consumers.setdefault(member.module, []).append(
                     (gates[group.name], torch.tensor(member.idxs), torch.tensor(member.root_idxs))
                 )
     for name, entries in consumers.items():
         module = model.get_submodule(name)
-        size = module.weight.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
         _remove_hook(module)
+        if is_channel_norm(module):  # statistics over the open channels, as after the removal
+            mask = _mask_fn(module.normalized_shape[0], entries)
+            setattr(module, _HOOK_ATTR, attach_channel_mask(module, mask))
+            continue
+        if is_channel_mixer(module):  # runs on the open channels, as after the removal (its width: the input's)
+            setattr(module, _HOOK_ATTR, attach_kept_channels(module, lambda width, e=entries: _mask_fn(width, e)()))
+            continue
+        size = module.weight.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
         mask = _mask_fn(size, entries)
         if isinstance(module, BinaryConv2d):
             module.set_input_mask(mask)  # after the input's binarisation, see BinaryConv2d

@@ -10,7 +10,12 @@ what the removal will do.
 Every member of a group is one of:
 
 - ``out``: output channels of a conv / linear layer (a *producer*), or of a depthwise conv;
-- ``norm``: per-channel parameters and statistics of a batch norm;
+- ``norm``: per-channel parameters and statistics of a batch norm, or of a layer norm over the
+  channels (ConvNeXt), which computes its statistics over the open channels while gated
+  (:mod:`.gated_norm`);
+- ``mixer``: a layer that mixes across channels with nothing per channel to cut (ECA's 1-D conv),
+  run on the open channels while gated (:mod:`.channel_mixers`);
+- ``param:<name>``: a free per-channel parameter such as a layer scale's ``gamma``;
 - ``in``: input channels of a conv or linear layer (a *consumer*).
 
 **Grouped convolutions** (``groups=g``, not depthwise) stay rectangular only if every one of their
@@ -32,11 +37,11 @@ channel*, kept or removed together. A split at a position written in a block's c
 moves the position with the cut; a split into equal parts also needs equal counts per part, a cell
 structure like a grouped conv's.
 
-Groups that touch something a channel cannot be removed from exactly (a norm that normalises
-*across* channels, a weight-standardised full-precision conv, a layer with per-channel parameters
-we do not know, a split or slice at positions fixed in code without a rule, a grouped conv that gets
-its channels from several groups or has one channel per conv group) are not prunable; the reason
-names the layer.
+Groups that touch something a channel cannot be removed from exactly (a group norm, a layer norm
+over channels and space or of an unknown form, a weight-standardised full-precision conv, a layer
+with per-channel parameters we do not know, a split or slice at positions fixed in code without a
+rule, a grouped conv that gets its channels from several groups or has one channel per conv
+group) are not prunable; the reason names the layer.
 
 The graph walk itself is in :mod:`.tracing` and the block rules in :mod:`.block_sizes`; a third of
 this module is the per-module classification that names each refusal.
@@ -54,15 +59,18 @@ from torch import Tensor, nn
 
 from ..introspect import classifier_names, example_batch
 from ..layers import BinaryConv2d
-from .block_sizes import owner_of
-from .slicing import IN, OUT, channel_count, is_depthwise, is_grouped
+from .block_sizes import owner_of, position_owner
+from .channel_mixers import is_channel_mixer
+from .slicing import (IN, OUT, channel_count, is_channel_multiplier, is_channel_norm, is_depthwise, is_grouped,
+                      is_param_dim, param_dim, per_channel_axis)
 from .tracing import CHANNEL_DIM, FAN_OUT, BlurPool2d, ChannelFlow, closure, trace
 
 __all__ = [
-    "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
+    "MIXER", "NORM", "Member", "ChannelGroup", "GroupAnalysis", "Coverage", "coverage", "find_channel_groups",
 ]
 
 NORM = "norm"  # a member role beside slicing.OUT / slicing.IN: a norm, cut along its only dimension
+MIXER = "mixer"  # a layer mixing neighbouring channels with nothing per channel (ECA): gated, not cut
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,17 @@ class GroupAnalysis:
         return sum(g.size for g in self.groups)
 
 
+def _free_parameter(param: nn.Parameter, param_names: Dict[int, str]) -> Tuple[str, Optional[str], str]:
+    """``(owner module, role, "")`` for a parameter Torch-Pruning found outside the layers it knows
+    (a layer scale's ``gamma``): a per-channel vector is cut along its channel axis; else
+    ``(label, None, reason)``."""
+    full = param_names.get(id(param), "<parameter>")
+    owner, _, attr = full.rpartition(".")
+    if id(param) not in param_names or per_channel_axis(param) < 0:
+        return full, None, f"a free parameter of shape {list(param.shape)} (not one value per channel)"
+    return owner, param_dim(attr), ""
+
+
 def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]:
     """``(role, "")`` for a member we can remove channels from exactly, else ``(None, reason)``."""
     is_out = handler_name.endswith("out_channels")
@@ -210,10 +229,16 @@ def _classify(module: nn.Module, handler_name: str) -> Tuple[Optional[str], str]
         return NORM, ""
     if BlurPool2d is not None and isinstance(module, BlurPool2d):
         return NORM, ""  # one fixed filter per channel (anti-aliasing): cut with its channel
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+    if is_channel_norm(module):
+        return NORM, ""  # its statistics follow the gates (gated_norm), its weight and bias the cut
+    if is_channel_mixer(module):
+        return MIXER, ""  # sees the open channels only while gated (channel_mixers); nothing to cut
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return None, f"{type(module).__name__} is a layer norm whose forward this library does not know"
+    if isinstance(module, nn.LayerNorm):
+        return None, f"{type(module).__name__} normalises over channels and other dimensions together"
+    if isinstance(module, nn.GroupNorm):
         return None, f"{type(module).__name__} normalises across channels"
-    if isinstance(module, nn.Parameter):
-        return None, "a free per-channel parameter"
     return None, f"{type(module).__name__} has per-channel parameters this library cannot slice"
 
 
@@ -354,10 +379,10 @@ def _splits_channels(node) -> bool:
     return any(math.prod(after[1:k]) == before[1] for k in range(3, len(after) + 1))
 
 
-def _tie(pairs_by_member: Sequence[Dict[int, set]], size: int) -> Dict[int, int]:
+def _tie(pairs_by_member: Sequence[Dict[int, set]], roots: Sequence[int]) -> Dict[int, int]:
     """Root channel -> group channel: roots that meet in one channel anywhere (paths summed,
     e.g. split attention's radix paths) must be kept or removed together, as one group channel."""
-    parent = list(range(size))
+    parent = {r: r for r in roots}
 
     def find(r: int) -> int:
         while parent[r] != r:
@@ -366,15 +391,15 @@ def _tie(pairs_by_member: Sequence[Dict[int, set]], size: int) -> Dict[int, int]
         return r
 
     for by_idx in pairs_by_member:
-        for roots in by_idx.values():
-            first, *rest = sorted(roots)
+        for channel_roots in by_idx.values():
+            first, *rest = sorted(channel_roots)
             for r in rest:
                 a, b = find(first), find(r)
                 if a != b:
                     parent[max(a, b)] = min(a, b)
-    reps = sorted({find(r) for r in range(size)})
+    reps = sorted({find(r) for r in roots})
     rank = {rep: i for i, rep in enumerate(reps)}
-    return {r: rank[find(r)] for r in range(size)}
+    return {r: rank[find(r)] for r in roots}
 
 
 def find_channel_groups(
@@ -397,6 +422,7 @@ def find_channel_groups(
     """
     example_inputs = example_batch(model) if example_inputs is None else example_inputs
     names = {id(m): n for n, m in model.named_modules()}
+    param_names = {id(p): n for n, p in model.named_parameters()}
     classifier = [model.get_submodule(n) for n in classifier_names(model)]
     was_training = model.training
     model.eval()
@@ -414,14 +440,19 @@ def find_channel_groups(
     order = {n: i for i, n in enumerate(names.values())}
     excluded = set(exclude)
     analysis = GroupAnalysis(groups=[])
-    visited: set = set()
+    # output channels already in a walk: a conv whose output two groups share (DPN's c1x1_c makes a
+    # residual and a dense part) starts a walk of its own from the channels no walk reached
+    covered: Dict[nn.Module, set] = {}
     for root_module in list(graph.module2node):
-        if not isinstance(root_module, (nn.Conv2d, nn.Linear)) or root_module in visited:
+        if not isinstance(root_module, (nn.Conv2d, nn.Linear)):
             continue
         pruner = graph.get_pruner_of_module(root_module)
         if pruner is None or pruner.get_out_channels(root_module) is None:
             continue
-        walk = closure(graph, flow, root_module)
+        start = sorted(set(range(pruner.get_out_channels(root_module))) - covered.get(root_module, set()))
+        if not start:
+            continue
+        walk = closure(graph, flow, root_module, start)
         if walk.fanned_out is not None:
             if isinstance(root_module, BinaryConv2d) and not is_depthwise(root_module):
                 analysis.refused.setdefault(names[id(root_module)], (
@@ -431,11 +462,14 @@ def find_channel_groups(
         reached = walk.reached
         outs = {node.module for (node, fn), pairs in reached.items()
                 if pairs and graph.is_out_channel_pruning_fn(fn)}
-        visited |= outs
+        for (node, fn), pairs in reached.items():
+            if pairs and graph.is_out_channel_pruning_fn(fn):
+                covered.setdefault(node.module, set()).update(i for i, _ in pairs)
         if any(m in outs for m in classifier):
             continue  # the classifier's outputs (Torch-Pruning's ignored layers) are never cut
         by_key: Dict[Tuple[str, str], Dict[int, set]] = {}
         cuts: List[Tuple[object, set]] = []
+        ties: List[Dict[int, set]] = []
         reason = reshaped = ""
         for (node, fn), pairs in reached.items():
             module = node.module
@@ -453,14 +487,20 @@ def find_channel_groups(
                 continue
             if id(module) not in names and not isinstance(module, nn.Parameter):
                 continue  # Torch-Pruning's stand-ins for element-wise ops, reshapes, concats
-            role, why = _classify(module, fn.__name__)
-            label = names.get(id(module), "<parameter>")
+            if is_channel_multiplier(module) and not graph.is_out_channel_pruning_fn(fn):
+                ties.append(_by_idx(pairs))  # its input channel c is cut with its outputs' conv group c
+                continue
+            if isinstance(module, nn.Parameter):
+                label, role, why = _free_parameter(module, param_names)
+            else:
+                label, (role, why) = names[id(module)], _classify(module, fn.__name__)
             if role is None:
                 reason = reason or f"{label}: {why}"
                 continue
             if not pairs:
                 continue
-            if max(i for i, _ in pairs) >= channel_count(module, IN if role == IN else OUT):
+            dim = role if role == IN or is_param_dim(role) else OUT
+            if role != MIXER and max(i for i, _ in pairs) >= channel_count(model.get_submodule(label), dim):
                 reason = reason or (f"{label}: channel indices past its channels "
                                     "(a reshape or op Torch-Pruning maps wrongly)")
                 continue
@@ -476,26 +516,32 @@ def find_channel_groups(
         )
         if not binary_producers:
             continue  # nothing binary to prune here (e.g. full-precision stems and heads)
-        name = binary_producers[0]
+        # a conv whose output two groups share (DPN's projection: residual and dense part) owns the
+        # first one's gate; the second is named after its next binary producer, else joins the first
+        taken = {g.name: k for k, g in enumerate(analysis.groups)}
+        name = next((p for p in binary_producers if p not in taken), binary_producers[0])
+        key = name if name not in taken else f"{name} (output channels {start[0]}-{start[-1]})"
         reason = reason or reshaped
         split_units: List[Tuple[str, int, Buckets]] = []
         classes: Dict[int, int] = {}
         if not reason:
-            roots = pruner.get_out_channels(root_module)
-            classes = _tie(list(by_key.values()) + [_by_idx(p) for _, p in cuts], roots)
+            classes = _tie(list(by_key.values()) + [_by_idx(p) for _, p in cuts] + ties, start)
             for node, pairs in cuts:
                 unit, why = _cuts(model, flow, node, pairs, names, classes)
                 reason = reason or why
                 if unit is not None:
                     split_units.append(unit)
         if reason:
-            analysis.refused.setdefault(name, reason)  # the first walk that met the layer says why
+            analysis.refused.setdefault(key, reason)  # the first walk that met the layer says why
             continue
         if excluded & set(binary_producers):
-            analysis.refused[name] = "excluded by the user"
+            analysis.refused[key] = "excluded by the user"
             continue
         members = [Member(label, role, tuple(sorted(by_idx)), tuple(classes[min(by_idx[i])] for i in sorted(by_idx)))
                    for (label, role), by_idx in by_key.items()]  # every root of a channel is in one class
+        # a block that cuts a producer's output at a position of its own (DPN) is cut with the producer
+        members += [Member(block, NORM, m.idxs, m.root_idxs) for m in members
+                    if m.role == OUT and (block := position_owner(model, m.module)) is not None]
         ordered = sorted(members, key=lambda m: (order.get(m.module, 0), m.role))
         units: List[Tuple[str, int, Buckets]] = []
         for member in ordered:
@@ -507,11 +553,37 @@ def find_channel_groups(
         size = 1 + max(classes.values())
         parts, why = _partition(size, units + split_units) if not reason else ((), reason)
         if why:
-            analysis.refused.setdefault(name, why)
+            analysis.refused.setdefault(key, why)
             continue
-        analysis.groups.append(ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts))
+        group = ChannelGroup(name=name, size=size, members=tuple(ordered), parts=parts)
+        if name not in taken:
+            analysis.groups.append(group)
+            continue
+        joined = _join(analysis.groups[taken[name]], group, lambda m: (order.get(m.module, 0), m.role))
+        if joined is None:
+            analysis.refused.setdefault(key, f"{name}: its output channels fall in two groups with equal-count "
+                                             "cells, and one conv owns one gate")
+            continue
+        analysis.groups[taken[name]] = joined
     analysis.groups.sort(key=lambda g: order[g.name])
     return analysis
+
+
+def _join(first: ChannelGroup, second: ChannelGroup, sort_key) -> Optional[ChannelGroup]:
+    """One group holding both groups' channels (``second``'s after ``first``'s), or None when either
+    has equal-count cells (their cells would have to match) or a member holds a channel of both."""
+    if first.parts or second.parts:
+        return None
+    pairs: Dict[Tuple[str, str], Dict[int, int]] = {}
+    for group, shift in ((first, 0), (second, first.size)):
+        for m in group.members:
+            by_idx = pairs.setdefault((m.module, m.role), {})
+            if set(m.idxs) & set(by_idx):
+                return None
+            by_idx.update({i: r + shift for i, r in zip(m.idxs, m.root_idxs)})
+    members = [Member(module, role, tuple(sorted(by_idx)), tuple(by_idx[i] for i in sorted(by_idx)))
+               for (module, role), by_idx in pairs.items()]
+    return ChannelGroup(name=first.name, size=first.size + second.size, members=tuple(sorted(members, key=sort_key)))
 
 
 def _by_idx(pairs) -> Dict[int, set]:

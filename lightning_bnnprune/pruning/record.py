@@ -2,8 +2,8 @@
 
 A :class:`PruningRecord` is Torch-Pruning's pruning history in plain data: a list of
 ``(module_name, dim, kept_idxs)`` with ``dim`` ``"out"`` (output channels of a conv or linear
-layer, channels of a norm, all channels of a depthwise conv) or ``"in"`` (input channels of a conv
-or linear layer), plus a timm-style shape manifest (``{"layer1.0.conv1.weight": [38, 64, 3, 3]}``)
+layer, channels of a norm, all channels of a depthwise conv), ``"in"`` (input channels of a conv
+or linear layer) or ``"param:<name>"`` (a free per-channel parameter, a layer scale), plus a timm-style shape manifest (``{"layer1.0.conv1.weight": [38, 64, 3, 3]}``)
 taken before and after, and what is needed to rebuild the network from scratch: the timm
 architecture name and keyword arguments, and which layers were binarised with which quantizers.
 Every field is a ``str``/``int``/``float``/``list``/``dict``, so the record is JSON-able, picklable,
@@ -41,7 +41,7 @@ class PruningRecord:
     """What a removal cut, and how to rebuild the network it was cut from.
 
     Attributes:
-        removed: ``[(module_name, "out" | "in", kept_idxs)]`` in original channel positions; only
+        removed: ``[(module_name, "out" | "in" | "param:<name>", kept_idxs)]`` in original channel positions; only
             modules that lost channels are listed.
         groups: ``{group_name: kept group channels}``; ``group_sizes``: channels before.
         shapes_before / shapes: ``{state_dict key: shape}`` before and after the removal.

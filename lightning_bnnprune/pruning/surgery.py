@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from ..introspect import example_batch
 from .block_sizes import sync_block_sizes
 from .gates import attach_gates, detach_gates, gates_of
-from .groups import GroupAnalysis
+from .groups import MIXER, GroupAnalysis
 from .rebuild import binarize_spec, shape_manifest, timm_spec
 from .record import PruningRecord
-from .slicing import IN, OUT, channel_count, slice_channels
+from .slicing import IN, OUT, channel_count, is_param_dim, slice_channels
 
 __all__ = ["remove_filters", "resolve_keep", "check_batch"]
 
@@ -122,7 +122,10 @@ def _drops(analysis: GroupAnalysis, keep: Mapping[str, Tensor]) -> Dict[Tuple[st
         if not dropped:
             continue
         for member in group.members:
-            dim = IN if member.role == IN else OUT  # a norm's channels, a producer's filters: dim "out"
+            if member.role == MIXER:
+                continue  # nothing per channel: it runs on the channels it is given
+            # a norm's channels, a producer's filters: dim "out"; a free parameter names itself
+            dim = member.role if member.role == IN or is_param_dim(member.role) else OUT
             hit = {i for i, r in zip(member.idxs, member.root_idxs) if r in dropped}
             if hit:
                 drops.setdefault((member.module, dim), set()).update(hit)

@@ -14,6 +14,16 @@ logits and of the output come out as one group channel (the summed paths tie the
 removal cuts them together. The real forward is back before anything runs for real; the blocks
 read their widths from the tensors (``SelectiveKernel``'s input split is a :mod:`.block_sizes`
 rule), so the pruned block runs its own code.
+
+Global context attention (GCNet's ``GlobalContext``, Cao et al. 2019, eq. 1-2: ``context_c =
+sum_j softmax_j(w^T x_j) x_cj``) reshapes ``x`` to ``[B, C, H*W]`` for a matmul, which the tracer
+also reads as a flatten; its trace-time form weighs ``x`` by the ``[B, 1, H, W]`` attention map and
+sums over space (one weight per position, broadcast over the channels: :mod:`.tracing` maps no
+channel through such a broadcast), so ``x``'s channel ``c`` is the context's channel ``c``.
+
+ECA's layers (:mod:`.channel_mixers`) are traced as a per-channel weight the tracer does not follow
+(their 1-D conv runs across the channels, read as a flatten): the layer is then one node whose
+channel ``c`` in is channel ``c`` out, as its gated form makes it.
 """
 from __future__ import annotations
 
@@ -86,13 +96,46 @@ def _selective_kernel_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
     return forward
 
 
+def _global_context_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``GlobalContext.forward`` with the context as a weighted sum over space (no reshape of ``x``)."""
+
+    def forward(x: Tensor) -> Tensor:
+        if block.conv_attn is not None:
+            logits = block.conv_attn(x)  # [B, 1, H, W]
+            weights = torch.exp(logits - logits.amax((2, 3), keepdim=True))
+            context = (x * (weights / weights.sum((2, 3), keepdim=True))).sum((2, 3), keepdim=True)
+        else:
+            context = x.mean((2, 3), keepdim=True)
+        if block.mlp_scale is not None:
+            x = x * block.gate(block.mlp_scale(context))
+        if block.mlp_add is not None:
+            x = x + block.mlp_add(context)
+        return x
+
+    return forward
+
+
+def _channel_mixer_forward(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A channel mixer as a per-channel weight off the traced graph (same shapes, channel c -> c)."""
+
+    def forward(x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True)).detach()
+
+    return forward
+
+
 def _forms() -> Dict[type, Callable[[nn.Module], Callable[[Tensor], Tensor]]]:
+    from .channel_mixers import CHANNEL_MIXERS
+
+    mixers = {mixer: _channel_mixer_forward for mixer in CHANNEL_MIXERS}
     try:
+        from timm.layers.global_context import GlobalContext
         from timm.layers.selective_kernel import SelectiveKernel
         from timm.layers.split_attn import SplitAttn
     except ImportError:  # pragma: no cover  (timm without these layers: nothing to rewrite)
-        return {}
-    return {SplitAttn: _split_attn_forward, SelectiveKernel: _selective_kernel_forward}
+        return mixers
+    return {SplitAttn: _split_attn_forward, SelectiveKernel: _selective_kernel_forward,
+            GlobalContext: _global_context_forward, **mixers}
 
 
 #: block type -> factory of its trace-time forward (given the block)

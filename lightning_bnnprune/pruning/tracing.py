@@ -21,23 +21,26 @@ caller can refuse them or keep the attributes in step (:mod:`.block_sizes`).
 
 timm's ``BlurPool2d`` (anti-aliased downsampling) filters each channel with ``F.conv2d`` over a fixed
 per-channel buffer; registered here as a channel-preserving layer (:class:`BlurPoolPruner`), it is a
-member of its channels' group instead of an op the tracer cannot see into.
+member of its channels' group instead of an op the tracer cannot see into. ECA's layers
+(:mod:`.channel_mixers`) are registered the same way (:class:`ChannelMixerPruner`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
+from .channel_mixers import CHANNEL_MIXERS
+from .slicing import is_channel_multiplier
 from .traceable import traceable_attention
 
-__all__ = ["BlurPoolPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
+__all__ = ["BlurPoolPruner", "ChannelMixerPruner", "ChannelFlow", "Closure", "closure", "trace", "CHANNEL_DIM"]
 
 CHANNEL_DIM = 1
 Pairs = Set[Tuple[int, int]]  # (channel of this node, root channel it carries)
@@ -67,6 +70,16 @@ class BlurPoolPruner(tp.pruner.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class ChannelMixerPruner(BlurPoolPruner):
+    """A layer that mixes neighbouring channels but has no per-channel tensor (ECA): input channel
+    ``c`` is output channel ``c``; its width is the input's (not stored in the layer)."""
+
+    def get_out_channels(self, layer: nn.Module):
+        return None
+
+    get_in_channels = get_out_channels
+
+
 @contextlib.contextmanager
 def _own_concat_split_maps() -> Iterator[None]:
     """Torch-Pruning's concat / split index maps switched off while it builds its graph: they crash
@@ -85,6 +98,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     traced as a per-channel layer, radix attention in its split/add form (:mod:`.traceable`), and
     without Torch-Pruning's concat / split index maps."""
     customized = {BlurPool2d: BlurPoolPruner()} if BlurPool2d is not None else {}
+    customized.update({mixer: ChannelMixerPruner() for mixer in CHANNEL_MIXERS})
     with _own_concat_split_maps(), traceable_attention(model):
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                      customized_pruners=customized, verbose=False)
@@ -164,6 +178,8 @@ class ChannelFlow:
         src, dst = dep.source, dep.target
         backward = any(fn is dst.grad_fn for fn, _ in getattr(src.grad_fn, "next_functions", ()) or ())
         consumer, producer = (src, dst) if backward else (dst, src)
+        if consumer.type == tp.ops.OPTYPE.ELEMENTWISE and self._broadcast_over_channels(consumer, producer):
+            return set()
         split = self._channel_layout(producer, self.split_layout) if producer.type == tp.ops.OPTYPE.SPLIT else None
         cat = self._channel_layout(consumer, self.cat_layout) if consumer.type == tp.ops.OPTYPE.CONCAT else None
         if not split and not cat:
@@ -175,6 +191,26 @@ class ChannelFlow:
             pairs = self._tp_maps(dep, pairs)
         out = self._cat_split(consumer, producer, split, cat, pairs, backward)
         return out if tp_first else self._tp_maps(dep, out)
+
+    @classmethod
+    def _broadcast_over_channels(cls, consumer, producer) -> bool:
+        """Whether ``producer`` enters the element-wise ``consumer`` as one channel broadcast to all
+        (a spatial attention map ``[B, 1, H, W]`` times ``[B, C, H, W]``): the same value for every
+        channel, so no channel of one is a channel of the other (Torch-Pruning maps channel ``c`` to
+        ``c``)."""
+        try:
+            out = list(consumer.grad_fn._input_metadata[0].shape)
+            shapes = [list(producer.grad_fn._input_metadata[nr].shape) for _, nr in cls._links(consumer, producer)]
+        except (AttributeError, IndexError, TypeError):
+            return False
+        if len(out) < 2 or out[CHANNEL_DIM] == 1 or not shapes:
+            return False
+        for shape in shapes:  # same rank only: an op that adds a dimension (stack) is no broadcast
+            others = [a for k, a in enumerate(shape) if k != CHANNEL_DIM]
+            if len(shape) != len(out) or shape[CHANNEL_DIM] != 1 or others != [
+                    b for k, b in enumerate(out) if k != CHANNEL_DIM]:
+                return False
+        return True
 
     def _cat_split(self, consumer, producer, split, cat, pairs: Pairs, backward: bool) -> Pairs:
         links = self._links(consumer, producer)
@@ -235,29 +271,42 @@ class Closure:
 FAN_OUT = 64
 
 
-def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module) -> Closure:
-    """Follow every output channel of ``root_module`` through ``graph`` (each pair crosses each edge
-    at most once; the walk stops at a node that fans out past :data:`FAN_OUT`)."""
+def closure(graph: tp.DependencyGraph, flow: ChannelFlow, root_module: nn.Module,
+            channels: Optional[Sequence[int]] = None) -> Closure:
+    """Follow output ``channels`` (default: every one) of ``root_module`` through ``graph`` (each
+    pair crosses each edge at most once; the walk stops at a node that fans out past :data:`FAN_OUT`)."""
     root = graph.module2node[root_module]
     handler = graph.get_pruner_of_module(root_module).prune_out_channels
-    channels = graph.get_pruner_of_module(root_module).get_out_channels(root_module)
-    start = {(i, i) for i in range(channels)}
-    cap = FAN_OUT * channels
+    if channels is None:
+        channels = range(graph.get_pruner_of_module(root_module).get_out_channels(root_module))
+    start = {(i, i) for i in channels}
+    cap = FAN_OUT * len(start)
     reached: Dict[Tuple[Any, Any], Pairs] = {(root, handler): set(start)}
     stack = [(root, handler, start)]
     while stack:
         node, fn, pairs = stack.pop()
-        for dep in node.dependencies:
-            if not dep.is_triggered_by(fn):
-                continue
-            mapped = flow.map(dep, pairs)
-            if not mapped and not {dep.source, dep.target} & flow.unmapped:
+        steps = [(dep.target, dep.handler, flow.map(dep, pairs), {dep.source, dep.target})
+                 for dep in node.dependencies if dep.is_triggered_by(fn)]
+        if is_channel_multiplier(node.module):
+            steps.append((node, *_multiplier_side(graph, node.module, fn, pairs), set()))
+        for target, handler, mapped, ends in steps:
+            if not mapped and not ends & flow.unmapped:
                 continue  # e.g. a concat's other inputs: none of these channels goes there
-            seen = reached.setdefault((dep.target, dep.handler), set())
+            seen = reached.setdefault((target, handler), set())
             fresh = mapped - seen
             if fresh:
                 seen |= fresh
                 if len(seen) > cap:
-                    return Closure(root=root, reached=reached, fanned_out=dep.target)
-                stack.append((dep.target, dep.handler, fresh))
+                    return Closure(root=root, reached=reached, fanned_out=target)
+                stack.append((target, handler, fresh))
     return Closure(root=root, reached=reached)
+
+
+def _multiplier_side(graph: tp.DependencyGraph, conv: nn.Conv2d, fn, pairs: Pairs) -> Tuple[Any, Pairs]:
+    """The other side of a channel multiplier (:func:`~.slicing.is_channel_multiplier`): its input
+    channel ``c`` and its outputs ``c*k ... c*k + k-1`` carry the same root channels (Torch-Pruning
+    couples the two sides of a depthwise conv only when ``out == in``)."""
+    pruner, k = graph.get_pruner_of_module(conv), conv.out_channels // conv.groups
+    if graph.is_out_channel_pruning_fn(fn):
+        return pruner.prune_in_channels, {(i // k, r) for i, r in pairs}
+    return pruner.prune_out_channels, {(i * k + j, r) for i, r in pairs for j in range(k)}
