@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from hydra.utils import get_class
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
@@ -262,8 +263,12 @@ def test_every_yaml_value_is_the_default_or_a_named_exception(compose_train, gro
 
 
 @pytest.mark.parametrize("name", recipe_names())
-def test_every_recipe_composes_and_builds(compose_train, name):
+def test_every_recipe_composes_and_builds(compose_train, tmp_path, name):
     overrides = [f"recipe={name}"]
+    if name == "finetune_timm":  # names the model and its weights file on the command line
+        weights = tmp_path / "weights.pt"
+        torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), weights)
+        overrides += ["model.model_name=test_resnet", f"model.pretrained_file={weights}"]
     cfg = compose_train(overrides)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         # A GPU recipe is built here with a one-CPU trainer; everything else as written.

@@ -225,3 +225,21 @@ def test_pruning_retrains_against_the_full_precision_teacher(tmp_path):
                                         input_size=(3, 32, 32))])
     with pytest.raises(MisconfigurationException, match="must be one of: binary_start, full_precision"):
         GreedyFilterPruning(0.4, distill_teacher="teacher")
+
+
+def test_finetune_recipe_weights_file_to_pruned_binary_network_to_tflite(run_app, tmp_path):
+    """README section 3's path through the app: a full-precision weights file -> binary with the
+    teacher, in two steps -> pruned by msf retraining against the same teacher -> model.tflite."""
+    weights = tmp_path / "fp.pt"
+    fp = timm.create_model("test_resnet", num_classes=10)
+    torch.save(fp.state_dict(), weights)
+    out = tmp_path / "run"
+    proc = run_app("recipe=finetune_timm", "model.model_name=test_resnet", f"model.pretrained_file={weights}",
+                   "export=lce", "logger=csv", *TINY, "trainer.limit_train_batches=8", "trainer.log_every_n_steps=1",
+                   "binarize.binary_weights_unit=steps", "binarize.binary_weights_from=2", "schedule.unit=steps",
+                   "schedule.warmup=3", "schedule.selector=1", "schedule.retrain=1", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pruning"]["pfr"] > 0.3 and summary["exported_model"].endswith("model.tflite")
+    header = next(out.rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "train/teacher_kd" in header and "prune/distill" in header  # both distil from the FP network
