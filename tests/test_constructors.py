@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bnnprune import (Binarize, FilterPruning, GreedyFilterPruning, MainSubsidiaryPruning,
                                 ZeroFilterPruning)
 
-from conftest import UserModule
+from helpers import UserModule
 
 STRATEGIES = [FilterPruning, MainSubsidiaryPruning, GreedyFilterPruning, ZeroFilterPruning]
 #: The concepts strategies share, in the one order their signatures follow.

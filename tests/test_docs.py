@@ -24,7 +24,7 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import TINY, UserModule, randomise_norms, stderr_lines
+from helpers import TINY, UserModule, randomise_norms, stderr_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = (ROOT / "docs" / "extending.md").read_text()

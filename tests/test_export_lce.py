@@ -26,7 +26,7 @@ from lightning_bnnprune.pruning.lce_runtime import KERNELS
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import UserModule, randomise_norms
+from helpers import UserModule, randomise_norms
 
 needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
 _INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
@@ -254,7 +254,7 @@ def test_app_export_writes_the_model_file_beside_pruned_pt(run_app, tmp_path, ta
 
     from lightning_bnnprune.pruning.record import load_pruned
 
-    from conftest import TINY
+    from helpers import TINY
 
     run_dir = tmp_path / "run"
     proc = run_app(*TINY, f"export={target}", f"hydra.run.dir={run_dir}")
@@ -291,7 +291,7 @@ def _input_of(tflite):
 
 
 def test_app_refuses_an_unknown_export_in_one_line(call_main):
-    from conftest import TINY, stderr_lines
+    from helpers import TINY, stderr_lines
 
     proc = call_main(*TINY, "export=nope")
     assert proc.returncode == 2

@@ -15,8 +15,8 @@ from lightning_bnnprune import Binarize, FilterPruning
 from lightning_bnnprune.pruning.gates import gates_of
 from lightning_bnnprune.pruning.record import CHECKPOINT_KEY, load_pruned, restore_pruned
 
-from conftest import UserModule
-from test_surgery import inputs, num_params
+from helpers import UserModule
+from helpers import inputs, num_params
 
 
 class RandomClosing(FilterPruning):

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY, UserModule
+from helpers import TINY, UserModule
 from lightning_bnnprune import Binarize, MainSubsidiaryPruning
 from lightning_bnnprune.layers import BinaryConv2d
 

@@ -9,7 +9,7 @@ from lightning_bnnprune.callbacks.binarize import Binarize
 from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.layers import BinaryConv2d
 
-from conftest import UserModule
+from helpers import UserModule
 
 
 def user_module() -> UserModule:

@@ -14,7 +14,7 @@ from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.slicing import slice_channels
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import UserModule
+from helpers import UserModule
 
 
 def _fit(tmp_path, name, pruning, max_steps):

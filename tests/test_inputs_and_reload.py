@@ -17,7 +17,7 @@ from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.pruning.gates import gates_of
 from lightning_bnnprune.pruning.record import load_pruned
 
-from conftest import UserModule
+from helpers import UserModule
 
 
 def Lit(net: nn.Module) -> UserModule:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning
 from lightning_bnnprune.callbacks.checks import ResumeMismatch
 
-from conftest import UserModule
+from helpers import UserModule
 
 # one stage of all groups: a 1-step selector and a 1-step retrain, then the final retrain ("rest")
 MSF = dict(selector=1, retrain=1, distill=0.5, remove_at_end=False)
