@@ -5,7 +5,6 @@ from typing import Dict, List, Tuple
 
 import lightning as L
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback

@@ -2,7 +2,6 @@
 exact. The record's own checks are in test_record.py, the removal at fit end in
 test_filter_pruning.py."""
 import pytest
-import timm
 import torch
 
 from lightning_bnnprune.binarize import binary_layers
