@@ -39,11 +39,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..checks import is_int
-from ..paths import PathLike
-
 __all__ = ["KERNELS", "lce_latency", "lce_predict", "lce_python"]
 
+# paths.PathLike and checks.is_int spelled here again: this file also runs as a script in LCE's Python,
+# where the package is not importable (see the module docstring).
+PathLike = Union[str, "os.PathLike[str]"]
 
 #: kernel path -> ``(use_reference_bconv, use_indirect_bgemm, use_xnnpack)``
 KERNELS: Dict[str, Tuple[bool, bool, bool]] = {
@@ -260,7 +260,7 @@ def lce_latency(path: Union[PathLike, Sequence[PathLike]], threads: int = 1, ker
     kernel_name = kernels
     for name, value, low in (("threads", threads, 1), ("batch", batch, 1), ("rounds", rounds, 1),
                              ("calls", calls, 1), ("warmup", warmup, 0)):
-        if not is_int(value, least=low):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     single = isinstance(path, (str, os.PathLike))
     paths = [os.path.abspath(os.fspath(p)) for p in ([path] if single else path)]
