@@ -3,8 +3,9 @@ exact. The record's own checks are in test_record.py, the removal at fit end in
 test_filter_pruning.py."""
 import pytest
 import torch
+from torch import nn
 
-from lightning_bnnprune.binarize import binary_layers
+from lightning_bnnprune.binarize import binarize_model, binary_layers
 from lightning_bnnprune.pruning.gates import attach_gates, gates_of
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.rebuild import shape_manifest
