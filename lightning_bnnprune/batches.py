@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
+from lightning_bnnprune.checks import is_int
+
 __all__ = ["ResumableBatchSampler", "ResumableDataLoader", "SeededBatch", "StepSeededLoader", "fit_position", "mix_seed"]
 
 
@@ -152,7 +154,7 @@ class StepSeededLoader:
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int, step: Callable[[], int]
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size, least=1):
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the dataset is empty")

@@ -5,9 +5,12 @@ No torch import: the app's entry point uses it as much as the pruning callbacks 
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Union
 
-__all__ = ["free_stems"]
+__all__ = ["PathLike", "free_stems"]
+
+#: A file or folder argument: a string or an ``os.PathLike`` (``pathlib.Path``), as ``open`` takes.
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 def free_stems(directory: str, stems: Dict[str, Sequence[str]]) -> Dict[str, str]:

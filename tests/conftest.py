@@ -1,27 +1,24 @@
-"""Shared fixtures and helpers: one torch thread, a user's LightningModule around a timm network,
-randomised norms, and the real Hydra configs composed with the ``compose`` API, shrunk for tests.
+"""The shared fixtures: one torch thread, the real Hydra configs composed with the ``compose`` API,
+the app run in a new process or in this one.
 
-Test files import the helpers by name (``from conftest import UserModule``), as they import
-``TINY``."""
+Shared helpers that are not fixtures (modules, networks, data, the small Trainer, ``TINY``) live
+in the ``tests/helpers`` package: ``from helpers import UserModule``."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Callable, Sequence
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from torch import nn
 
 from lightning_bnnprune.config import conf_dir, register_recipes
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
@@ -31,67 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class UserModule(LightningModule):
-    """A user's own module: a network (a timm name, built with 10 classes, or any module) under an
-    attribute of the user's choosing, cross-entropy, one optimizer over every parameter.
-
-    Args:
-        net: a timm model name or a module.
-        attr: the attribute holding the network (the record's ``network_path``).
-        lr: the optimizer's learning rate.
-        optimizer: the optimizer class; ``optimizer_kwargs`` go to it (``weight_decay=...``).
-        example_input_size: ``(C, H, W)`` for ``example_input_array`` (None: the size comes from
-            the data).
-    """
-
-    def __init__(self, net: Union[str, nn.Module] = "test_resnet", attr: str = "net", lr: float = 1e-3,
-                 optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-                 example_input_size: Optional[Sequence[int]] = None, **optimizer_kwargs: Any) -> None:
-        super().__init__()
-        self.attr = attr
-        setattr(self, attr, timm.create_model(net, num_classes=10) if isinstance(net, str) else net)
-        if example_input_size is not None:
-            self.example_input_array = torch.zeros(2, *example_input_size)
-        self.lr, self.optimizer_class, self.optimizer_kwargs = lr, optimizer, optimizer_kwargs
-
-    def forward(self, x):
-        return getattr(self, self.attr)(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return self.optimizer_class(self.parameters(), lr=self.lr, **self.optimizer_kwargs)
-
-
-def randomise_norms(net: nn.Module) -> nn.Module:
-    """Random batch-norm statistics and affine terms (seeded by the caller), so that a wrong cut
-    or a wrong fold shows in the logits."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
-    return net
-
-
-# A run small enough for a test: six tiny training batches (the fewest that hold the default
-# pruning schedule once scaled to fit: 3 stages x (1 selector + 1 retrain step)), one of each
-# evaluation split, no bar.
-TINY = [
-    "data.batch_size=8",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=6",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
 
 
 @pytest.fixture
@@ -150,6 +86,3 @@ def call_main(monkeypatch, capsys, tmp_path) -> Callable[..., subprocess.Complet
 
     return _call
 
-
-def stderr_lines(proc: subprocess.CompletedProcess) -> List[str]:
-    return [line for line in proc.stderr.splitlines() if line.strip()]

@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY, stderr_lines
+from helpers import TINY, stderr_lines
 
 PROBE = (
     "import atexit, sys\n"

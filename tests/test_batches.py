@@ -4,15 +4,19 @@ same weights, bit for bit."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_bnnprune.batches import ResumableBatchSampler, SeededBatch
 from lightning_bnnprune.data import FakeDataModule
+
+from helpers import small_trainer, step_checkpoints
 
 
 class TinyNet(pl.LightningModule):
@@ -42,15 +46,10 @@ class SeenBatches(Callback):
 def _fit(folder, ckpt_path=None, seed: int = 3) -> tuple[TinyNet, SeenBatches]:
     pl.seed_everything(seed, verbose=False)
     model, seen = TinyNet(), SeenBatches()
-    trainer = pl.Trainer(
-        max_epochs=3,
+    trainer = small_trainer(
+        folder, [step_checkpoints(folder, 3), seen], max_steps=-1, max_epochs=3,
         limit_train_batches=5,  # epochs of 5 of the 6 batches: the position must follow the limit
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=folder,
-        callbacks=[ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=3, save_top_k=-1), seen],
     )
     data = FakeDataModule(num_samples=96, num_test_samples=8, image_size=8, batch_size=12, val_split=0)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
@@ -84,5 +83,12 @@ def test_order_follows_seed_and_epoch_without_a_trainer():
 
 
 def test_seeded_batch_keeps_its_seed_across_processes():
-    batch = pickle.loads(pickle.dumps(SeededBatch([3, 1, 2], seed=7)))
+    """A DataLoader worker gets its batch of indices pickled: the seed must come out in another
+    Python, not only from a round trip in this one."""
+    pickled = pickle.dumps(SeededBatch([3, 1, 2], seed=7))
+    batch = pickle.loads(pickled)
     assert batch == [3, 1, 2] and batch.seed == 7
+    read = "import pickle, sys; b = pickle.loads(sys.stdin.buffer.read()); print(type(b).__name__, list(b), b.seed)"
+    done = subprocess.run([sys.executable, "-c", read], input=pickled, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split("\n")[0] == "SeededBatch [3, 1, 2] 7"

@@ -1,43 +1,20 @@
 """BDG: the learnable {phi - tau, phi + tau} domain, its sparsity constraint, and empty-filter removal."""
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, BinaryConv2d
 from lightning_bnnprune.callbacks.bdg import ZeroFilterPruning
 from lightning_bnnprune.quantizers import BinaryDomainWeight
 
-
-class Net(LightningModule):
-    def __init__(self, lr=1e-2):
-        super().__init__()
-        self.model = timm.create_model("test_resnet", num_classes=10)
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-def _loader():
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
-                      batch_size=16)
+from helpers import UserModule, random_images, small_trainer
 
 
 def _fit(callbacks, steps=10, lr=1e-2, tmp_path=None):
     seed_everything(0)
-    module = Net(lr)
-    Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-            enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
-            callbacks=callbacks).fit(module, _loader())
+    module = UserModule(attr="model", lr=lr)
+    small_trainer(tmp_path, callbacks, steps).fit(module, random_images(n=32, batch_size=16))
     return module
 
 

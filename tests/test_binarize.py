@@ -2,65 +2,41 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, BinaryConv2d, binarize_model
 from lightning_bnnprune.binarize import full_precision_names
 
+from helpers import UserModule, pattern_images, small_trainer
+
 FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "resnet18"]
 
 
-class UserModule(LightningModule):
-    """A user's own module: the timm network under an arbitrary attribute name."""
+class LossRecordingModule(UserModule):
+    """The user's module with the timm network under an arbitrary attribute name, recording every
+    training loss."""
 
     def __init__(self, model_name: str, lr: float = 2e-3):
-        super().__init__()
-        self.backbone_of_mine = timm.create_model(model_name, num_classes=10)
-        self.lr = lr
+        super().__init__(model_name, attr="backbone_of_mine", lr=lr)
         self.losses = []
 
-    def forward(self, x):
-        return self.backbone_of_mine(x)
-
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = super().training_step(batch, batch_idx)
         self.losses.append(loss.item())
         return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-def _loader(n=32, batch_size=16, seed=0):
-    # A learnable task: each class is a fixed random image, seen through noise.
-    g = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(10, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = patterns[y] + 0.5 * torch.randn(n, 3, 32, 32, generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def _trainer(tmp_path, max_steps, callbacks, **kwargs):
-    return Trainer(
-        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kwargs,
-    )
 
 
 @pytest.mark.parametrize("model_name", FAMILIES)
 def test_binarize_swaps_all_but_first_conv_keeps_head_fp_and_learns(tmp_path, model_name):
     seed_everything(0)
-    module = UserModule(model_name, lr=5e-3)
+    module = LossRecordingModule(model_name, lr=5e-3)
     convs = [n for n, m in module.backbone_of_mine.named_modules() if isinstance(m, nn.Conv2d)]
     first_conv = module.backbone_of_mine.pretrained_cfg["first_conv"]
     binarize = Binarize()
-    _trainer(tmp_path, 20, [binarize], enable_checkpointing=False).fit(module, _loader(n=16))
+    small_trainer(tmp_path, [binarize], 20).fit(module, pattern_images(n=16))
 
     net = module.backbone_of_mine
     binary = [n for n, m in net.named_modules() if isinstance(m, BinaryConv2d)]
@@ -77,17 +53,17 @@ def test_binarize_swaps_all_but_first_conv_keeps_head_fp_and_learns(tmp_path, mo
 def test_resume_from_checkpoint_finds_the_same_binary_tree(tmp_path):
     seed_everything(0)
     ckpt_dir = tmp_path / "ckpt"
-    module = UserModule("test_resnet")
+    module = LossRecordingModule("test_resnet")
     save = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)
-    _trainer(tmp_path, 6, [Binarize(), save]).fit(module, _loader())
+    small_trainer(tmp_path, [Binarize(), save], 6).fit(module, pattern_images())
     seed_everything(0)
-    uninterrupted = UserModule("test_resnet")
-    _trainer(tmp_path / "b", 6, [Binarize()], enable_checkpointing=False).fit(uninterrupted, _loader())
+    uninterrupted = LossRecordingModule("test_resnet")
+    small_trainer(tmp_path / "b", [Binarize()], 6).fit(uninterrupted, pattern_images())
 
     seed_everything(0)
-    resumed = UserModule("test_resnet")  # a fresh, full-precision module: weights come from the ckpt
-    _trainer(tmp_path / "c", 6, [Binarize()], enable_checkpointing=False).fit(
-        resumed, _loader(), ckpt_path=str(next(ckpt_dir.glob("*step=2.ckpt")))  # end of epoch 0
+    resumed = LossRecordingModule("test_resnet")  # a fresh, full-precision module: weights come from the ckpt
+    small_trainer(tmp_path / "c", [Binarize()], 6).fit(
+        resumed, pattern_images(), ckpt_path=str(next(ckpt_dir.glob("*step=2.ckpt")))  # end of epoch 0
     )
     for (name, a), (_, b) in zip(uninterrupted.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -131,14 +107,14 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
 
 
 def test_unknown_network_name_is_an_error(tmp_path):
-    module = UserModule("test_resnet")
+    module = LossRecordingModule("test_resnet")
     with pytest.raises(MisconfigurationException, match="network 'net' not found.*backbone_of_mine"):
-        _trainer(tmp_path, 1, [Binarize(networks=["net"])], enable_checkpointing=False).fit(module, _loader())
+        small_trainer(tmp_path, [Binarize(networks=["net"])], 1).fit(module, pattern_images())
 
 
 def test_weight_clip_bounds_latent_weights(tmp_path):
-    module = UserModule("test_resnet", lr=0.5)  # a large lr pushes latent weights past the bound
-    _trainer(tmp_path, 3, [Binarize(weight_clip=0.05)], enable_checkpointing=False).fit(module, _loader())
+    module = LossRecordingModule("test_resnet", lr=0.5)  # a large lr pushes latent weights past the bound
+    small_trainer(tmp_path, [Binarize(weight_clip=0.05)], 3).fit(module, pattern_images())
     for m in module.modules():
         if isinstance(m, BinaryConv2d):
             assert m.weight.abs().max() <= 0.05 + 1e-7

@@ -17,7 +17,7 @@ import torch
 import lightning_bnnprune
 from lightning_bnnprune.config import conf_dir, recipe_names, recipes_dir
 
-from conftest import TINY, stderr_lines
+from helpers import TINY, stderr_lines
 
 
 def _summary(run_dir: Path) -> dict:

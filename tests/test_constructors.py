@@ -13,12 +13,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import (Binarize, FilterPruning, GreedyFilterPruning, MainSubsidiaryPruning,
                                 ZeroFilterPruning)
 
-from conftest import UserModule
+from helpers import UserModule, random_images, small_trainer
 
 STRATEGIES = [FilterPruning, MainSubsidiaryPruning, GreedyFilterPruning, ZeroFilterPruning]
 #: The concepts strategies share, in the one order their signatures follow.
@@ -141,11 +140,7 @@ def test_each_gate_start_does_what_its_name_says(tmp_path, start):
     msf = MainSubsidiaryPruning(0.4, selector=1, retrain=1, final_retrain=0, remove_at_end=False, **start)
     first = FirstLogits()
     first.msf = msf
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
-    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=tmp_path,
-              callbacks=[Binarize(), msf, first]).fit(UserModule(), DataLoader(data, batch_size=4))
+    small_trainer(tmp_path, [Binarize(), msf, first], 2).fit(UserModule(), random_images(n=4, batch_size=4))
     for name, logits in first.logits.items():
         n = logits.numel()
         if "gate_init_logit" in start:  # every gate open at the same logit

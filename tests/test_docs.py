@@ -11,9 +11,8 @@ import pytest
 import timm
 import torch
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, FilterPruning, export_targets, quantizers
 from lightning_bnnprune.binarize import binarize_model
@@ -24,7 +23,7 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import TINY, UserModule, randomise_norms, stderr_lines
+from helpers import TINY, UserModule, random_images, randomise_norms, small_trainer, stderr_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = (ROOT / "docs" / "extending.md").read_text()
@@ -48,14 +47,10 @@ def at_end():
 
 def test_the_strategy_example_prunes_at_fit_end(at_end, tmp_path):
     seed_everything(0)
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
     pruning = at_end.PruneAtEnd(target_pfr=0.4)
     assert isinstance(pruning, FilterPruning)
     module = UserModule(example_input_size=(3, 32, 32))
-    Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path,
-            callbacks=[Binarize(), pruning]).fit(module, DataLoader(data, batch_size=8))
+    small_trainer(tmp_path, [Binarize(), pruning], 2).fit(module, random_images(n=16, batch_size=8))
     record = pruning.record
     assert record.num_pruned == round(0.4 * record.num_filters)  # the target, exactly
     assert record.max_abs_diff <= 1e-4

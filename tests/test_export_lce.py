@@ -26,7 +26,7 @@ from lightning_bnnprune.pruning.lce_runtime import KERNELS
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import UserModule, randomise_norms
+from helpers import TINY, UserModule, random_images, randomise_norms, small_trainer, stderr_lines
 
 needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
 _INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
@@ -222,18 +222,14 @@ def test_every_pruning_callback_takes_round_to(cls, kwargs):
     (lambda: MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, round_to=32, input_size=(3, 32, 32)), 3),
 ], ids=["greedy", "msf_learned"])
 def test_with_round_to_the_counts_are_multiples(tmp_path, make, steps):
-    from lightning.pytorch import LightningModule, Trainer, seed_everything
-    from torch.utils.data import DataLoader, TensorDataset
+    from lightning.pytorch import seed_everything
 
     from lightning_bnnprune import Binarize
 
     seed_everything(0)
-    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     pruning = make()
-    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[Binarize(), pruning])
-    trainer.fit(UserModule("resnet18_cifar", lr=0.01, optimizer=torch.optim.SGD), DataLoader(data, batch_size=4))
+    trainer = small_trainer(tmp_path, [Binarize(), pruning], steps)
+    trainer.fit(UserModule("resnet18_cifar", lr=0.01, optimizer=torch.optim.SGD), random_images(n=4, batch_size=4))
     rows = pruning.report.layer_rows()
     binary = [r for r in rows if r["kind"] == "binary conv"]
     assert binary and all(r["filters_after"] % 32 == 0 for r in binary), binary[:3]
@@ -253,8 +249,6 @@ def test_app_export_writes_the_model_file_beside_pruned_pt(run_app, tmp_path, ta
     from pathlib import Path
 
     from lightning_bnnprune.pruning.record import load_pruned
-
-    from conftest import TINY
 
     run_dir = tmp_path / "run"
     proc = run_app(*TINY, f"export={target}", f"hydra.run.dir={run_dir}")
@@ -291,16 +285,13 @@ def _input_of(tflite):
 
 
 def test_app_refuses_an_unknown_export_in_one_line(call_main):
-    from conftest import TINY, stderr_lines
-
     proc = call_main(*TINY, "export=nope")
     assert proc.returncode == 2
     assert stderr_lines(proc) == ["bnnprune: error: `export` must be one of: null, lce, onnx, packed; got 'nope'"]
 
 
 def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
-    from lightning.pytorch import LightningModule, Trainer, seed_everything
-    from torch.utils.data import DataLoader, TensorDataset
+    from lightning.pytorch import seed_everything
 
     from lightning_bnnprune import Binarize
 
@@ -313,11 +304,8 @@ def test_zero_filter_pruning_rounds_up_by_keeping_empty_filters(tmp_path):
     seed_everything(0)
     pruning = EmptyFive(round_to=4)
     kw = dict(kernel_quantizer="bdg", kernel_quantizer_kwargs={"zero_lower": True})
-    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     module = UserModule(attr="model", lr=1e-4)
-    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-            enable_model_summary=False, default_root_dir=tmp_path,
-            callbacks=[Binarize(**kw), pruning]).fit(module, DataLoader(data, batch_size=8))
+    small_trainer(tmp_path, [Binarize(**kw), pruning], 1).fit(module, random_images(n=8, batch_size=8))
     size = pruning.analysis["layer1.0.conv1"].size
     assert module.model.layer1[0].conv1.out_channels == min(size, -(-(size - 5) // 4) * 4)
     assert module.model.layer1[0].conv1.out_channels < size  # some of the five still went

@@ -20,7 +20,7 @@ from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.slicing import per_channel_axis
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import randomise_norms
+from helpers import randomise_norms
 
 
 def binary_net(name: str, **kwargs) -> nn.Module:
@@ -219,7 +219,7 @@ def test_convnext_fit_with_learned_gates_prunes_to_the_target_exactly(tmp_path):
 
     from lightning_bnnprune import Binarize, MainSubsidiaryPruning
 
-    from conftest import UserModule
+    from helpers import UserModule
 
     kwargs = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
     seed_everything(0)

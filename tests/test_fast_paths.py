@@ -9,7 +9,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bnnprune.models  # noqa: F401  (registers the CIFAR networks)
 from lightning_bnnprune import Binarize
@@ -17,6 +16,8 @@ from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.module import ImageClassifier
+
+from helpers import random_images, small_trainer
 
 
 def _binary_net(seed: int) -> torch.nn.Module:
@@ -97,14 +98,9 @@ def _fit(tmp_path, compile: bool):
         # takes minutes on a small CPU; inductor is timed in benchmarks/throughput.py.
         compile_kwargs={"backend": "aot_eager"} if compile else None,
     )
-    g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 10, (24,), generator=g)),
-                      batch_size=4)
+    data = random_images(n=24, batch_size=4)
     msf = MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=1, layers_per_stage=4)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=tmp_path / ("compiled" if compile else "eager"),
-                        callbacks=[Binarize(), msf])
+    trainer = small_trainer(tmp_path / ("compiled" if compile else "eager"), [Binarize(), msf], 6)
     trainer.fit(module, data)
     return module, msf
 

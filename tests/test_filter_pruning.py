@@ -8,15 +8,13 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_bnnprune import Binarize, FilterPruning
 from lightning_bnnprune.pruning.gates import gates_of
 from lightning_bnnprune.pruning.record import CHECKPOINT_KEY, load_pruned, restore_pruned
 
-from conftest import UserModule
-from test_surgery import inputs, num_params
+from helpers import UserModule, inputs, num_params, random_images, small_trainer
 
 
 class RandomClosing(FilterPruning):
@@ -36,20 +34,11 @@ class RandomClosing(FilterPruning):
             gate.set_mask(keep)
 
 
-def _loader():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 32, 32, generator=g)
-    return DataLoader(TensorDataset(x, torch.randint(0, 10, (16,), generator=g)), batch_size=8)
-
-
 def _fit(tmp_path, module):
     pruning = RandomClosing(target_pfr=0.4, input_size=(3, 32, 32))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")
-    trainer = Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[Binarize(), pruning, checkpoint],
-    )
-    trainer.fit(module, _loader())
+    trainer = small_trainer(tmp_path, [Binarize(), pruning, checkpoint], 2)
+    trainer.fit(module, random_images(n=16, batch_size=8))
     return trainer, pruning, checkpoint
 
 
@@ -107,10 +96,8 @@ def test_remove_at_end_false_leaves_the_gated_network(tmp_path):
     seed_everything(0)
     module = UserModule()
     pruning = RandomClosing(target_pfr=0.4, input_size=(3, 32, 32), remove_at_end=False)
-    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                      callbacks=[Binarize(), pruning])
-    trainer.fit(module, _loader())
+    trainer = small_trainer(tmp_path, [Binarize(), pruning], 1)
+    trainer.fit(module, random_images(n=16, batch_size=8))
     assert pruning.record is None and gates_of(module.net)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(("pruned", "pruning_report"))]
 
@@ -136,7 +123,7 @@ def test_ddp_spawn_every_rank_cuts_the_same_network_and_rank_zero_writes(tmp_pat
         enable_checkpointing=False, default_root_dir=tmp_path,
         callbacks=[Binarize(), RandomClosing(target_pfr=0.4, input_size=(3, 32, 32)), SaveRecordPerRank(str(tmp_path))],
     )
-    trainer.fit(module, _loader())
+    trainer.fit(module, random_images(n=16, batch_size=8))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     diffs = [r["record"].pop("max_abs_diff") for r in (r0, r1)]  # float noise may differ per process
     assert max(diffs) <= 1e-4

@@ -10,30 +10,20 @@ import json
 import pytest
 import timm
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY, UserModule
+from helpers import TINY, UserModule, pattern_images, small_trainer, step_checkpoints
 from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning
 from lightning_bnnprune.layers import BinaryConv2d
-
-
-def _loader(n=48, batch_size=16):
-    g = torch.Generator().manual_seed(0)
-    patterns = torch.randn(10, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(patterns[y] + 0.5 * torch.randn(n, 3, 32, 32, generator=g), y),
-                      batch_size=batch_size)
 
 
 def _fit(tmp_path, binarize, max_steps=6, module=None, ckpt_path=None, extra=(), seed=0, n=48):
     seed_everything(seed)
     module = module or UserModule("resnet20_cifar", lr=5e-3)
-    trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[binarize, *extra])
-    trainer.fit(module, _loader(n), ckpt_path=ckpt_path)
+    trainer = small_trainer(tmp_path, [binarize, *extra], max_steps)
+    trainer.fit(module, pattern_images(n=n, batch_size=16), ckpt_path=ckpt_path)
     return module
 
 
@@ -86,7 +76,7 @@ def test_teacher_from_a_weights_file_and_from_a_module(tmp_path):
 
 
 def test_resume_distils_from_the_first_sittings_teacher(tmp_path):
-    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    every = step_checkpoints(tmp_path / "ckpt", 3)
     full = _fit(tmp_path / "full", Binarize(teacher="full_precision"), max_steps=6, extra=[every])
     ckpt = tmp_path / "ckpt" / "step=3.ckpt"
     assert ckpt.is_file()
@@ -166,7 +156,7 @@ def test_two_steps_by_epoch_and_a_fit_that_ends_in_step_one_says_so(tmp_path):
 @pytest.mark.parametrize("stop", [2, 4])  # mid step 1, mid step 2
 def test_two_step_resume_equals_uninterrupted(tmp_path, stop):
     def run(name, max_steps, ckpt_path=None):  # one batch an epoch: a plain loader resumes at its start
-        every = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        every = step_checkpoints(tmp_path / name, 1)
         return _fit(tmp_path / f"{name}-root", Binarize(teacher="full_precision", binary_weights_from=3),
                     max_steps=max_steps, ckpt_path=ckpt_path, extra=[every], n=16)
 

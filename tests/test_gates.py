@@ -7,7 +7,7 @@ import torch
 from lightning_bnnprune import binarize_model, find_channel_groups
 from lightning_bnnprune.pruning.gates import FilterGate, attach_gates, detach_gates, gates_of, is_gate_key
 
-from conftest import randomise_norms
+from helpers import randomise_norms
 
 
 def test_gate_forward_is_zero_one_with_a_clipped_straight_through_gradient():

@@ -1,15 +1,14 @@
 """GreedyFilterPruning inside a real Trainer, on a timm network held by the user's own module."""
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
 from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.layers import BinaryConv2d
 
-from conftest import UserModule
+from helpers import UserModule, random_images, small_trainer
 
 
 def user_module() -> UserModule:
@@ -40,21 +39,11 @@ class Probe(Callback):
             self.weights_at[step] = self.snapshot(pl_module)
 
 
-def _loader(n=32, batch_size=8):
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
-
-
 def _fit(tmp_path, pruning, max_steps, extra=(), module=None, ckpt_path=None, **kwargs):
     seed_everything(0)
     module = module or user_module()
-    trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, callbacks=[Binarize(), pruning, *extra], **kwargs,
-    )
-    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    trainer = small_trainer(tmp_path, [Binarize(), pruning, *extra], max_steps, **kwargs)
+    trainer.fit(module, random_images(n=32, batch_size=8), ckpt_path=ckpt_path)
     return module, trainer
 
 

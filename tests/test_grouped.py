@@ -3,9 +3,8 @@ the fit-start line when refused groups cap the PFR."""
 import pytest
 import timm
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning, load_pruned
 from lightning_bnnprune.binarize import binarize_model
@@ -14,20 +13,14 @@ from lightning_bnnprune.pruning.groups import coverage, find_channel_groups
 from lightning_bnnprune.pruning.slicing import slice_channels
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import UserModule
+from helpers import UserModule, random_images, small_trainer
 
 
 def _fit(tmp_path, name, pruning, max_steps):
     seed_everything(0)
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
     module = UserModule(name, example_input_size=(3, 32, 32))
-    trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[Binarize(), pruning],
-    )
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    trainer = small_trainer(tmp_path, [Binarize(), pruning], max_steps)
+    trainer.fit(module, random_images(n=16, batch_size=8))
     return module
 
 

@@ -6,10 +6,9 @@ import copy
 import pytest
 import timm
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_bnnprune.callbacks.binarize import Binarize
@@ -17,7 +16,7 @@ from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.pruning.gates import gates_of
 from lightning_bnnprune.pruning.record import load_pruned
 
-from conftest import UserModule
+from helpers import UserModule, random_images, small_trainer
 
 
 def Lit(net: nn.Module) -> UserModule:
@@ -34,17 +33,10 @@ def small_cnn() -> nn.Module:  # not a timm model: the record names layers from 
     )
 
 
-def _loader(size=32, n=16):
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g)),
-                      batch_size=8)
-
-
 def _fit(tmp_path, module, pruning, steps=2, size=32, extra=()):
     seed_everything(0)
-    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Binarize(), pruning, *extra])
-    trainer.fit(module, _loader(size))
+    trainer = small_trainer(tmp_path, [Binarize(), pruning, *extra], steps)
+    trainer.fit(module, random_images(n=16, batch_size=8, size=size, classes=4))
     return trainer
 
 

@@ -22,7 +22,7 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.lce_runtime import KERNELS, lce_python
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import randomise_norms
+from helpers import randomise_norms
 
 _INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
 needs_interpreter = pytest.mark.skipif(

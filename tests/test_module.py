@@ -1,7 +1,7 @@
 import pytest
 import timm
 import torch
-from lightning import Callback, Trainer, seed_everything
+from lightning import Callback, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 from torchmetrics.classification import MulticlassAccuracy
@@ -9,16 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_bnnprune.data import DigitsDataModule, FakeDataModule
 from lightning_bnnprune.module import ImageClassifier
 
-
-def _trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return Trainer(**{**defaults, **kwargs})
+from helpers import small_trainer
 
 
 class _RecordLoss(Callback):
@@ -36,13 +27,12 @@ def _save_state_dict(model, path):
         torch.save(model.state_dict(), path)
 
 
-def test_loss_goes_down_on_digits():
+def test_loss_goes_down_on_digits(tmp_path):
     seed_everything(0)
     model = ImageClassifier("test_resnet", num_classes=10, lr=3e-3)
     record = _RecordLoss()
-    trainer = _trainer(
-        max_epochs=1, limit_train_batches=20, limit_val_batches=2, callbacks=[record]
-    )
+    trainer = small_trainer(tmp_path, [record], max_steps=-1, max_epochs=1, limit_train_batches=20,
+                            limit_val_batches=2)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     first, last = record.losses[:5], record.losses[-5:]
     assert sum(last) / 5 < sum(first) / 5 - 0.3
@@ -87,7 +77,7 @@ def test_checkpoint_reloads_without_the_pretrained_file(tmp_path):
     source = timm.create_model("test_resnet", num_classes=10)
     _save_state_dict(source, tmp_path / "w.pth")
     model = ImageClassifier("test_resnet", pretrained_file=str(tmp_path / "w.pth"), scheduler=None)
-    trainer = _trainer(max_steps=1, limit_val_batches=0)
+    trainer = small_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(model, datamodule=FakeDataModule(num_samples=16, batch_size=8))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     (tmp_path / "w.pth").unlink()
@@ -131,9 +121,9 @@ def test_optimizer_skips_frozen_parameters():
     assert id(model.net.layer1[0].conv1.weight) in optimized
 
 
-def test_cosine_schedule_spans_the_run():
+def test_cosine_schedule_spans_the_run(tmp_path):
     model = ImageClassifier("test_resnet", scheduler="cosine")
-    trainer = _trainer(max_steps=3, limit_val_batches=0)
+    trainer = small_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(model, datamodule=FakeDataModule(num_samples=16, batch_size=8))
     (config,) = trainer.lr_scheduler_configs
     assert isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)

@@ -5,71 +5,23 @@ from typing import Dict, List, Tuple
 
 import lightning as L
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bnnprune.models  # noqa: F401  (registers resnet18_cifar in timm)
 from lightning_bnnprune import Binarize
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.distill import open_gates_forward
-from lightning_bnnprune.pruning.gates import gates_of
+
+from helpers import (Classifier, GateLogitTrace, gate_logits, main_params, random_images, small_trainer,
+                     step_checkpoints)
 
 #: Xu et al.'s own method (the callback's defaults are this project's measured configuration):
 #: the tests of the layer-by-layer mechanics run it.
 PAPER = dict(layers_per_stage=1, allocation="uniform", gate_init_criterion=None, final_retrain=0)
-
-
-class Classifier(L.LightningModule):
-    """A user's own module: a timm network in an attribute and a plain training_step.
-
-    ``zero_init_last=False``: timm zero-initialises the last norm of every residual block, which
-    cuts the gradient to the gates inside the blocks until the block has trained; the tests want
-    a network like the trained ones the callback is for.
-    """
-
-    def __init__(self, name: str = "test_resnet", returns_dict: bool = False, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.net = timm.create_model(name, num_classes=10, zero_init_last=False)
-        self.returns_dict = returns_dict
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        return {"loss": loss} if self.returns_dict else loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def loader(n: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def trainer(tmp_path, callbacks, max_steps: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    kwargs.setdefault("enable_progress_bar", False)
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_model_summary=False,
-        default_root_dir=tmp_path, num_sanity_val_steps=0, callbacks=callbacks, **kwargs,
-    )
-
-
-def main_params(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "filter_gate" not in n}
-
-
-def gate_logits(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """Gate logits by group name (the owner conv's name inside the network)."""
-    return {n: g.logits.detach().clone() for n, g in gates_of(module.net).items()}
 
 
 class Recorder(Callback):
@@ -118,8 +70,8 @@ def test_phases_in_order_selector_moves_only_gates_retrain_only_weights(tmp_path
                                 **PAPER)
     rec = Recorder(msf)
     steps = 1 + 4 * len(layers) + 1
-    t = trainer(tmp_path, [Binarize(), msf, rec], max_steps=steps, enable_progress_bar=True)
-    t.fit(module, loader())
+    t = small_trainer(tmp_path, [Binarize(), msf, rec], max_steps=steps, enable_progress_bar=True)
+    t.fit(module, random_images())
 
     expected = [(-1, "warmup", ())]
     for i, group in enumerate(layers):
@@ -151,8 +103,8 @@ def test_final_pfr_within_one_point(tmp_path, allocation, target):
     L.seed_everything(0)
     module = Classifier("test_resnet", returns_dict=True)
     msf = MainSubsidiaryPruning(target_pfr=target, selector=2, retrain=1, layers_per_stage=4, allocation=allocation)
-    t = trainer(tmp_path, [Binarize(), msf], max_steps=9)
-    t.fit(module, loader())
+    t = small_trainer(tmp_path, [Binarize(), msf], max_steps=9)
+    t.fit(module, random_images())
     assert abs(msf.pfr() - target) <= 0.01
     assert msf.record is not None and (tmp_path / "pruned.pt").exists()  # the base callback removed them
     assert sum(msf.prune_counts.values()) == round(target * msf.analysis.num_filters)
@@ -163,29 +115,18 @@ def test_final_pfr_within_one_point(tmp_path, allocation, target):
     assert metrics["msf/pfr"] == pytest.approx(msf.pfr())
 
 
-class LogitTrace(Callback):
-    """Every gate logit after every step: a resumed run must retrace the uninterrupted one."""
-
-    def __init__(self) -> None:
-        self.trace: Dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.trace[trainer.global_step] = torch.cat(list(gate_logits(pl_module).values()))
-
-
 def test_resume_mid_selector_equals_uninterrupted(tmp_path):
     def run(ckpt_path=None, every=None):
         L.seed_everything(0)
         module = Classifier("test_resnet")
         msf = MainSubsidiaryPruning(target_pfr=0.4, selector=3, retrain=2, layers=["conv1.6", "layer1.0.conv1"],
                                     remove_at_end=False)
-        trace = LogitTrace()
+        trace = GateLogitTrace()
         callbacks = [Binarize(), msf, trace]
         if every:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
-                                             filename="{step}"))
-        t = trainer(tmp_path, callbacks, max_steps=10, enable_checkpointing=bool(every))
-        t.fit(module, loader(n=4, batch_size=4), ckpt_path=ckpt_path)
+            callbacks.append(step_checkpoints(tmp_path, every))
+        t = small_trainer(tmp_path, callbacks, max_steps=10)
+        t.fit(module, random_images(n=4, batch_size=4), ckpt_path=ckpt_path)
         return module, msf, trace.trace
 
     full, msf_full, trace_full = run(every=2)
@@ -206,9 +147,8 @@ def test_epoch_unit_and_scale_to_fit(tmp_path):
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=2, retrain=2, unit="epochs", layers=["conv1.6"],
                                 scale_to_fit=True)
     rec = Recorder(msf)
-    t = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                  enable_progress_bar=False, enable_model_summary=False, callbacks=[Binarize(), msf, rec])
-    t.fit(Classifier("test_resnet"), loader(n=8, batch_size=4))
+    t = small_trainer(tmp_path, [Binarize(), msf, rec], max_steps=-1, max_epochs=2)
+    t.fit(Classifier("test_resnet"), random_images(n=8, batch_size=4))
     assert msf.schedule.total == 2 and (msf.schedule.selector, msf.schedule.retrain) == (1, 1)
     assert [p[1] for p in rec.phases] == ["selector", "retrain"]
     assert t.global_step == 4
@@ -219,7 +159,7 @@ def test_teacher_is_the_network_with_the_stage_gates_open_and_leaves_bn_statisti
     L.seed_everything(0)
     module = Classifier("test_resnet")
     msf = MainSubsidiaryPruning(target_pfr=0.5, selector=1, retrain=1, layers=["conv1.6"], remove_at_end=False)
-    trainer(tmp_path, [Binarize(), msf], max_steps=2).fit(module, loader())
+    small_trainer(tmp_path, [Binarize(), msf], max_steps=2).fit(module, random_images())
     net, gate = module.net, msf.gates["conv1.6"]
     assert 0 < gate.num_open < 32  # the selector closed its share
     x = torch.randn(4, 3, 32, 32)
@@ -311,6 +251,6 @@ class Manual(Classifier):
     ],
 )
 def test_bad_setups(tmp_path, module, callbacks, max_steps, match):
-    t = trainer(tmp_path, callbacks(), max_steps=max_steps)
+    t = small_trainer(tmp_path, callbacks(), max_steps=max_steps)
     with pytest.raises(MisconfigurationException, match=match):
-        t.fit(module(), loader(n=4))
+        t.fit(module(), random_images(n=4))

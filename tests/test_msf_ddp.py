@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
@@ -14,20 +12,9 @@ from lightning_bnnprune import Binarize
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.gates import gates_of
 
+from helpers import Classifier
+
 LAYERS = ["conv1.6", "layer2.0.conv1"]
-
-
-class Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = timm.create_model("test_resnet", num_classes=10, zero_init_last=False)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
 
 
 class RankRecord(Callback):

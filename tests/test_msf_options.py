@@ -8,12 +8,14 @@ from typing import Dict, List
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from lightning_bnnprune import Binarize, GreedyFilterPruning
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.gates import gates_of
-from test_msf import Classifier, gate_logits, loader, main_params, trainer
+
+from helpers import (Classifier, WeightTrace, gate_logits, main_params, random_images, small_trainer,
+                     step_checkpoints)
 
 
 class CosineClassifier(Classifier):
@@ -60,8 +62,8 @@ def test_final_retrain_restarts_the_learning_rate(tmp_path):
             if trainer.global_step == total - final:
                 weights["start"] = main_params(pl_module)
 
-    t = trainer(tmp_path, [Binarize(), msf, log, Snap()], max_steps=total)
-    t.fit(module, loader(n=4, batch_size=4))
+    t = small_trainer(tmp_path, [Binarize(), msf, log, Snap()], max_steps=total)
+    t.fit(module, random_images(n=4, batch_size=4))
 
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain"] * len(layers) + ["final"] * final
     finals = [lr for _, phase, lr in log.rows if phase == "final"]
@@ -83,8 +85,8 @@ def test_the_defaults_run_one_stage_then_retrain_to_the_trainers_end(tmp_path):
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=2, layers=layers, retrain_lr_factor=1.0,
                                 remove_at_end=False)
     log = StepLog(msf)
-    trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
-        CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
+    small_trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
+        CosineClassifier(total, name="test_resnet", lr=0.05), random_images(n=4, batch_size=4))
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain"] + ["final"] * 7
     assert msf.schedule.num_stages == 1 and msf.schedule.final == 7
     finals = [lr for _, phase, lr in log.rows if phase == "final"]
@@ -98,7 +100,7 @@ def test_the_rest_of_an_endless_trainer_is_refused(tmp_path):
 
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=1, layers=["conv1.6"])
     with pytest.raises(MisconfigurationException, match=r"final_retrain='rest' needs a trainer of finite length"):
-        trainer(tmp_path, [Binarize(), msf], max_steps=-1, max_epochs=-1).fit(Classifier("test_resnet"), loader())
+        small_trainer(tmp_path, [Binarize(), msf], max_steps=-1, max_epochs=-1).fit(Classifier("test_resnet"), random_images())
 
 
 @pytest.mark.parametrize("criterion", ["l1", "binarization_error"])
@@ -109,7 +111,7 @@ def test_criterion_gates_without_gate_learning_select_the_greedy_rule(tmp_path, 
     def fit(callback):
         L.seed_everything(0)
         module = Classifier("test_resnet")
-        trainer(tmp_path, [Binarize(), callback], max_steps=3).fit(module, loader(n=4, batch_size=4))
+        small_trainer(tmp_path, [Binarize(), callback], max_steps=3).fit(module, random_images(n=4, batch_size=4))
         return {n: g.mask().bool() for n, g in gates_of(module.net).items()}
 
     msf = MainSubsidiaryPruning(target_pfr=0.4, selector=1, retrain=2, layers_per_stage=100, gate_lr=0.0,
@@ -130,8 +132,8 @@ def test_learned_counts_reach_the_target_and_respect_the_floors(tmp_path, layers
     floor = 0.5
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=3, retrain=1, layers_per_stage=layers_per_stage,
                                 allocation="learned", layer_floor=floor, gate_lr=0.05, remove_at_end=False)
-    t = trainer(tmp_path, [Binarize(), msf], max_steps=40)
-    t.fit(module, loader(n=4, batch_size=4))
+    t = small_trainer(tmp_path, [Binarize(), msf], max_steps=40)
+    t.fit(module, random_images(n=4, batch_size=4))
     stages = msf.schedule.num_stages
     assert msf.schedule.total <= t.global_step == 40
     kept = msf.kept_filters()
@@ -143,14 +145,6 @@ def test_learned_counts_reach_the_target_and_respect_the_floors(tmp_path, layers
     if stages == 1:  # one budget over every group: the counts are the selector's, not a fixed share
         assert {n: sizes[n] - kept[n] for n in sizes} != uniform
     assert sum(sizes[n] - kept[n] for n in sizes) == round(0.3 * sum(sizes.values()))
-
-
-class LogitTrace(Callback):
-    def __init__(self) -> None:
-        self.trace: Dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.trace[trainer.global_step] = torch.cat([p.detach().flatten() for p in main_params(pl_module).values()])
 
 
 @pytest.mark.parametrize("layers_per_stage, final", [(1, 4), (None, "rest")])
@@ -168,13 +162,12 @@ def test_resume_mid_final_retrain_equals_uninterrupted(tmp_path, layers_per_stag
         msf = MainSubsidiaryPruning(target_pfr=0.4, selector=selector, retrain=retrain, layers=layers,
                                     layers_per_stage=layers_per_stage, final_retrain=final, distill=1.0,
                                     remove_at_end=False)
-        trace = LogitTrace()
+        trace = WeightTrace()
         callbacks = [Binarize(), msf, trace]
         if every:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
-                                             filename="{step}"))
-        t = trainer(tmp_path, callbacks, max_steps=total + 2, enable_checkpointing=bool(every))
-        t.fit(module, loader(n=4, batch_size=4), ckpt_path=ckpt_path)
+            callbacks.append(step_checkpoints(tmp_path, every))
+        t = small_trainer(tmp_path, callbacks, max_steps=total + 2)
+        t.fit(module, random_images(n=4, batch_size=4), ckpt_path=ckpt_path)
         return module, msf, trace.trace, t
 
     full, msf_full, trace_full, t_full = run(every=1)
@@ -203,8 +196,8 @@ def test_greedy_distils_from_the_unpruned_start(tmp_path):
             seen.append(float(trainer.callback_metrics.get("prune/distill", float("nan"))))
 
     x = torch.randn(2, 3, 32, 32)
-    t = trainer(tmp_path, [Binarize(), greedy, Watch()], max_steps=3)
-    t.fit(module, loader(n=4, batch_size=4))
+    t = small_trainer(tmp_path, [Binarize(), greedy, Watch()], max_steps=3)
+    t.fit(module, random_images(n=4, batch_size=4))
     assert math.isnan(seen[0]) and all(v > 0 for v in seen[1:])  # only once filters are closed
     # the teacher is the network as the fit found it: binary, every gate open, frozen
     teacher = greedy.teacher.net
@@ -238,7 +231,7 @@ def test_learned_floors_that_leave_no_room_are_refused(tmp_path):
 
     msf = MainSubsidiaryPruning(target_pfr=0.6, allocation="learned", layer_floor=0.5, layers_per_stage=100)
     with pytest.raises(MisconfigurationException, match=r"layer_floor=0.5 and min_filters=1 allow at most"):
-        trainer(tmp_path, [Binarize(), msf], max_steps=700).fit(Classifier("test_resnet"), loader())
+        small_trainer(tmp_path, [Binarize(), msf], max_steps=700).fit(Classifier("test_resnet"), random_images())
 
 
 def test_retrain_phases_follow_the_users_schedule(tmp_path):
@@ -249,7 +242,7 @@ def test_retrain_phases_follow_the_users_schedule(tmp_path):
     msf = MainSubsidiaryPruning(target_pfr=0.3, selector=1, retrain=3, layers=["conv1.6", "layer1.0.conv1"],
                                 layers_per_stage=1, final_retrain=0, retrain_lr_factor=1.0, remove_at_end=False)
     log = StepLog(msf)
-    trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
-        CosineClassifier(total, name="test_resnet", lr=0.05), loader(n=4, batch_size=4))
+    small_trainer(tmp_path, [Binarize(), msf, log], max_steps=total).fit(
+        CosineClassifier(total, name="test_resnet", lr=0.05), random_images(n=4, batch_size=4))
     assert [r[1] for r in log.rows] == ["selector", "retrain", "retrain", "retrain"] * 2 + ["done"] * 4
     assert [lr for _, _, lr in log.rows] == pytest.approx(cosine(0.05, total), rel=1e-6)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, MainSubsidiaryPruning, load_pruned
 
-from conftest import UserModule
+from helpers import UserModule
 
 LAYERS = ["conv1.6", "layer2.0.conv1"]  # tests/test_msf_ddp.py's smallest schedule
 #: max |logit difference| of the pruned network against the gated one it was cut from: in float32

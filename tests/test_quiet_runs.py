@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TINY
+from helpers import TINY
 
 LIGHTNING_NOISE = ("`isinstance(treespec, LeafSpec)` is deprecated",
                    "torch.distributed.nn.functional.all_gather is deprecated")
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bnnprune import Binarize, GreedyFilterPruning
 
 sys.path.insert(0, {tests!r})
-from conftest import UserModule
+from helpers import UserModule
 
 g = torch.Generator().manual_seed(0)
 data = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)),

@@ -11,7 +11,7 @@ from lightning_bnnprune.pruning.rebuild import replay
 from lightning_bnnprune.pruning.record import load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from test_surgery import binary_net, close_random, inputs
+from helpers import binary_net, close_random, inputs
 
 
 def removed():

@@ -20,13 +20,9 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.report import compression_report
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from conftest import randomise_norms
+from helpers import inputs, randomise_norms
 
 PFR = 0.4
-
-
-def inputs(n=2, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def prune_share(name, share=PFR, **binarize_kwargs):

@@ -10,13 +10,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune import Binarize, GreedyFilterPruning, MainSubsidiaryPruning
 from lightning_bnnprune.callbacks.checks import ResumeMismatch
 
-from conftest import UserModule
+from helpers import UserModule, random_images, small_trainer, step_checkpoints
 
 # one stage of all groups: a 1-step selector and a 1-step retrain, then the final retrain ("rest")
 MSF = dict(selector=1, retrain=1, distill=0.5, remove_at_end=False)
@@ -27,15 +25,11 @@ STEPS = 4
 
 def _fit(root: Path, pruning, max_steps: int = STEPS, ckpt_path=None, every: int = 0):
     L.seed_everything(0)
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
     callbacks = [Binarize(), pruning]
     if every:
-        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}"))
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=bool(every),
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=root, callbacks=callbacks)
-    trainer.fit(UserModule(lr=1e-2), DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+        callbacks.append(step_checkpoints(root, every))
+    trainer = small_trainer(root, callbacks, max_steps)
+    trainer.fit(UserModule(lr=1e-2), random_images(n=8, batch_size=4), ckpt_path=ckpt_path)
     return trainer
 
 

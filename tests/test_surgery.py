@@ -2,7 +2,6 @@
 exact. The record's own checks are in test_record.py, the removal at fit end in
 test_filter_pruning.py."""
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -13,47 +12,12 @@ from lightning_bnnprune.pruning.rebuild import shape_manifest
 from lightning_bnnprune.pruning.record import PruningRecord, load_pruned, save_pruned
 from lightning_bnnprune.pruning.surgery import remove_filters, resolve_keep
 
-from conftest import randomise_norms
+from helpers import TIMM_KWARGS, binary_net, close_random, inputs, num_params
 
 FAMILIES = [
     "test_resnet", "test_efficientnet", "test_byobnet", "test_nfnet", "resnet18", "resnet50",
     "vgg11", "mobilenetv3_small_100", "efficientnet_b0", "regnetx_002", "densenet121",
 ]
-# timm's VGG head is a 7x7 conv to 4096 filters (102M weights) that no 32x32 test needs; a narrower
-# hidden layer keeps the same code path (ConvMlp, binarised, pruned) at 1/16 of the size. It also
-# exercises a constructor keyword that the record must carry to rebuild the model.
-TIMM_KWARGS = {"vgg11": {"mlp_ratio": 0.0625}}
-
-
-def binary_net(name: str, seed: int = 0) -> nn.Module:
-    """A binarised timm model in eval mode with random BN statistics (so a wrong cut shows)."""
-    torch.manual_seed(seed)
-    net = timm.create_model(name, num_classes=10, **TIMM_KWARGS.get(name, {}))
-    binarize_model(net)
-    return randomise_norms(net).eval()
-
-
-def close_random(net, analysis, seed=0, low=0.3, high=0.5):
-    """Attach gates and close a seeded random 30-50% of every prunable group."""
-    g = torch.Generator().manual_seed(seed)
-    gates = attach_gates(net, analysis)
-    masks = {}
-    for group in analysis.groups:
-        share = low + (high - low) * float(torch.rand(1, generator=g))
-        p = group.num_parts  # a group feeding a grouped conv closes as many channels in every cell
-        closed = min(p * int(round(share * group.size / p)), group.capacity())
-        keep = ~group.keep_top(torch.rand(group.size, generator=g), closed)
-        gates[group.name].set_mask(keep)
-        masks[group.name] = keep
-    return masks
-
-
-def inputs(n=2, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def num_params(net):
-    return sum(p.numel() for n, p in net.named_parameters() if "filter_gate" not in n)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

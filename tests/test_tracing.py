@@ -20,16 +20,7 @@ from lightning_bnnprune.pruning.surgery import remove_filters
 from lightning_bnnprune.pruning.tracing import FAN_OUT
 from lightning_bnnprune.pruning.traceable import TRACEABLE_FORMS, traceable_attention
 
-from conftest import randomise_norms
-
-
-def binary_net(name: str) -> nn.Module:
-    """Binarised, eval mode, random BN statistics (a wrong cut shows in the logits)."""
-    torch.manual_seed(0)
-    net = timm.create_model(name, num_classes=10)
-    binarize_model(net)
-    randomise_norms(net)
-    return net.eval()
+from helpers import binary_net, randomise_norms
 
 
 def random_40_masks(analysis) -> dict:

@@ -13,10 +13,11 @@ app prints that message as its one-line error.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_bnnprune.checks import is_int, is_number  # re-exported: the callbacks' checks in one place
 
 __all__ = ["ResumeMismatch", "ScheduleMisconfiguration", "check", "check_pfr", "checked", "is_int", "is_number",
            "spelled"]
@@ -69,16 +70,6 @@ def checked(call: Callable[..., T], *args: Any, prefix: str = "", **kwargs: Any)
         return call(*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise MisconfigurationException(f"{prefix}{err}") from None
-
-
-def is_int(value: Any, least: Optional[int] = None) -> bool:
-    """An ``int`` (not a ``bool``), at least ``least`` if given."""
-    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
-
-
-def is_number(value: Any) -> bool:
-    """A finite ``int`` or ``float`` (not a ``bool``)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_pfr(label: str, value: Any) -> float:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
 from lightning_bnnprune.batches import ResumableBatchSampler, ResumableDataLoader, fit_position
+from lightning_bnnprune.checks import is_int
 from lightning_bnnprune.registry import Registry
 
 __all__ = [
@@ -138,7 +139,7 @@ def _split_count(name: str, value: Split, total: int) -> int:
 
 
 def _check_subset(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+    if value is not None and not is_int(value, least=1):
         raise ValueError(f"{name}={value!r} must be a positive int or None")
 
 
@@ -193,9 +194,9 @@ class ImageDataModule(LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size, least=1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if not is_int(num_workers, least=0):
             raise ValueError(f"num_workers={num_workers!r} must be an int >= 0")
         _check_split("val_split", val_split)
         # Subclass arguments are collected too; they go into checkpoints, not to the logger.

@@ -9,6 +9,7 @@ from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightning_bnnprune.checks import is_int
 from lightning_bnnprune.data.base import ImageDataModule, Split, register_datamodule
 
 __all__ = ["ImageFolderDataModule"]
@@ -57,7 +58,7 @@ class ImageFolderDataModule(ImageDataModule):
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
         super().__init__(batch_size, num_workers, val_split, seed, augment, pin_memory)
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        if not is_int(image_size, least=1):
             raise ValueError(f"image_size={image_size!r} must be a positive int")
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision import datasets
 
+from lightning_bnnprune.checks import is_int
 from lightning_bnnprune.data.base import (
     Split,
     TensorImageDataset,
@@ -149,7 +150,7 @@ class NpzDataModule(_TensorDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, val_split, seed, augment, pin_memory)
         self._set_data_options(subset_train, subset_test, mean, std)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if not is_int(num_classes, least=2):
             raise ValueError(f"num_classes={num_classes!r} must be an int >= 2")
         self.data_dir = Path(data_dir)
         self.num_classes = num_classes
@@ -320,7 +321,7 @@ class FakeDataModule(_TensorDataModule):
             ("in_chans", in_chans, 1),
             ("num_classes", num_classes, 2),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value, least=low):
                 raise ValueError(f"{name}={value!r} must be an int >= {low}")
         self.num_samples = num_samples
         self.num_test_samples = num_test_samples

@@ -26,13 +26,14 @@ import json
 import os
 import struct
 import zlib
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..layers import BinaryConv2d
+from ..paths import PathLike
 from ..quantizers import BinaryKernel, KernelQuantizer
 from .rebuild import binarize_spec, rebuild, shape_manifest, timm_spec
 from .record import PruningRecord
@@ -41,8 +42,6 @@ from .report import storage_plan
 __all__ = ["export_packed", "load_packed", "PackedKernel", "MAGIC", "unpruned_record"]
 
 MAGIC = b"BNNPACK1"
-PathLike = Union[str, "os.PathLike[str]"]
-
 
 class PackedKernel(KernelQuantizer):
     """Kernel quantizer of a loaded packed layer: the stored binary kernel, not a quantisation.

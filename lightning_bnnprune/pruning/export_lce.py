@@ -51,7 +51,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,11 +61,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import quantizers
 from ..layers import BinaryConv2d
+from ..paths import PathLike
 from .lce_runtime import lce_predict  # noqa: F401  (its home before lce_runtime; still exported here)
 
 __all__ = ["export_lce", "lce_predict", "LceExportError", "lce_available"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 _INSTALL = "install the extra: pip install 'lightning-bnnprune[lce]'"
 
 

@@ -41,6 +41,8 @@ import numpy as np
 
 __all__ = ["KERNELS", "lce_latency", "lce_predict", "lce_python"]
 
+# paths.PathLike and checks.is_int spelled here again: this file also runs as a script in LCE's Python,
+# where the package is not importable (see the module docstring).
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: kernel path -> ``(use_reference_bconv, use_indirect_bgemm, use_xnnpack)``

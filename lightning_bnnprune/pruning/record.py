@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..paths import PathLike
 from ..torch_files import check_torch_file
 from .gates import is_gate_key
 from .rebuild import rebuild
@@ -32,8 +33,6 @@ __all__ = ["PruningRecord", "save_pruned", "read_pruned", "load_pruned", "restor
 
 FORMAT = "lightning_bnnprune.pruned/1"
 CHECKPOINT_KEY = "bnnprune_record"  # where the pruning callbacks put the record in a Lightning checkpoint
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass

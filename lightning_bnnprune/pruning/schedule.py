@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..checks import is_int
+
 __all__ = [
     "Phase", "StagewiseSchedule", "WARMUP", "SELECTOR", "RETRAIN", "FINAL", "DONE", "PHASE_CODES",
     "UNITS", "LEAST", "check_lengths", "ScheduleTooLong", "trainer_budget", "fit_lengths",
@@ -53,7 +55,7 @@ def check_lengths(unit: str, lengths: Mapping[str, Any], name: Callable[[str], s
     if unit not in UNITS:
         raise ValueError(f"`{name('unit')}` must be one of {', '.join(UNITS)}; got {unit!r}")
     for key, value in lengths.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < LEAST[key]:
+        if not is_int(value, least=LEAST[key]):
             raise ValueError(f"`{name(key)}` must be an int >= {LEAST[key]} ({unit}), got {value!r}")
 
 

@@ -1,0 +1,19 @@
+"""What the tests share, imported as ``from helpers import ...`` (``tests/`` is on the path:
+``[tool.pytest.ini_options] pythonpath``); ``conftest.py`` holds only fixtures.
+
+- ``modules``: the users' LightningModules (:class:`UserModule`, :class:`Classifier`).
+- ``networks``: binarised timm networks with random norms, seeded closings, inputs, snapshots.
+- ``data``: seeded in-memory loaders (:func:`random_images`, :func:`pattern_images`).
+- ``trainers``: the one small Trainer (:func:`small_trainer`), step checkpoints, step traces.
+- ``app``: the app's run shrunk for a test (:data:`TINY`) and its error lines.
+"""
+from .app import TINY, stderr_lines
+from .data import pattern_images, random_images
+from .modules import Classifier, UserModule
+from .networks import (TIMM_KWARGS, binary_net, close_random, gate_logits, inputs, main_params, num_params,
+                       randomise_norms)
+from .trainers import GateLogitTrace, WeightTrace, small_trainer, step_checkpoints
+
+__all__ = ["TIMM_KWARGS", "TINY", "Classifier", "GateLogitTrace", "UserModule", "WeightTrace", "binary_net",
+           "close_random", "gate_logits", "inputs", "main_params", "num_params", "pattern_images", "random_images",
+           "randomise_norms", "small_trainer", "stderr_lines", "step_checkpoints"]
