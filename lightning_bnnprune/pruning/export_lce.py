@@ -60,6 +60,8 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import quantizers
+from timm.layers import BatchNormAct2d, DropBlock2d, DropPath, LayerNorm2d
+
 from ..layers import BinaryConv2d
 from .lce_runtime import lce_predict  # noqa: F401  (its home before lce_runtime; still exported here)
 
@@ -187,14 +189,19 @@ def _bitpack(negative: np.ndarray) -> np.ndarray:
 # --- the network walk ---------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
+    # timm's norm-act layers (a BatchNorm2d with its dropout and activation inside, asserting
+    # ``x.ndim`` in forward) are leaves: lowered as the batch norm, then the activation.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, BinaryConv2d) or super().is_leaf_module(m, qualname)
+        # timm's LayerNorm2d too, so that its refusal names the layer, not a permute inside it.
+        return (isinstance(m, (BinaryConv2d, BatchNormAct2d, LayerNorm2d))
+                or super().is_leaf_module(m, qualname))
 
 
-_PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
-_SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, Linear, ReLU, "
-              "ReLU6, Hardtanh(-1, 1), MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, "
-              "Flatten (of a 1x1 map), add, Identity, Dropout")
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout2d, DropBlock2d, DropPath)  # identities in eval mode
+_SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, timm's BatchNormAct2d, "
+              "Linear, ReLU, ReLU6, Hardtanh(-1, 1), LeakyReLU, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, "
+              "GELU, MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, Flatten (of a 1x1 map), "
+              "add, mul (broadcast), cat, Identity, Dropout")
 
 
 def _pairs(v) -> Tuple[int, int]:
@@ -253,8 +260,17 @@ class _Exporter:
         return t
 
     def refuse(self, node: fx.Node, why: str) -> None:
-        raise LceExportError(f"cannot export {node.target if node.op == 'call_module' else node.name!r}"
-                             f" to LCE: {why}")
+        raise LceExportError(f"cannot export {self.layer_of(node)} to LCE: {why}")
+
+    @staticmethod
+    def layer_of(node: fx.Node) -> str:
+        """The layer a node belongs to, as a user finds it in ``named_modules()``: the module it
+        calls, or the innermost module whose forward makes the call (with the call's name)."""
+        if node.op == "call_module":
+            return repr(node.target)
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0] if stack else ""
+        return f"{owner!r} (its {node.name!r})" if owner else repr(node.name)
 
     def run(self) -> bytes:
         for node in self.gm.graph.nodes:
@@ -309,11 +325,19 @@ class _Exporter:
             return self.binary_conv(node, m)
         if isinstance(m, nn.BatchNorm2d):
             src = self.arg(node)
+            if isinstance(m, BatchNormAct2d) and not isinstance(m.drop, _PASS):
+                self.refuse(node, f"its dropout {type(m.drop).__name__} has no LCE/TFLite op here")
             if src in self.folded:
-                self.env[node] = self.env[src]
-                return
-            g, h = self.bn_affine(m)
-            return self.scale_shift(node, g, h)
+                y = self.env[src]
+            else:
+                y = self.scale_shift(self.env[src], self.shape(node), *self.bn_affine(m))
+            if isinstance(m, BatchNormAct2d):
+                y = self.activation(node, m.act, y)
+                if y is None:
+                    self.refuse(node, f"its activation {type(m.act).__name__} has no LCE/TFLite op here; "
+                                      f"supported: {_SUPPORTED}")
+            self.env[node] = y
+            return
         if isinstance(m, nn.Conv2d):
             return self.float_conv(node, m)
         if isinstance(m, nn.Linear):
@@ -325,27 +349,21 @@ class _Exporter:
             opt = self.g.s.FullyConnectedOptionsT()
             self.g.op("FULLY_CONNECTED", [x, w, b], [self.out(node)], opt)
             return
-        if isinstance(m, _PASS):
-            self.env[node] = self.env[self.arg(node)]
+        y = self.activation(node, m, self.env[self.arg(node)]) if node.args else None
+        if y is not None:  # Identity, Dropout and the activations
+            self.env[node] = y
             return
-        if isinstance(m, nn.ReLU):
-            return self.unary(node, "RELU")
-        if isinstance(m, nn.ReLU6):
-            return self.unary(node, "RELU6")
-        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (-1.0, 1.0):
-            return self.unary(node, "RELU_N1_TO_1")
-        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
-            return self.unary(node, "RELU6")
         if isinstance(m, nn.MaxPool2d):
-            if m.ceil_mode or _pairs(m.dilation) != (1, 1):
-                self.refuse(node, "MaxPool2d with ceil_mode or dilation")
-            return self.pool(node, "MAX_POOL_2D", m.kernel_size, m.stride or m.kernel_size, m.padding)
+            return self.max_pool(node, m)
         if isinstance(m, nn.AvgPool2d):
             return self.avg_pool(node, m)
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return self.global_pool(node)
         if isinstance(m, nn.Flatten):
             return self.flatten(node, m.start_dim)
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            self.refuse(node, f"{type(m).__name__} (a normalisation over channels at inference; only batch "
+                              "norms, folded or per-channel affine, are written here)")
         self.refuse(node, f"{type(m).__name__} has no LCE/TFLite op here; supported: {_SUPPORTED}")
 
     def binary_conv(self, node: fx.Node, m: BinaryConv2d) -> None:
@@ -522,15 +540,30 @@ class _Exporter:
         b = g.const(bias.astype(np.float32))
         g.op("CONV_2D", [x, w, b], [self.out(node)], opt)
 
-    def pool(self, node: fx.Node, op: str, kernel, stride, padding) -> None:
+    def max_pool(self, node: fx.Node, m: nn.MaxPool2d) -> None:
+        """``MAX_POOL_2D``: ``SAME`` or ``VALID`` where PyTorch's windows are TFLite's, else
+        ``VALID`` after a pad with the lowest float on each side (the trailing one as wide as
+        ``ceil_mode``'s last window needs), which no window's maximum takes, so every case is exact."""
+        if _pairs(m.dilation) != (1, 1):
+            self.refuse(node, f"MaxPool2d with dilation {m.dilation} (TFLite's MAX_POOL_2D has none)")
+        kernel, stride, padding = _pairs(m.kernel_size), _pairs(m.stride or m.kernel_size), _pairs(m.padding)
         src = self.arg(node)
         x, shape = self.env[src], self.shape(src)
-        mode = _padding_mode(shape[1:3], kernel, stride, 1, padding)
-        if mode in ("EXPLICIT", "REVERSED"):
-            # Max pooling ignores padding: pad with the lowest float.
-            x, shape = self.explicit_pad(x, shape, padding, float(np.finfo(np.float32).min))
-            mode = "VALID"
-        self.pool_op(node, op, x, mode, kernel, stride)
+        outs = self.shape(node)[1:3]
+        valid = [(n - k) // s + 1 for n, k, s in zip(shape[1:3], kernel, stride)]
+        same = [(-(-n // s), max((-(-n // s) - 1) * s + k - n, 0) // 2)
+                for n, k, s in zip(shape[1:3], kernel, stride)]
+        if padding == (0, 0) and outs == valid:
+            return self.pool_op(node, "MAX_POOL_2D", x, "VALID", kernel, stride)
+        if all((out, p) == sm for out, p, sm in zip(outs, padding, same)):
+            return self.pool_op(node, "MAX_POOL_2D", x, "SAME", kernel, stride)
+        (pt, pl), (n_, h, w, c) = padding, shape
+        pb, pr = [(out - 1) * s + k - n - p for out, k, s, n, p in zip(outs, kernel, stride, (h, w), padding)]
+        padded = self.g.tensor([n_, h + pt + max(pb, 0), w + pl + max(pr, 0), c])
+        pads = self.g.const(np.array([[0, 0], [pt, max(pb, 0)], [pl, max(pr, 0)], [0, 0]], np.int32), "int32")
+        fill = self.g.const(np.array(np.finfo(np.float32).min, np.float32))
+        self.g.op("PADV2", [x, pads, fill], [padded], self.g.s.PadV2OptionsT())
+        self.pool_op(node, "MAX_POOL_2D", padded, "VALID", kernel, stride)
 
     def pool_op(self, node: fx.Node, op: str, x: int, mode: str, kernel, stride) -> None:
         opt = self.g.s.Pool2DOptionsT()
@@ -568,6 +601,98 @@ class _Exporter:
                           f"{shape[1]}x{shape[2]} map averages windows that TFLite's VALID and SAME "
                           "pooling do not")
 
+    def mul(self, node: fx.Node) -> None:
+        """``MUL`` of two tensors, one broadcast over the other (an SE gate ``[N, C, 1, 1]``
+        over its map), or of a tensor and a number."""
+        a, b = node.args
+        if not isinstance(a, fx.Node):
+            a, b = b, a
+        if not isinstance(a, fx.Node):
+            self.refuse(node, "mul of two constants")
+        if isinstance(b, fx.Node):
+            sa, sb = self.shape(a), self.shape(b)
+            if len(sa) != len(sb) or any(x != y and 1 not in (x, y) for x, y in zip(sa, sb)):
+                self.refuse(node, f"mul of shapes {sa} and {sb} (only equal ranks that broadcast)")
+            other = self.env[b]
+        elif isinstance(b, (int, float)):
+            other = self.g.const(np.array(b, np.float32))
+        else:
+            self.refuse(node, f"mul by {type(b).__name__}")
+        self.g.op("MUL", [self.env[a], other], [self.out(node)], self.g.s.MulOptionsT())
+
+    def cat(self, node: fx.Node) -> None:
+        """``CONCATENATION`` of float tensors (NCHW's dim 1 is NHWC's axis 3)."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            self.refuse(node, "cat of something other than a list of tensors")
+        rank = len(self.shape(node))
+        dim = int(dim) % rank
+        axis = {0: 0, 1: 3, 2: 1, 3: 2}[dim] if rank == 4 else dim
+        opt = self.g.s.ConcatenationOptionsT()
+        opt.axis = axis
+        self.g.op("CONCATENATION", [self.env[t] for t in tensors], [self.out(node)], opt)
+
+    def split(self, node: fx.Node, name: str) -> None:
+        """``SPLIT_V`` along channels (``torch.split`` / ``chunk``): the node's value is the list
+        of its parts, which ``getitem`` hands out."""
+        src = self.arg(node)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        rank = len(self.shape(src))
+        parts = [list(t.shape) for t in node.meta["tensor_meta"]]
+        if rank != 4 or int(dim) % rank != 1:
+            self.refuse(node, f"{name} along dim {dim} of a rank-{rank} tensor (only along channels)")
+        sizes = [p[1] for p in parts]
+        outs = [self.g.tensor([p[0], p[2], p[3], p[1]]) for p in parts]
+        opt = self.g.s.SplitVOptionsT()
+        opt.numSplits = len(outs)
+        self.g.op("SPLIT_V", [self.env[src], self.g.const(np.array(sizes, np.int32), "int32"),
+                              self.g.const(np.array(3, np.int32), "int32")], outs, opt)
+        self.env[node] = outs
+
+    def getitem(self, node: fx.Node) -> None:
+        """A part of a split, or a channel slice ``x[:, a:b]`` (``SLICE``, NHWC)."""
+        src, index = node.args
+        value = self.env.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(value, list) and isinstance(index, int):
+            self.env[node] = value[index]
+            return
+        if not isinstance(value, int):
+            self.refuse(node, f"indexing {type(src).__name__} with {index!r}")
+        shape_in = list(src.meta["tensor_meta"].shape)  # NCHW
+        index = index if isinstance(index, tuple) else (index,)
+        if len(shape_in) != 4 or len(index) > 4 or not all(
+                isinstance(i, slice) and i.step in (None, 1) for i in index):
+            self.refuse(node, f"indexing with {index!r} (only unit-step slices of a 4-d tensor)")
+        begin, size = [], []
+        for i, n in zip(list(index) + [slice(None)] * (4 - len(index)), shape_in):
+            start, stop, _ = i.indices(n)
+            begin.append(start)
+            size.append(max(stop - start, 0))
+        nhwc = [0, 2, 3, 1]
+        self.g.op("SLICE", [value, self.g.const(np.array([begin[a] for a in nhwc], np.int32), "int32"),
+                            self.g.const(np.array([size[a] for a in nhwc], np.int32), "int32")],
+                  [self.out(node)], self.g.s.SliceOptionsT())
+
+    def function_activation(self, node: fx.Node, name: str) -> Optional[nn.Module]:
+        """The activation module a function or method call computes (``F.relu``, ``x.sigmoid()``)."""
+        kw = node.kwargs
+        extra = node.args[1:]
+        simple = {"relu": nn.ReLU, "relu_": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid,
+                  "sigmoid_": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+                  "hardsigmoid": nn.Hardsigmoid}
+        if name in simple:
+            return simple[name]()
+        if name in ("leaky_relu", "leaky_relu_"):
+            return nn.LeakyReLU(float(extra[0]) if extra else float(kw.get("negative_slope", 0.01)))
+        if name == "gelu":
+            return nn.GELU(approximate=kw.get("approximate", "none"))
+        if name in ("hardtanh", "hardtanh_"):
+            lo = extra[0] if extra else kw.get("min_val", -1.0)
+            hi = extra[1] if len(extra) > 1 else kw.get("max_val", 1.0)
+            return nn.Hardtanh(float(lo), float(hi))
+        return None
+
     def global_pool(self, node: fx.Node) -> None:
         src = self.arg(node)
         if self.shape(node)[1:3] == self.shape(src)[1:3]:
@@ -597,14 +722,53 @@ class _Exporter:
         self.g.op("RESHAPE", [self.env[src], self.g.const(np.array(new, np.int32), "int32")],
                   [self.out(node)], opt)
 
-    def unary(self, node: fx.Node, op: str) -> None:
-        self.g.op(op, [self.env[self.arg(node)]], [self.out(node)])
+    def activation(self, node: fx.Node, m: nn.Module, x: int) -> Optional[int]:
+        """The tensor of activation ``m`` applied to tensor ``x`` (shaped as ``node``'s output),
+        or ``None`` when ``m`` is not an activation written here. Each is TFLite's float op of
+        the same formula (SiLU: ``x * LOGISTIC(x)``; Hardsigmoid: ``RELU6(x + 3) / 6``)."""
+        g, shape = self.g, self.shape(node)
 
-    def scale_shift(self, node: fx.Node, g: np.ndarray, h: np.ndarray) -> None:
-        x = self.env[self.arg(node)]
-        mid = self.g.tensor(self.shape(node))
+        def op(name: str, inputs: Sequence[int], options: Any = None) -> int:
+            y = g.tensor(shape)
+            g.op(name, list(inputs), [y], options)
+            return y
+
+        if isinstance(m, _PASS):
+            return x
+        if isinstance(m, nn.ReLU):
+            return op("RELU", [x])
+        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0)):
+            return op("RELU6", [x])
+        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (-1.0, 1.0):
+            return op("RELU_N1_TO_1", [x])
+        if isinstance(m, nn.LeakyReLU):
+            opt = g.s.LeakyReluOptionsT()
+            opt.alpha = float(m.negative_slope)
+            return op("LEAKY_RELU", [x], opt)
+        if isinstance(m, nn.Sigmoid):
+            return op("LOGISTIC", [x])
+        if isinstance(m, nn.Tanh):
+            return op("TANH", [x])
+        if isinstance(m, nn.SiLU):
+            return op("MUL", [x, op("LOGISTIC", [x])], g.s.MulOptionsT())
+        if isinstance(m, nn.Hardswish):
+            return op("HARD_SWISH", [x])
+        if isinstance(m, nn.Hardsigmoid):
+            shifted = op("ADD", [x, g.const(np.array(3.0, np.float32))], g.s.AddOptionsT())
+            clipped = op("RELU6", [shifted])
+            return op("MUL", [clipped, g.const(np.array(1.0 / 6.0, np.float32))], g.s.MulOptionsT())
+        if isinstance(m, nn.GELU):
+            opt = g.s.GeluOptionsT()
+            opt.approximate = m.approximate == "tanh"
+            return op("GELU", [x], opt)
+        return None
+
+    def scale_shift(self, x: int, shape: List[int], g: np.ndarray, h: np.ndarray) -> int:
+        """``x * g + h`` per channel (a batch norm not folded into a conv)."""
+        mid, y = self.g.tensor(shape), self.g.tensor(shape)
         self.g.op("MUL", [x, self.g.const(g.astype(np.float32))], [mid], self.g.s.MulOptionsT())
-        self.g.op("ADD", [mid, self.g.const(h.astype(np.float32))], [self.out(node)], self.g.s.AddOptionsT())
+        self.g.op("ADD", [mid, self.g.const(h.astype(np.float32))], [y], self.g.s.AddOptionsT())
+        return y
 
     # --- functions and methods ---
 
@@ -612,6 +776,10 @@ class _Exporter:
         t = node.target
         name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
         if name in ("add", "add_", "iadd", "__add__") and len(node.args) == 2 and not node.kwargs:
+            numbers = [a for a in node.args if isinstance(a, (int, float))]
+            if numbers and numbers[0] == 0:  # MobileOne's ``out + 0`` where a branch is absent
+                self.env[node] = self.env[next(a for a in node.args if isinstance(a, fx.Node))]
+                return
             a, b = self.arg(node, 0), self.arg(node, 1)
             if self.shape(a) != self.shape(b):
                 self.refuse(node, f"add of shapes {self.shape(a)} and {self.shape(b)}")
@@ -620,8 +788,20 @@ class _Exporter:
         if name in ("dropout", "contiguous", "clone", "detach"):
             self.env[node] = self.env[self.arg(node)]
             return
-        if name in ("relu", "relu_"):
-            return self.unary(node, "RELU")
+        act = self.function_activation(node, name)
+        if act is not None:
+            y = self.activation(node, act, self.env[self.arg(node)])
+            if y is not None:
+                self.env[node] = y
+                return
+        if name in ("mul", "mul_", "imul", "__mul__") and len(node.args) == 2 and not node.kwargs:
+            return self.mul(node)
+        if name == "cat":
+            return self.cat(node)
+        if name in ("split", "chunk"):
+            return self.split(node, name)
+        if name == "getitem":
+            return self.getitem(node)
         if name == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             return self.flatten(node, int(start))
