@@ -1,0 +1,129 @@
+"""LCE export of the layers timm's families are built from: timm's ``BatchNormAct2d`` (folded or
+not, with each activation), ``MaxPool2d(ceil_mode=True)``, SE gates (broadcast ``mul``), channel
+``cat`` / ``split`` / slices; each tiny network is run by LCE's interpreter under its three kernel
+paths and compared with PyTorch, and the refusals name the layer a user finds in ``named_modules()``.
+
+Running a file needs LCE's interpreter (numpy<2 here or ``BNNPRUNE_LCE_PYTHON``); the refusal
+tests need only the ``lce`` extra.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+from timm.layers import BatchNormAct2d, LayerNorm2d
+from torch import nn
+
+from lightning_bnnprune.layers import BinaryConv2d
+from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
+from lightning_bnnprune.pruning.lce_runtime import KERNELS
+
+from conftest import randomise_norms
+
+needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
+_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
+needs_interpreter = pytest.mark.skipif(
+    not (lce_available() and _INTERPRETER),
+    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
+)
+
+
+def lce_vs_pytorch(net, tmp_path, size=8, channels=8, n=4):
+    """The largest |LCE - PyTorch| of ``net``'s logits over LCE's three kernel paths."""
+    net = randomise_norms(net).eval()
+    export_lce(net, tmp_path / "m.tflite", input_size=(channels, size, size))
+    x = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = lce_predict(tmp_path / "m.tflite", x, kernels=list(KERNELS))
+    assert set(got) == set(KERNELS)
+    return max(float(np.abs(out - ref).max()) for out in got.values())
+
+
+class Head(nn.Sequential):
+    def __init__(self, channels, classes=5):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("act", [nn.Identity, nn.ReLU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.GELU])
+def test_timm_batchnorm_act_folds_into_the_binary_conv_or_stands_alone(tmp_path, act):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        BinaryConv2d(8, 16, 3, padding=1), BatchNormAct2d(16, act_layer=act),  # folded into the conv
+        nn.MaxPool2d(2), BatchNormAct2d(16, act_layer=act),  # after a pool: a float op of its own
+        BinaryConv2d(16, 16, 3, padding=1), BatchNormAct2d(16, act_layer=act), Head(16),
+    )
+    assert lce_vs_pytorch(net, tmp_path) < 1e-4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel, stride, padding, size", [
+    (3, 2, 0, 8), (3, 2, 0, 7), (2, 2, 0, 7), (3, 2, 1, 8), (3, 2, 1, 9), (3, 1, 1, 6),
+])
+def test_max_pool_with_ceil_mode_is_exact(tmp_path, kernel, stride, padding, size):
+    torch.manual_seed(0)
+    pool = nn.MaxPool2d(kernel, stride, padding, ceil_mode=True)
+    net = nn.Sequential(nn.Conv2d(8, 8, 1), pool, nn.Conv2d(8, 8, 1), Head(8))  # the map, not just its mean
+    assert lce_vs_pytorch(net, tmp_path, size=size) < 1e-5
+
+
+class SqueezeExcite(nn.Module):
+    """timm's SE shape: mean over the map, two 1x1 convs, a gate, a broadcast product."""
+
+    def __init__(self, channels, gate):
+        super().__init__()
+        self.fc1 = BinaryConv2d(channels, channels, 1, bias=True)
+        self.fc2 = nn.Conv2d(channels, channels, 1)
+        self.gate = gate
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class Aggregate(nn.Module):
+    """DLA's / CSP's / Res2Net's shapes: split, slice and concatenate along channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = BinaryConv2d(8, 16, 3, padding=1)
+        self.bn = BatchNormAct2d(16, act_layer=nn.SiLU)
+        self.mix = BinaryConv2d(24, 8, 1)
+
+    def forward(self, x):
+        a, b = self.bn(self.conv(x)).split([6, 10], dim=1)
+        c, d = torch.chunk(x, 2, dim=1)
+        y = torch.cat([b, a, x[:, 2:6], d, c[:, :2]], dim=1)  # 10 + 6 + 4 + 4 + 2 = 26 channels
+        return self.mix(y[:, :24]) + 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid])
+def test_squeeze_excite_gate_is_a_broadcast_mul(tmp_path, gate):
+    torch.manual_seed(0)
+    net = nn.Sequential(BinaryConv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), SqueezeExcite(16, gate()), Head(16))
+    assert lce_vs_pytorch(net, tmp_path) < 1e-4
+
+
+@needs_interpreter
+def test_channel_split_slice_and_cat_are_exact(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(Aggregate(), nn.BatchNorm2d(8), Head(8))
+    assert lce_vs_pytorch(net, tmp_path) < 1e-4
+
+
+@needs_lce
+def test_refusals_name_the_layer_not_an_fx_node(tmp_path):
+    class Rolled(nn.Module):
+        def forward(self, x):
+            return torch.roll(x, 1, dims=2)
+
+    net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), nn.Sequential(nn.Identity(), Rolled()), Head(8))
+    with pytest.raises(LceExportError, match=r"^cannot export '1\.1' \(its 'roll'\) to LCE: function 'roll'"):
+        export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8))
+    net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), LayerNorm2d(8), Head(8))
+    with pytest.raises(LceExportError, match=r"^cannot export '1' to LCE: LayerNorm2d \(a normalisation"):
+        export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8))
+    net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), nn.MaxPool2d(3, 1, 1, dilation=2), Head(8))
+    with pytest.raises(LceExportError, match=r"^cannot export '1' to LCE: MaxPool2d with dilation"):
+        export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8))
