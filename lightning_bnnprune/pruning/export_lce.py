@@ -190,10 +190,11 @@ def _bitpack(negative: np.ndarray) -> np.ndarray:
 
 class _Tracer(fx.Tracer):
     # timm's norm-act layers (a BatchNorm2d with its dropout and activation inside, asserting
-    # ``x.ndim`` in forward) are leaves: lowered as the batch norm, then the activation.
+    # ``x.ndim`` in forward) are leaves: lowered as the batch norm, then the activation; so is
+    # timm's Linear (an nn.Linear whose forward checks for TorchScript).
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # timm's LayerNorm2d too, so that its refusal names the layer, not a permute inside it.
-        return (isinstance(m, (BinaryConv2d, BatchNormAct2d, LayerNorm2d))
+        return (isinstance(m, (BinaryConv2d, BatchNormAct2d, LayerNorm2d, nn.Linear))
                 or super().is_leaf_module(m, qualname))
 
 
@@ -202,6 +203,24 @@ _SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d
               "Linear, ReLU, ReLU6, Hardtanh(-1, 1), LeakyReLU, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, "
               "GELU, MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, Flatten (of a 1x1 map), "
               "add, mul (broadcast), cat, Identity, Dropout")
+
+
+class _Values(dict):
+    """Node -> its tensor in the file; a constant's tensor is written on first use."""
+
+    def __init__(self, materialize) -> None:
+        super().__init__()
+        self.materialize = materialize
+
+    def __missing__(self, node: fx.Node) -> int:
+        self[node] = self.materialize(node)
+        return self[node]
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _pairs(v) -> Tuple[int, int]:
@@ -239,10 +258,14 @@ def _padding_mode(size: Sequence[int], kernel, stride, dilation, padding) -> str
 
 
 class _Exporter:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, grouped: str = "refuse") -> None:
         self.gm = gm
+        self.grouped = grouped
+        self.float_binary_layers = 0  # grouped binary convs written as float convs of +-1 tensors
+        self.signs: Dict[fx.Node, int] = {}  # tensor -> its +-1 float copy (LceDequantize)
         self.g = _Graph()
-        self.env: Dict[fx.Node, int] = {}
+        self.consts: Dict[fx.Node, Any] = {}  # parameters read in forward, and what is computed from them
+        self.env: Dict[fx.Node, Any] = _Values(self.materialize)
         self.quantized: Dict[Tuple[fx.Node, bool], int] = {}
         self.folded: Dict[fx.Node, Tuple[np.ndarray, np.ndarray]] = {}  # conv -> its BN's (g, h)
         self.binary_layers = 0
@@ -291,13 +314,39 @@ class _Exporter:
                     self.refuse(node, "the network must return one tensor (the logits)")
                 outputs.append(self.env[result])
                 self.g.tensors[outputs[-1]].name = "logits"
+            elif node.op == "get_attr":
+                self.consts[node] = _fetch(self.gm, node.target)
+            elif node.op in ("call_function", "call_method") and self.constant_call(node):
+                continue
             elif node.op == "call_module":
                 self.module(node, self.gm.get_submodule(node.target))
             elif node.op in ("call_function", "call_method"):
                 self.function(node)
             else:
-                self.refuse(node, f"fx op {node.op!r} (parameters read in forward) has no export here")
+                self.refuse(node, f"fx op {node.op!r} has no export here")
         return self.g.finish(inputs, outputs, "lightning-bnnprune export for Larq Compute Engine")
+
+    def constant_call(self, node: fx.Node) -> bool:
+        """Evaluate a call whose inputs are all constants (a standardised weight, a reshaped layer
+        scale) with PyTorch, once, at export; ``False`` where an input is a network tensor."""
+        inputs: List[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        if not inputs or not all(n in self.consts for n in inputs):
+            return False
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.consts.__getitem__)
+        if node.op == "call_function":
+            self.consts[node] = node.target(*args, **kwargs)
+        else:
+            self.consts[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        return True
+
+    def materialize(self, node: fx.Node) -> int:
+        """A constant's tensor in the file (NHWC when it has 4 dimensions), written when an op
+        first reads it."""
+        if node not in self.consts or not isinstance(self.consts[node], Tensor):
+            self.refuse(node, "an input that is neither a network tensor nor a constant tensor")
+        value = self.consts[node].detach().cpu().float().numpy()
+        return self.g.const(value.transpose(0, 2, 3, 1) if value.ndim == 4 else value)
 
     @staticmethod
     def bn_affine(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, np.ndarray]:
@@ -361,6 +410,8 @@ class _Exporter:
             return self.global_pool(node)
         if isinstance(m, nn.Flatten):
             return self.flatten(node, m.start_dim)
+        if isinstance(m, nn.Upsample):
+            return self.resize(node, m.mode, m.align_corners)
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
             self.refuse(node, f"{type(m).__name__} (a normalisation over channels at inference; only batch "
                               "norms, folded or per-channel affine, are written here)")
@@ -373,8 +424,10 @@ class _Exporter:
         if not getattr(m.input_quantizer, "is_sign", False):  # the quantizer's own declaration
             self.refuse(node, f"LCE binarises inputs with sign(); this layer's input quantizer is "
                               f"{quantizers.display_name(m.input_quantizer)}, not declared is_sign")
-        if m.groups != 1:
-            self.refuse(node, f"grouped binary convolution (groups={m.groups})")
+        if m.groups != 1 and self.grouped != "float":
+            self.refuse(node, f"grouped binary convolution (groups={m.groups}): LceBconv2d runs groups only on "
+                              "LCE's indirect-BGEMM path with 32-channel groups; export_lce(grouped='float') "
+                              "writes it as a float convolution of the +-1 tensors")
         if m.padding_mode != "zeros":
             self.refuse(node, f"padding_mode={m.padding_mode!r} (LCE pads binary inputs with zeros)")
         try:
@@ -388,6 +441,8 @@ class _Exporter:
         scale = exported.scale.detach().cpu().double().numpy() if exported.scale is not None else 1.0
         mult = exported.upper * np.ones(m.out_channels) * scale
         mult, bias = self.affine_of(node, m, mult)
+        if m.groups != 1:
+            return self.grouped_binary_conv(node, m, exported.bits.cpu(), mult, bias)
         src = self.arg(node)
         _, h, w, c = self.shape(src)
         mode = "SAME" if m.same_padding else _padding_mode((h, w), m.kernel_size, m.stride, m.dilation,
@@ -443,6 +498,60 @@ class _Exporter:
                      g.s.ReverseV2OptionsT())
             y = dst
         self.binary_layers += 1
+
+    def grouped_binary_conv(self, node: fx.Node, m: BinaryConv2d, bits: Tensor, mult: np.ndarray,
+                            bias: np.ndarray) -> None:
+        """A grouped binary conv as TFLite float ops, exactly: the input's signs as +-1 floats
+        (``LceQuantize`` -> ``LceDequantize``, sign(0) = +1 as in the bit path), convolved with the
+        +-1 kernel (``DEPTHWISE_CONV_2D`` for one input channel per group, else ``SPLIT`` ->
+        ``CONV_2D`` per group -> ``CONCATENATION``) into integer sums, then ``* m + b``. It runs on
+        every kernel path but as float arithmetic, not bit operations."""
+        g = self.g
+        src = self.arg(node)
+        shape = self.shape(src)
+        if src not in self.signs:
+            self.signs[src] = g.tensor(shape)
+            g.op("", [self.quantize(src, False)], [self.signs[src]], custom="LceDequantize")
+        x = self.signs[src]
+        mode = "SAME" if m.same_padding else _padding_mode(shape[1:3], m.kernel_size, m.stride, m.dilation,
+                                                           m.padding)
+        if mode in ("EXPLICIT", "REVERSED"):  # zero padding of the +-1 tensor, as PyTorch's
+            x, shape = self.explicit_pad(x, shape, m.padding, 0.0)
+            mode = "VALID"
+        kernel = (bits.to(torch.float32) * 2 - 1).numpy()  # [O, C / groups, kh, kw], +-1
+        out_shape = self.shape(node)
+        sums = g.tensor(out_shape)
+        (sh, sw), (dh, dw) = _pairs(m.stride), _pairs(m.dilation)
+        zeros = lambda n: g.const(np.zeros(n, np.float32))  # noqa: E731
+        if m.groups == m.in_channels:
+            opt = g.s.DepthwiseConv2DOptionsT()
+            opt.padding, opt.strideH, opt.strideW = getattr(g.s.Padding, mode), sh, sw
+            opt.dilationHFactor, opt.dilationWFactor = dh, dw
+            opt.depthMultiplier = m.out_channels // m.in_channels
+            g.op("DEPTHWISE_CONV_2D", [x, g.const(kernel.transpose(1, 2, 3, 0)), zeros(m.out_channels)],
+                 [sums], opt)
+        else:
+            n_, h, w, c = shape
+            parts = [g.tensor([n_, h, w, c // m.groups]) for _ in range(m.groups)]
+            split = g.s.SplitOptionsT()
+            split.numSplits = m.groups
+            g.op("SPLIT", [g.const(np.array(3, np.int32), "int32"), x], parts, split)
+            per = m.out_channels // m.groups
+            outs = []
+            for i, part in enumerate(parts):
+                opt = g.s.Conv2DOptionsT()
+                opt.padding, opt.strideH, opt.strideW = getattr(g.s.Padding, mode), sh, sw
+                opt.dilationHFactor, opt.dilationWFactor = dh, dw
+                outs.append(g.tensor(out_shape[:3] + [per]))
+                g.op("CONV_2D", [part, g.const(kernel[i * per:(i + 1) * per].transpose(0, 2, 3, 1)), zeros(per)],
+                     [outs[-1]], opt)
+            cat = g.s.ConcatenationOptionsT()
+            cat.axis = 3
+            g.op("CONCATENATION", outs, [sums], cat)
+        scaled = g.tensor(out_shape)
+        g.op("MUL", [sums, g.const(mult.astype(np.float32))], [scaled], g.s.MulOptionsT())
+        g.op("ADD", [scaled, g.const(bias.astype(np.float32))], [self.out(node)], g.s.AddOptionsT())
+        self.float_binary_layers += 1
 
     def subtract_taps(self, y: int, dst: int, m: BinaryConv2d, multiplier: int, hw: Tuple[int, int],
                       out_shape: List[int]) -> None:
@@ -518,8 +627,8 @@ class _Exporter:
         return out, new
 
     def float_conv(self, node: fx.Node, m: nn.Conv2d) -> None:
-        if m.groups != 1:
-            self.refuse(node, f"grouped float convolution (groups={m.groups})")
+        if m.groups not in (1, m.in_channels):
+            self.refuse(node, f"grouped float convolution (groups={m.groups}; only 1 or depthwise)")
         if m.padding_mode != "zeros" or type(m) is not nn.Conv2d:
             self.refuse(node, f"{type(m).__name__} with padding_mode={m.padding_mode!r}; only a plain "
                               "zero-padded nn.Conv2d exports as CONV_2D")
@@ -532,13 +641,33 @@ class _Exporter:
             x, shape = self.explicit_pad(x, shape, m.padding, 0.0)
             mode = "VALID"
         g = self.g
-        opt = g.s.Conv2DOptionsT()
+        depthwise = m.groups != 1
+        opt = g.s.DepthwiseConv2DOptionsT() if depthwise else g.s.Conv2DOptionsT()
         opt.padding = getattr(g.s.Padding, mode)
         opt.strideH, opt.strideW = _pairs(m.stride)
         opt.dilationHFactor, opt.dilationWFactor = _pairs(m.dilation)
-        w = g.const(weight.transpose(0, 2, 3, 1).astype(np.float32))
+        if depthwise:
+            opt.depthMultiplier = m.out_channels // m.in_channels
+        # TFLite's filters: [O, kh, kw, I], a depthwise one [1, kh, kw, O] (PyTorch: [O, I, kh, kw])
+        w = g.const((weight.transpose(1, 2, 3, 0) if depthwise else weight.transpose(0, 2, 3, 1)).astype(np.float32))
         b = g.const(bias.astype(np.float32))
-        g.op("CONV_2D", [x, w, b], [self.out(node)], opt)
+        g.op("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", [x, w, b], [self.out(node)], opt)
+
+    def functional_conv(self, node: fx.Node) -> None:
+        """``F.conv2d`` with a constant weight (timm's standardised-weight convs, blur pooling)."""
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        given = dict(zip(names, node.args), **node.kwargs)
+        weight, bias = given.get("weight"), given.get("bias")
+        if weight not in self.consts or (bias is not None and bias not in self.consts):
+            self.refuse(node, "conv2d with a weight computed from the input")
+        w = self.consts[weight]
+        conv = nn.Conv2d(w.shape[1] * given.get("groups", 1), w.shape[0], tuple(w.shape[2:]),
+                         stride=given.get("stride", 1), padding=given.get("padding", 0),
+                         dilation=given.get("dilation", 1), groups=given.get("groups", 1), bias=bias is not None)
+        conv.weight.data.copy_(w)
+        if bias is not None:
+            conv.bias.data.copy_(self.consts[bias])
+        self.float_conv(node, conv)
 
     def max_pool(self, node: fx.Node, m: nn.MaxPool2d) -> None:
         """``MAX_POOL_2D``: ``SAME`` or ``VALID`` where PyTorch's windows are TFLite's, else
@@ -601,24 +730,60 @@ class _Exporter:
                           f"{shape[1]}x{shape[2]} map averages windows that TFLite's VALID and SAME "
                           "pooling do not")
 
-    def mul(self, node: fx.Node) -> None:
-        """``MUL`` of two tensors, one broadcast over the other (an SE gate ``[N, C, 1, 1]``
-        over its map), or of a tensor and a number."""
-        a, b = node.args
-        if not isinstance(a, fx.Node):
-            a, b = b, a
-        if not isinstance(a, fx.Node):
-            self.refuse(node, "mul of two constants")
-        if isinstance(b, fx.Node):
-            sa, sb = self.shape(a), self.shape(b)
-            if len(sa) != len(sb) or any(x != y and 1 not in (x, y) for x, y in zip(sa, sb)):
-                self.refuse(node, f"mul of shapes {sa} and {sb} (only equal ranks that broadcast)")
-            other = self.env[b]
-        elif isinstance(b, (int, float)):
-            other = self.g.const(np.array(b, np.float32))
-        else:
-            self.refuse(node, f"mul by {type(b).__name__}")
-        self.g.op("MUL", [self.env[a], other], [self.out(node)], self.g.s.MulOptionsT())
+    def elementwise(self, node: fx.Node, op: str) -> None:
+        """``ADD`` / ``SUB`` / ``MUL`` of two tensors of equal shape, or one broadcast over the
+        other (an SE gate ``[N, C, 1, 1]`` over its map, a one-element scale), or of a tensor and
+        a number."""
+        operands: List[Any] = []
+        rank = len(self.shape(node))
+        for a in node.args:
+            if isinstance(a, fx.Node) and a in self.consts and rank == 4 and self.consts[a].dim() < 4:
+                value = self.consts[a].detach().cpu().float()  # [C, 1, 1] broadcasts as [1, C, 1, 1]
+                value = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)).numpy()
+                operands.append(self.g.const(value.transpose(0, 2, 3, 1)))
+            elif isinstance(a, fx.Node):
+                operands.append(a)
+            elif isinstance(a, (int, float)):
+                operands.append(self.g.const(np.array(a, np.float32)))
+            else:
+                self.refuse(node, f"{op.lower()} with {type(a).__name__}")
+        shapes = [self.shape(a) for a in operands if isinstance(a, fx.Node)]
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            (sa, sb), numel = shapes, [int(np.prod(s)) for s in shapes]
+            same_rank = len(sa) == len(sb) and all(x == y or 1 in (x, y) for x, y in zip(sa, sb))
+            if not (same_rank or 1 in numel):
+                self.refuse(node, f"{op.lower()} of shapes {sa} and {sb} (only equal ranks that broadcast, "
+                                  "or one element)")
+        options = {"ADD": self.g.s.AddOptionsT, "SUB": self.g.s.SubOptionsT, "MUL": self.g.s.MulOptionsT}[op]()
+        self.g.op(op, [self.env[a] if isinstance(a, fx.Node) else a for a in operands], [self.out(node)], options)
+
+    def pad(self, node: fx.Node) -> None:
+        """``F.pad`` of the map: ``PADV2`` with the value, or ``MIRROR_PAD`` (``reflect``)."""
+        names = ("input", "pad", "mode", "value")
+        given = dict(zip(names, node.args), **node.kwargs)
+        src, pad, mode = self.arg(node), list(given["pad"]), given.get("mode", "constant")
+        if len(self.shape(src)) != 4 or len(pad) not in (2, 4) or mode not in ("constant", "reflect"):
+            self.refuse(node, f"pad {pad} in mode {mode!r} (only of the height and width, constant or reflect)")
+        left, right, top, bottom = (pad + [0, 0])[:4]
+        pads = self.g.const(np.array([[0, 0], [top, bottom], [left, right], [0, 0]], np.int32), "int32")
+        if mode == "reflect":
+            opt = self.g.s.MirrorPadOptionsT()
+            opt.mode = self.g.s.MirrorPadMode.REFLECT
+            return self.g.op("MIRROR_PAD", [self.env[src], pads], [self.out(node)], opt)
+        fill = self.g.const(np.array(given.get("value") or 0.0, np.float32))
+        self.g.op("PADV2", [self.env[src], pads, fill], [self.out(node)], self.g.s.PadV2OptionsT())
+
+    def resize(self, node: fx.Node, mode: str, align_corners: Optional[bool]) -> None:
+        """Nearest upsampling by whole factors: ``RESIZE_NEAREST_NEIGHBOR`` (no half-pixel
+        centres), which picks pixel ``floor(i * in / out)`` as PyTorch's ``nearest`` does."""
+        src = self.arg(node)
+        (h, w), (ho, wo) = self.shape(src)[1:3], self.shape(node)[1:3]
+        if mode != "nearest" or ho % h or wo % w:
+            self.refuse(node, f"resize {h}x{w} -> {ho}x{wo} in mode {mode!r} (only nearest, by whole factors)")
+        opt = self.g.s.ResizeNearestNeighborOptionsT()
+        opt.alignCorners, opt.halfPixelCenters = False, False
+        self.g.op("RESIZE_NEAREST_NEIGHBOR", [self.env[src], self.g.const(np.array([ho, wo], np.int32), "int32")],
+                  [self.out(node)], opt)
 
     def cat(self, node: fx.Node) -> None:
         """``CONCATENATION`` of float tensors (NCHW's dim 1 is NHWC's axis 3)."""
@@ -775,16 +940,33 @@ class _Exporter:
     def function(self, node: fx.Node) -> None:
         t = node.target
         name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-        if name in ("add", "add_", "iadd", "__add__") and len(node.args) == 2 and not node.kwargs:
+        if name in ("add", "add_", "iadd", "__add__", "__radd__") and len(node.args) == 2 and not node.kwargs:
             numbers = [a for a in node.args if isinstance(a, (int, float))]
             if numbers and numbers[0] == 0:  # MobileOne's ``out + 0`` where a branch is absent
                 self.env[node] = self.env[next(a for a in node.args if isinstance(a, fx.Node))]
                 return
-            a, b = self.arg(node, 0), self.arg(node, 1)
-            if self.shape(a) != self.shape(b):
-                self.refuse(node, f"add of shapes {self.shape(a)} and {self.shape(b)}")
-            self.g.op("ADD", [self.env[a], self.env[b]], [self.out(node)], self.g.s.AddOptionsT())
-            return
+            return self.elementwise(node, "ADD")
+        if name in ("sub", "sub_", "isub", "__sub__") and len(node.args) == 2 and not node.kwargs:
+            return self.elementwise(node, "SUB")
+        if name == "conv2d":
+            return self.functional_conv(node)
+        if name == "max_pool2d":
+            names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+            given = dict(zip(names, node.args), **node.kwargs)
+            given.pop("input")
+            given.pop("return_indices", None)
+            return self.max_pool(node, nn.MaxPool2d(**given))
+        if name == "avg_pool2d":
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            given = dict(zip(names, node.args), **node.kwargs)
+            given.pop("input")
+            return self.avg_pool(node, nn.AvgPool2d(**given))
+        if name == "pad":
+            return self.pad(node)
+        if name in ("interpolate", "upsample_nearest"):
+            names = ("input", "size", "scale_factor", "mode", "align_corners")
+            given = dict(zip(names, node.args), **node.kwargs)
+            return self.resize(node, given.get("mode", "nearest"), given.get("align_corners"))
         if name in ("dropout", "contiguous", "clone", "detach"):
             self.env[node] = self.env[self.arg(node)]
             return
@@ -794,8 +976,8 @@ class _Exporter:
             if y is not None:
                 self.env[node] = y
                 return
-        if name in ("mul", "mul_", "imul", "__mul__") and len(node.args) == 2 and not node.kwargs:
-            return self.mul(node)
+        if name in ("mul", "mul_", "imul", "__mul__", "__rmul__") and len(node.args) == 2 and not node.kwargs:
+            return self.elementwise(node, "MUL")
         if name == "cat":
             return self.cat(node)
         if name in ("split", "chunk"):
@@ -818,8 +1000,12 @@ class _Exporter:
         self.refuse(node, f"function {name!r} has no LCE/TFLite op here; supported: {_SUPPORTED}")
 
 
+GROUPED = ("refuse", "float")
+
+
 @torch.no_grad()
-def export_lce(model: nn.Module, path: PathLike, input_size: Optional[Sequence[int]] = None) -> Dict[str, int]:
+def export_lce(model: nn.Module, path: PathLike, input_size: Optional[Sequence[int]] = None,
+               grouped: str = "refuse") -> Dict[str, int]:
     """Write ``model`` as a Larq Compute Engine ``.tflite`` file (batch 1, NHWC float input).
 
     Args:
@@ -828,14 +1014,22 @@ def export_lce(model: nn.Module, path: PathLike, input_size: Optional[Sequence[i
             mode (running batch-norm statistics); its mode is restored afterwards.
         path: the ``.tflite`` file to write.
         input_size: ``(C, H, W)`` of one image (default: timm's ``pretrained_cfg["input_size"]``).
+        grouped: what becomes of a grouped binary convolution (depthwise included), which LCE's
+            ``LceBconv2d`` runs only on its indirect-BGEMM path and only with 32-channel groups
+            (measured: the other paths fail to load the file): ``"refuse"`` (the default), or
+            ``"float"``: TFLite float convolutions of the +-1 input and kernel, exact and loading
+            everywhere, but float arithmetic (counted in ``float_binary_layers``).
 
     Returns:
-        ``{"file_bytes", "constant_bytes", "binary_layers", "operators"}``.
+        ``{"file_bytes", "constant_bytes", "binary_layers", "float_binary_layers", "operators"}``:
+        ``binary_layers`` run as ``LceBconv2d``, ``float_binary_layers`` as float convolutions.
 
     Raises:
         LceExportError: in one line naming the layer, for what LCE cannot run (see the module).
         ImportError: without the ``lce`` extra.
     """
+    if grouped not in GROUPED:
+        raise ValueError(f"grouped must be one of {', '.join(map(repr, GROUPED))}, got {grouped!r}")
     _schema()  # fail early, with the install hint, when the extra is missing
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -855,11 +1049,12 @@ def export_lce(model: nn.Module, path: PathLike, input_size: Optional[Sequence[i
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         device = next(iter(model.parameters()), torch.zeros(())).device
         ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=device))
-        exporter = _Exporter(gm)
+        exporter = _Exporter(gm, grouped)
         blob = exporter.run()
     finally:
         model.train(was_training)
     with open(os.fspath(path), "wb") as f:
         f.write(blob)
     return {"file_bytes": len(blob), "constant_bytes": exporter.g.const_bytes,
-            "binary_layers": exporter.binary_layers, "operators": len(exporter.g.operators)}
+            "binary_layers": exporter.binary_layers, "float_binary_layers": exporter.float_binary_layers,
+            "operators": len(exporter.g.operators)}
