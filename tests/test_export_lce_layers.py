@@ -28,10 +28,10 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
-def lce_vs_pytorch(net, tmp_path, size=8, channels=8, n=4):
+def lce_vs_pytorch(net, tmp_path, size=8, channels=8, n=4, **export):
     """The largest |LCE - PyTorch| of ``net``'s logits over LCE's three kernel paths."""
     net = randomise_norms(net).eval()
-    export_lce(net, tmp_path / "m.tflite", input_size=(channels, size, size))
+    export_lce(net, tmp_path / "m.tflite", input_size=(channels, size, size), **export)
     x = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = net(x).numpy()
@@ -46,7 +46,7 @@ class Head(nn.Sequential):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("act", [nn.Identity, nn.ReLU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.GELU])
+@pytest.mark.parametrize("act", [nn.Identity, nn.ReLU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Tanh])
 def test_timm_batchnorm_act_folds_into_the_binary_conv_or_stands_alone(tmp_path, act):
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -127,3 +127,64 @@ def test_refusals_name_the_layer_not_an_fx_node(tmp_path):
     net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), nn.MaxPool2d(3, 1, 1, dilation=2), Head(8))
     with pytest.raises(LceExportError, match=r"^cannot export '1' to LCE: MaxPool2d with dilation"):
         export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("groups, out, same", [(8, 8, False), (8, 16, False), (2, 8, False), (8, 8, True)])
+def test_grouped_binary_conv_as_float_on_request(tmp_path, groups, out, same):
+    # depthwise, depthwise x2, two groups, timm's SAME padding (stride 2 on an even map)
+    torch.manual_seed(0)
+    conv = BinaryConv2d(8, out, 3, stride=2 if same else 1, padding=0 if same else 1, groups=groups,
+                        same_padding=same)
+    net = nn.Sequential(nn.Conv2d(8, 8, 1), conv, nn.BatchNorm2d(out), BinaryConv2d(out, 8, 1), Head(8))
+    with pytest.raises(LceExportError, match=r"^cannot export '1' to LCE: grouped binary convolution .*grouped='float'"):
+        export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8))
+    info = export_lce(net.eval(), tmp_path / "m.tflite", input_size=(8, 8, 8), grouped="float")
+    assert (info["binary_layers"], info["float_binary_layers"]) == (1, 1)
+    assert lce_vs_pytorch(net, tmp_path, grouped="float") < 1e-4
+
+
+class AffineScale(nn.Module):
+    """Parameters read in forward: HGNetV2's one-element affine, FastViT's ``[C, 1, 1]`` layer
+    scale, and a standardised-weight blur (reflect pad, depthwise conv of a computed weight)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.bias = nn.Parameter(torch.tensor([-0.25]))
+        self.gamma = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+        self.blur = nn.Parameter(torch.rand(channels, 1, 3, 3))
+
+    def forward(self, x):
+        y = self.scale * x + self.bias
+        y = y - self.gamma * x
+        w = self.blur / self.blur.sum((2, 3), keepdim=True)
+        return nn.functional.conv2d(nn.functional.pad(y, (1, 1, 1, 1), mode="reflect"), w, groups=w.shape[0])
+
+
+class UpAndPool(nn.Module):
+    """HRNet's nearest upsampling, Inception's and GhostNetV2's functional pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(x, 3, 2, ceil_mode=True)  # 8 -> 4
+        y = self.up(nn.functional.avg_pool2d(y, 2, 2))  # 4 -> 2 -> 4
+        return nn.functional.interpolate(y, scale_factor=2) + nn.functional.avg_pool2d(x, 3, 1, 1)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block", [AffineScale, UpAndPool])
+def test_constants_and_functional_layers_are_exact(tmp_path, block):
+    torch.manual_seed(0)
+    net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                        block(8) if block is AffineScale else block(), BinaryConv2d(8, 8, 3, padding=1), Head(8))
+    assert lce_vs_pytorch(net, tmp_path) < 1e-4
+
+
+@needs_lce
+def test_grouped_takes_refuse_or_float(tmp_path):
+    with pytest.raises(ValueError, match=r"grouped must be one of 'refuse', 'float', got 'bits'"):
+        export_lce(nn.Sequential(nn.Conv2d(3, 3, 1)), tmp_path / "m.tflite", input_size=(3, 4, 4), grouped="bits")

@@ -39,12 +39,24 @@ Numerically the file computes what PyTorch computes up to float rounding (max |d
 logits of order 1), except that a pre-activation within ~1e-7 of zero can take the other sign
 under the folded batch norm's rounding and flip one bit (see ``benchmarks/results/lce_export.md``).
 
+Around the binary convolutions: timm's ``BatchNormAct2d`` is the batch norm (folded as above
+where it follows a conv alone, else a per-channel ``MUL``/``ADD``) and then its activation, each a
+TFLite float op of the same formula; max pooling in ``ceil_mode`` pads with the lowest float
+(which no window's maximum takes); constants that a forward computes from parameters (timm's
+standardised weights, layer scales) are computed once with PyTorch at export. A grouped binary
+conv (depthwise included) cannot be an ``LceBconv2d`` that loads everywhere: LCE runs groups only
+on its indirect-BGEMM path and only with 32-channel groups (measured: the other paths refuse the
+file); with ``grouped="float"`` it is written as TFLite float convolutions of the +-1 input
+(``LceQuantize`` -> ``LceDequantize``) and the +-1 kernel, exact (integer sums) but float
+arithmetic.
+
 What a quantizer exports is its own declaration (:mod:`~lightning_bnnprune.quantizers`): an input
 quantizer lowers to ``LceQuantize`` if it declares ``is_sign``, a kernel is its quantizer's
 ``export()``, ``{-s, +s}`` times the per-filter scale. Refused, in one line naming the layer (and
 the quantizer): kernels whose two values are not ``{-s, +s}`` (BDG's ``{phi - tau, phi + tau}``) or
-that are not two-valued, inputs not quantised by a sign (real inputs), grouped binary convs,
-layers with gates still attached, and any module or function without a TFLite/LCE op here.
+that are not two-valued, inputs not quantised by a sign (real inputs), grouped binary convs
+(unless ``grouped="float"``), layer and group norms, layers with gates still attached, and any
+module or function without a TFLite/LCE op here; a call inside a module is named by that module.
 """
 from __future__ import annotations
 
@@ -199,10 +211,12 @@ class _Tracer(fx.Tracer):
 
 
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d, DropBlock2d, DropPath)  # identities in eval mode
-_SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels), Conv2d, BatchNorm2d, timm's BatchNormAct2d, "
+_SUPPORTED = ("BinaryConv2d (sign inputs, {-s, +s} kernels; grouped ones with grouped='float'), Conv2d "
+              "(plain or depthwise, also functional with a constant weight), BatchNorm2d, timm's BatchNormAct2d, "
               "Linear, ReLU, ReLU6, Hardtanh(-1, 1), LeakyReLU, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, "
-              "GELU, MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, Flatten (of a 1x1 map), "
-              "add, mul (broadcast), cat, Identity, Dropout")
+              "MaxPool2d, AvgPool2d (TFLite's windows), global average pooling, nearest Upsample by whole "
+              "factors, Flatten (of a 1x1 map), add / sub / mul (broadcast), cat / split / slices along "
+              "channels, pad (constant, reflect), Identity, Dropout")
 
 
 class _Values(dict):
@@ -339,6 +353,12 @@ class _Exporter:
         else:
             self.consts[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
         return True
+
+    def call_args(self, node: fx.Node, names: Sequence[str]) -> Dict[str, Any]:
+        """A call's arguments by name; constants that are not tensors (``w.shape[0]``) as values."""
+        given = dict(zip(names, node.args), **node.kwargs)
+        return {k: self.consts[v] if isinstance(v, fx.Node) and v in self.consts
+                and not isinstance(self.consts[v], Tensor) else v for k, v in given.items()}
 
     def materialize(self, node: fx.Node) -> int:
         """A constant's tensor in the file (NHWC when it has 4 dimensions), written when an op
@@ -656,7 +676,7 @@ class _Exporter:
     def functional_conv(self, node: fx.Node) -> None:
         """``F.conv2d`` with a constant weight (timm's standardised-weight convs, blur pooling)."""
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        given = dict(zip(names, node.args), **node.kwargs)
+        given = self.call_args(node, names)
         weight, bias = given.get("weight"), given.get("bias")
         if weight not in self.consts or (bias is not None and bias not in self.consts):
             self.refuse(node, "conv2d with a weight computed from the input")
@@ -760,7 +780,7 @@ class _Exporter:
     def pad(self, node: fx.Node) -> None:
         """``F.pad`` of the map: ``PADV2`` with the value, or ``MIRROR_PAD`` (``reflect``)."""
         names = ("input", "pad", "mode", "value")
-        given = dict(zip(names, node.args), **node.kwargs)
+        given = self.call_args(node, names)
         src, pad, mode = self.arg(node), list(given["pad"]), given.get("mode", "constant")
         if len(self.shape(src)) != 4 or len(pad) not in (2, 4) or mode not in ("constant", "reflect"):
             self.refuse(node, f"pad {pad} in mode {mode!r} (only of the height and width, constant or reflect)")
@@ -850,8 +870,6 @@ class _Exporter:
             return simple[name]()
         if name in ("leaky_relu", "leaky_relu_"):
             return nn.LeakyReLU(float(extra[0]) if extra else float(kw.get("negative_slope", 0.01)))
-        if name == "gelu":
-            return nn.GELU(approximate=kw.get("approximate", "none"))
         if name in ("hardtanh", "hardtanh_"):
             lo = extra[0] if extra else kw.get("min_val", -1.0)
             hi = extra[1] if len(extra) > 1 else kw.get("max_val", 1.0)
@@ -922,10 +940,6 @@ class _Exporter:
             shifted = op("ADD", [x, g.const(np.array(3.0, np.float32))], g.s.AddOptionsT())
             clipped = op("RELU6", [shifted])
             return op("MUL", [clipped, g.const(np.array(1.0 / 6.0, np.float32))], g.s.MulOptionsT())
-        if isinstance(m, nn.GELU):
-            opt = g.s.GeluOptionsT()
-            opt.approximate = m.approximate == "tanh"
-            return op("GELU", [x], opt)
         return None
 
     def scale_shift(self, x: int, shape: List[int], g: np.ndarray, h: np.ndarray) -> int:
@@ -952,20 +966,20 @@ class _Exporter:
             return self.functional_conv(node)
         if name == "max_pool2d":
             names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
-            given = dict(zip(names, node.args), **node.kwargs)
+            given = self.call_args(node, names)
             given.pop("input")
             given.pop("return_indices", None)
             return self.max_pool(node, nn.MaxPool2d(**given))
         if name == "avg_pool2d":
             names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-            given = dict(zip(names, node.args), **node.kwargs)
+            given = self.call_args(node, names)
             given.pop("input")
             return self.avg_pool(node, nn.AvgPool2d(**given))
         if name == "pad":
             return self.pad(node)
         if name in ("interpolate", "upsample_nearest"):
             names = ("input", "size", "scale_factor", "mode", "align_corners")
-            given = dict(zip(names, node.args), **node.kwargs)
+            given = self.call_args(node, names)
             return self.resize(node, given.get("mode", "nearest"), given.get("align_corners"))
         if name in ("dropout", "contiguous", "clone", "detach"):
             self.env[node] = self.env[self.arg(node)]
