@@ -155,6 +155,8 @@ def _binary_net(name: str, seed: int) -> nn.Module:
                 if m.weight is not None:
                     m.weight.normal_(1.0, 0.3)
                     m.bias.normal_(0.0, 0.3)
+            if isinstance(m, nn.Conv2d) and m.bias is not None:  # zeros at init: sums of 0 tie at the sign
+                m.bias.normal_(0.0, 0.3)
             if isinstance(m, nn.LayerNorm) and m.weight is not None:
                 m.weight.normal_(1.0, 0.3)
                 m.bias.normal_(0.0, 0.3)
@@ -165,6 +167,7 @@ def _binary_net(name: str, seed: int) -> nn.Module:
 
 
 LCE_INPUTS = 64
+LCE_OFF = 1e-3  # an input whose logits differ more than this: a bit flipped somewhere (see lce_export.md)
 
 
 def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, Any]:
@@ -184,8 +187,10 @@ def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, A
         out = torch.from_numpy(lce_predict(path, x))
     except RuntimeError as err:  # LCE's interpreter failed to load or run the file
         return dict(status="error", message=str(err).splitlines()[0][:200])
+    per_input = (out - reference).abs().amax(1)
     return dict(status="ok", top1_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
-                max_abs_diff=float((out - reference).abs().max()), binary_layers=info["binary_layers"],
+                max_abs_diff=float(per_input.max()), inputs_off=int((per_input > LCE_OFF).sum()),
+                binary_layers=info["binary_layers"],
                 float_binary_layers=info["float_binary_layers"])
 
 
@@ -243,9 +248,10 @@ def _fmt_lce(row: Dict[str, Any]) -> str:
     if lce is None:
         return "–"
     if lce["status"] == "ok":
-        grouped = lce.get("float_binary_layers", 0)
-        return (f"{lce['top1_agreement']:.0%} top-1 ({lce['max_abs_diff']:.0e})"
-                + (f"; {grouped} of {grouped + lce['binary_layers']} binary convs grouped, as float" if grouped else ""))
+        grouped, off = lce.get("float_binary_layers", 0), lce.get("inputs_off", 0)
+        return (f"{lce['top1_agreement']:.0%} top-1 ({lce['max_abs_diff']:.0e}"
+                + (f"; {off}/{LCE_INPUTS} inputs off by > {LCE_OFF:.0e}" if off else "") + ")"
+                + (f"; grouped: {grouped} of {grouped + lce['binary_layers']} binary convs as float" if grouped else ""))
     return f"{lce['status']}: {lce['message']}".replace("|", "/")
 
 
@@ -273,8 +279,8 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced)."
         + (f" *LCE* (runs with `--lce`): the pruned network exported for Larq Compute Engine, run by its "
            f"interpreter on {LCE_INPUTS} seeded inputs: top-1 agreement with PyTorch (max |logit difference|: "
-           "a large one is a pre-activation within float rounding of 0 taking the other sign and flipping a bit, "
-           "see `lce_export.md`), or the exporter's refusal naming the layer; – where not run. Grouped binary "
+           f"where inputs are off by more than {LCE_OFF:.0e}, a pre-activation within float rounding of 0 took the "
+           "other sign and flipped a bit, see `lce_export.md`), or the exporter's refusal naming the layer; – where not run. Grouped binary "
            "convs (depthwise included), which LCE's `LceBconv2d` runs only on one kernel path and only with "
            "32-channel groups, are written as float convolutions of the ±1 tensors (`export_lce(grouped=\"float\")`): "
            "exact, but float arithmetic; the cell counts them." if with_lce else ""),
