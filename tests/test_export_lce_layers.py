@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from timm.layers import BatchNormAct2d, LayerNorm2d
+from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm2d
 from torch import nn
 
 from lightning_bnnprune.layers import BinaryConv2d
@@ -172,14 +172,16 @@ class UpAndPool(nn.Module):
     def forward(self, x):
         y = nn.functional.max_pool2d(x, 3, 2, ceil_mode=True)  # 8 -> 4
         y = self.up(nn.functional.avg_pool2d(y, 2, 2))  # 4 -> 2 -> 4
-        return nn.functional.interpolate(y, scale_factor=2) + nn.functional.avg_pool2d(x, 3, 1, 1)
+        y = nn.functional.interpolate(y, size=x.shape[-2:])  # GhostNetV2's: the size from a shape
+        return y + nn.functional.avg_pool2d(x, 3, 1, 1)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("block", [AffineScale, UpAndPool])
 def test_constants_and_functional_layers_are_exact(tmp_path, block):
     torch.manual_seed(0)
-    net = nn.Sequential(BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+    net = nn.Sequential(Conv2dSame(8, 8, 3, stride=2), nn.Upsample(scale_factor=2),  # TF-padded stem: SAME
+                        BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
                         block(8) if block is AffineScale else block(), BinaryConv2d(8, 8, 3, padding=1), Head(8))
     assert lce_vs_pytorch(net, tmp_path) < 1e-4
 

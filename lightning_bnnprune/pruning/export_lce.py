@@ -72,7 +72,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import quantizers
-from timm.layers import BatchNormAct2d, DropBlock2d, DropPath, LayerNorm2d
+from timm.layers import BatchNormAct2d, Conv2dSame, DropBlock2d, DropPath, LayerNorm2d
 
 from ..layers import BinaryConv2d
 from .lce_runtime import lce_predict  # noqa: F401  (its home before lce_runtime; still exported here)
@@ -203,10 +203,11 @@ def _bitpack(negative: np.ndarray) -> np.ndarray:
 class _Tracer(fx.Tracer):
     # timm's norm-act layers (a BatchNorm2d with its dropout and activation inside, asserting
     # ``x.ndim`` in forward) are leaves: lowered as the batch norm, then the activation; so is
-    # timm's Linear (an nn.Linear whose forward checks for TorchScript).
+    # timm's Linear (an nn.Linear whose forward checks for TorchScript) and Conv2dSame (TensorFlow's
+    # SAME padding computed from the input's shape: TFLite's SAME).
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # timm's LayerNorm2d too, so that its refusal names the layer, not a permute inside it.
-        return (isinstance(m, (BinaryConv2d, BatchNormAct2d, LayerNorm2d, nn.Linear))
+        return (isinstance(m, (BinaryConv2d, BatchNormAct2d, LayerNorm2d, nn.Linear, Conv2dSame))
                 or super().is_leaf_module(m, qualname))
 
 
@@ -343,6 +344,23 @@ class _Exporter:
     def constant_call(self, node: fx.Node) -> bool:
         """Evaluate a call whose inputs are all constants (a standardised weight, a reshaped layer
         scale) with PyTorch, once, at export; ``False`` where an input is a network tensor."""
+        shape_of = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if shape_of is not None and shape_of not in self.consts and (
+                (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim"))
+                or (node.op == "call_method" and node.target in ("size", "dim"))):
+            # A network tensor's shape is static in the file (batch 1): a constant, as timm's
+            # ``F.interpolate(y, size=x.shape[-2:])`` needs.
+            size = torch.Size(shape_of.meta["tensor_meta"].shape)
+            if node.op == "call_function":
+                value: Any = size if node.args[1] == "shape" else len(size)
+            elif node.target == "dim":
+                value = len(size)
+            else:
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                dim = self.consts.get(dim, dim) if isinstance(dim, fx.Node) else dim
+                value = size if dim is None else size[dim]
+            self.consts[node] = value
+            return True
         inputs: List[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
         if not inputs or not all(n in self.consts for n in inputs):
@@ -649,14 +667,15 @@ class _Exporter:
     def float_conv(self, node: fx.Node, m: nn.Conv2d) -> None:
         if m.groups not in (1, m.in_channels):
             self.refuse(node, f"grouped float convolution (groups={m.groups}; only 1 or depthwise)")
-        if m.padding_mode != "zeros" or type(m) is not nn.Conv2d:
+        if m.padding_mode != "zeros" or type(m) not in (nn.Conv2d, Conv2dSame):
             self.refuse(node, f"{type(m).__name__} with padding_mode={m.padding_mode!r}; only a plain "
                               "zero-padded nn.Conv2d exports as CONV_2D")
         mult, bias = self.affine_of(node, m, np.ones(m.out_channels))
         weight = m.weight.detach().cpu().double().numpy() * mult.reshape(-1, 1, 1, 1)
         src = self.arg(node)
         x, shape = self.env[src], self.shape(src)
-        mode = _padding_mode(shape[1:3], m.kernel_size, m.stride, m.dilation, m.padding)
+        mode = "SAME" if isinstance(m, Conv2dSame) else _padding_mode(shape[1:3], m.kernel_size, m.stride,
+                                                                      m.dilation, m.padding)
         if mode in ("EXPLICIT", "REVERSED"):
             x, shape = self.explicit_pad(x, shape, m.padding, 0.0)
             mode = "VALID"
