@@ -18,14 +18,24 @@ from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
 from lightning_bnnprune.pruning.lce_runtime import KERNELS
 
-from conftest import randomise_norms
-
 needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
 _INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
 needs_interpreter = pytest.mark.skipif(
     not (lce_available() and _INTERPRETER),
     reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
 )
+
+
+def randomise_norms(net):
+    """Random batch-norm statistics and affine terms, so that a wrong fold shows in the logits."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    return net
 
 
 def lce_vs_pytorch(net, tmp_path, size=8, channels=8, n=4, **export):

@@ -70,10 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-
-from .. import quantizers
 from timm.layers import BatchNormAct2d, Conv2dSame, DropBlock2d, DropPath, LayerNorm2d
 
+from .. import quantizers
 from ..layers import BinaryConv2d
 from .lce_runtime import lce_predict  # noqa: F401  (its home before lce_runtime; still exported here)
 
