@@ -279,8 +279,9 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced)."
         + (f" *LCE* (runs with `--lce`): the pruned network exported for Larq Compute Engine, run by its "
            f"interpreter on {LCE_INPUTS} seeded inputs: top-1 agreement with PyTorch (max |logit difference|: "
-           f"where inputs are off by more than {LCE_OFF:.0e}, a pre-activation within float rounding of 0 took the "
-           "other sign and flipped a bit, see `lce_export.md`), or the exporter's refusal naming the layer; – where not run. Grouped binary "
+           f"inputs off by more than {LCE_OFF:.0e} are counted; traced node by node in DenseNet and ResNetV2, "
+           "each is one pre-activation within 1e-6 of 0 that takes the other sign under LCE's rounding and flips "
+           "a bit, see `lce_export.md`), or the exporter's refusal naming the layer; – where not run. Grouped binary "
            "convs (depthwise included), which LCE's `LceBconv2d` runs only on one kernel path and only with "
            "32-channel groups, are written as float convolutions of the ±1 tensors (`export_lce(grouped=\"float\")`): "
            "exact, but float arithmetic; the cell counts them." if with_lce else ""),
