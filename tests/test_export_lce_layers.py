@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm2d
+from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm2d, Linear
 from torch import nn
 
 from lightning_bnnprune.layers import BinaryConv2d
@@ -51,8 +51,10 @@ def lce_vs_pytorch(net, tmp_path, size=8, channels=8, n=4, **export):
 
 
 class Head(nn.Sequential):
+    """Global pool and timm's Linear (traced as a leaf: its forward checks for TorchScript)."""
+
     def __init__(self, channels, classes=5):
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(channels, classes))
 
 
 @needs_interpreter
