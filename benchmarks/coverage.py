@@ -17,7 +17,8 @@ refused group's reason. With ``--lce``, also the pruned network exported for Lar
 (:func:`~lightning_bnnprune.pruning.export_lce.export_lce`), run by LCE's interpreter on 64 seeded
 inputs and compared with PyTorch (top-1 agreement, max |logit difference|), or the exporter's
 one-line refusal naming the layer (the table gets an LCE column; needs the ``lce`` extra and, under
-numpy 2, ``BNNPRUNE_LCE_PYTHON``). Resumable: families already in ``--out``'s JSON are skipped; each family
+numpy 2, ``BNNPRUNE_LCE_PYTHON``). Grouped binary convs are exported with ``grouped="float"`` (float
+convolutions of the +-1 tensors; the column counts them). Resumable: families already in ``--out``'s JSON are skipped; each family
 is written as soon as it ends.
 
 Example::
@@ -154,6 +155,8 @@ def _binary_net(name: str, seed: int) -> nn.Module:
                 if m.weight is not None:
                     m.weight.normal_(1.0, 0.3)
                     m.bias.normal_(0.0, 0.3)
+            if isinstance(m, nn.Conv2d) and m.bias is not None:  # zeros at init: sums of 0 tie at the sign
+                m.bias.normal_(0.0, 0.3)
             if isinstance(m, nn.LayerNorm) and m.weight is not None:
                 m.weight.normal_(1.0, 0.3)
                 m.bias.normal_(0.0, 0.3)
@@ -164,6 +167,7 @@ def _binary_net(name: str, seed: int) -> nn.Module:
 
 
 LCE_INPUTS = 64
+LCE_OFF = 1e-3  # an input whose logits differ more than this: a bit flipped somewhere (see lce_export.md)
 
 
 def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, Any]:
@@ -173,7 +177,7 @@ def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, A
 
     path = os.path.join(workdir, "lce.tflite")
     try:
-        export_lce(net, path, input_size=(3, size, size))
+        info = export_lce(net, path, input_size=(3, size, size), grouped="float")
     except LceExportError as err:
         return dict(status="refused", message=str(err).splitlines()[0].split("; supported:")[0][:200])
     x = torch.randn(LCE_INPUTS, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
@@ -183,8 +187,11 @@ def lce_check(net: nn.Module, size: int, seed: int, workdir: str) -> Dict[str, A
         out = torch.from_numpy(lce_predict(path, x))
     except RuntimeError as err:  # LCE's interpreter failed to load or run the file
         return dict(status="error", message=str(err).splitlines()[0][:200])
+    per_input = (out - reference).abs().amax(1)
     return dict(status="ok", top1_agreement=float((out.argmax(1) == reference.argmax(1)).float().mean()),
-                max_abs_diff=float((out - reference).abs().max()))
+                max_abs_diff=float(per_input.max()), inputs_off=int((per_input > LCE_OFF).sum()),
+                binary_layers=info["binary_layers"],
+                float_binary_layers=info["float_binary_layers"])
 
 
 def run_family(name: str, size: int, pfr: float, seed: int, workdir: str, lce: bool = False) -> Dict[str, Any]:
@@ -241,7 +248,10 @@ def _fmt_lce(row: Dict[str, Any]) -> str:
     if lce is None:
         return "–"
     if lce["status"] == "ok":
-        return f"{lce['top1_agreement']:.0%} top-1 ({lce['max_abs_diff']:.0e})"
+        grouped, off = lce.get("float_binary_layers", 0), lce.get("inputs_off", 0)
+        return (f"{lce['top1_agreement']:.0%} top-1 ({lce['max_abs_diff']:.0e}"
+                + (f"; {off}/{LCE_INPUTS} inputs off by > {LCE_OFF:.0e}" if off else "") + ")"
+                + (f"; grouped: {grouped} of {grouped + lce['binary_layers']} binary convs as float" if grouped else ""))
     return f"{lce['status']}: {lce['message']}".replace("|", "/")
 
 
@@ -268,8 +278,13 @@ def write_markdown(path: str, results: Dict[str, Any], meta: Dict[str, Any]) -> 
         "a grouped conv or a split into equal parts); *exact*: max |logits pruned - logits gated|; *reload*: logits of the model rebuilt from its record "
         "equal (bit for bit) those of the pruned one. Seconds on a shared 2-core machine (1 thread, niced)."
         + (f" *LCE* (runs with `--lce`): the pruned network exported for Larq Compute Engine, run by its "
-           f"interpreter on {LCE_INPUTS} seeded inputs: top-1 agreement with PyTorch (max |logit difference|), "
-           "or the exporter's refusal naming the layer; – where not run." if with_lce else ""),
+           f"interpreter on {LCE_INPUTS} seeded inputs: top-1 agreement with PyTorch (max |logit difference|: "
+           f"inputs off by more than {LCE_OFF:.0e} are counted; traced node by node in DenseNet and ResNetV2, "
+           "each is one pre-activation within 1e-6 of 0 that takes the other sign under LCE's rounding and flips "
+           "a bit, see `lce_export.md`), or the exporter's refusal naming the layer; – where not run. Grouped binary "
+           "convs (depthwise included), which LCE's `LceBconv2d` runs only on one kernel path and only with "
+           "32-channel groups, are written as float convolutions of the ±1 tensors (`export_lce(grouped=\"float\")`): "
+           "exact, but float arithmetic; the cell counts them." if with_lce else ""),
         "",
         "| family | model | design | input | binary filters | prunable share | groups (equal-count) "
         "| PFR (groups) | PFR (all binary) | exact | reload | s | refused groups: reason |" + (" LCE |" if with_lce else ""),
