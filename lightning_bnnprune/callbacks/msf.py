@@ -505,7 +505,7 @@ class MainSubsidiaryPruning(FilterPruning):
                 keep = sum(t.numel() for t in logits.values()) - self._stage_prune[old.stage]
                 masks = keep_top_across(logits, keep, {name: self._floor(name) for name in old.groups})
                 counts = {name: int((~mask).sum()) for name, mask in masks.items()}
-                if self.round_to > 1:  # the learned counts to the engine's multiples, then each group's best
+                if self.round_to != 1:  # the learned counts to the engine's multiples, then each group's best
                     counts = self._rounded(counts)
                     masks = {name: self.analysis[name].keep_top(logits[name], logits[name].numel() - counts[name])
                              for name in old.groups}
