@@ -66,3 +66,18 @@ def test_unknown_engine_refused(strategy):
     with pytest.raises(MisconfigurationException, match=r"`round_to` must be an int >= 1 or one of 'lce', 'onednn'"):
         strategy(0.4, round_to="tflite")
     assert set(ENGINES) == {"lce", "onednn"}
+
+
+@pytest.mark.parametrize("prune", ["msf", "greedy_l1", "stq", "random", "bdg"])
+def test_export_lce_makes_lce_counts_the_default(compose_train, prune):
+    """The app: `export=lce` rounds to LCE's blocks unless the user says otherwise; other exports don't."""
+    from hydra.utils import instantiate
+
+    assert compose_train([f"prune={prune}", "export=lce"]).prune.round_to == "lce"
+    assert compose_train([f"prune={prune}", "export=packed"]).prune.round_to == 1
+    assert compose_train([f"prune={prune}"]).prune.round_to == 1
+    assert compose_train([f"prune={prune}", "export=lce", "schedule.round_to=4"]).prune.round_to == 4
+    if prune != "bdg":
+        cfg = compose_train([f"prune={prune}", "export=lce", "schedule.target_pfr=null", "schedule.target_speedup=2.0"])
+        pruning = instantiate(cfg.prune)
+        assert (pruning.target_pfr, pruning.target_speedup, pruning.round_to) == (None, 2.0, "lce")
