@@ -16,10 +16,12 @@ time for 16 to 32 input channels and for 40 to 64 (one word, two words), and its
 the output channels in steps of 4.
 
 The network estimate (:func:`network_ms`) is the sum over the binary convs at the kept counts plus
-``float_ms``: the float layers (the stem, the classifier, pooling, adds) are *measured* once as
-the unpruned file's time minus the binary convs' estimate, and held fixed while pruning (they
-scale little with the kept counts). :func:`check_estimate` compares the estimate with an exported
-file's measured time.
+the float layers: their time (``float_ms``: the stem, the classifier, and the batch norms, adds,
+activations and bit-packing between the binary convs) is *measured* once, as the unpruned file's
+time minus the binary convs' estimate, and *modelled* under pruning as proportional to the binary
+convs' output elements (``C_out x pixels``, summed): most of it is elementwise work on those
+outputs (measured on resnet18_cifar: 2.8 of 9.0 ms, too much to hold fixed). :func:`check_estimate`
+compares the estimate with an exported file's measured time.
 
 Tables are measured once (:func:`measure_table`, a few seconds) and cached as JSON under
 ``~/.cache/lightning_bnnprune/lce_latency/`` (``$BNNPRUNE_CACHE_DIR`` or ``cache_dir=``), keyed by
@@ -112,6 +114,7 @@ class BinaryConvSite:
     out_channels: int
     in_group: Optional[str]  # the group whose kept count is this conv's C_in (None: not pruned)
     out_group: Optional[str]  # the group whose kept count is its C_out
+    out_pixels: int = 1  # H x W of its output
 
     def counts(self, kept: Mapping[str, int]) -> Point:
         cin = kept.get(self.in_group, self.in_channels) if self.in_group else self.in_channels
@@ -133,8 +136,12 @@ def binary_conv_sites(net: nn.Module, analysis: GroupAnalysis, example_inputs: t
 
     convs = {n: m for n, m in net.named_modules() if isinstance(m, BinaryConv2d) and m.groups == 1}
     seen: Dict[str, Sequence[int]] = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, args[0].shape[-2:]))
-               for n, m in convs.items()]
+    pixels: Dict[str, int] = {}
+
+    def hook(mod, args, out, n):
+        seen[n], pixels[n] = args[0].shape[-2:], out[0, 0].numel()
+
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: hook(mod, args, out, n)) for n, m in convs.items()]
     was_training = net.training
     try:
         net.eval()
@@ -145,13 +152,17 @@ def binary_conv_sites(net: nn.Module, analysis: GroupAnalysis, example_inputs: t
             h.remove()
     role = {(m.module, m.role): g.name for g in analysis.groups for m in g.members}
     return [BinaryConvSite(n, _geometry(m, seen[n]), m.in_channels, m.out_channels, role.get((n, IN)),
-                           role.get((n, OUT))) for n, m in convs.items() if n in seen]
+                           role.get((n, OUT)), pixels[n]) for n, m in convs.items() if n in seen]
 
 
 def network_ms(table: LatencyTable, sites: Sequence[BinaryConvSite], kept: Mapping[str, int]) -> float:
     """The network's estimated time at ``kept`` (``{group: kept channels}``; groups not named are
-    whole): its binary convs from the table plus the float layers' ``float_ms``."""
-    return table.float_ms + sum(table.conv_ms(s.geometry, *s.counts(kept)) for s in sites)
+    whole): its binary convs from the table plus ``float_ms`` scaled by the binary convs' output
+    elements kept (see the module docstring)."""
+    whole = sum(s.out_channels * s.out_pixels for s in sites)
+    now = sum(s.counts(kept)[1] * s.out_pixels for s in sites)
+    return table.float_ms * (now / whole if whole else 1.0) + sum(table.conv_ms(s.geometry, *s.counts(kept))
+                                                                  for s in sites)
 
 
 # ------------------------------------------------------------------ measurement
@@ -171,14 +182,15 @@ def _cache_file(cache_dir: Optional[str], key: Dict[str, Any]) -> str:
 
 
 def _lce_version(python: Optional[str]) -> str:
-    from importlib import metadata
+    """larq-compute-engine's version in the Python that runs it (part of the cache key)."""
+    import subprocess
+    import sys
 
-    if python is None and os.environ.get("BNNPRUNE_LCE_PYTHON") is None:
-        try:
-            return metadata.version("larq-compute-engine")
-        except metadata.PackageNotFoundError:
-            return "unknown"
-    return os.path.realpath(python or os.environ["BNNPRUNE_LCE_PYTHON"])  # that Python's install
+    from .lce_runtime import lce_python
+
+    ask = "from importlib import metadata; print(metadata.version('larq-compute-engine'))"
+    done = subprocess.run([lce_python(python) or sys.executable, "-I", "-c", ask], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def _conv_file(path: str, geometry_of: nn.Conv2d, cin: int, cout: int, hw: Sequence[int]) -> None:
