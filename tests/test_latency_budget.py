@@ -23,10 +23,12 @@ from conftest import UserModule
 SIZE = 32
 
 
-def engine_like_table(float_ms: float = 0.05) -> LatencyTable:
-    """A table of test_resnet's binary convs from LCE's cost shape (words x blocks x pixels), no timing."""
+def engine_like_table(model: str = "test_resnet", float_ms: float = 0.05) -> LatencyTable:
+    """A table of ``model``'s binary convs from LCE's cost shape (words x blocks x pixels), no timing."""
+    import lightning_bnnprune.models  # noqa: F401  (the CIFAR models)
+
     torch.manual_seed(0)
-    net = timm.create_model("test_resnet", num_classes=10)
+    net = timm.create_model(model, num_classes=10)
     binarize_model(net)
     x = torch.randn(1, 3, SIZE, SIZE)
     sites = binary_conv_sites(net, find_channel_groups(net, x), x)

@@ -40,6 +40,9 @@ from .wrapping import Captured, StepWrapper, student_output
 
 __all__ = ["FilterPruning"]
 
+LATENCY_STEP = 4  # target_speedup's counts move in LCE's x86 output blocks at least
+LATENCY_FLOOR = 0.25  # target_speedup: the share of a group's channels it keeps at least (as msf's layer_floor)
+
 
 def _ungated_clone(net: nn.Module) -> nn.Module:
     """A copy of ``net`` without gates, to export whole for the float layers' time."""
@@ -310,12 +313,17 @@ class FilterPruning(Callback):
                        fixed: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
         """Filters to close in ``names`` so that the LCE estimate meets ``target_speedup`` with the
         other groups held at ``fixed`` (``{group: kept}``, default whole), the least ``importance``
-        lost (default: every channel alike), kept counts in ``round_to``'s steps."""
+        lost (default: every channel alike), kept counts in ``round_to``'s steps and multiples of
+        :data:`LATENCY_STEP`, at least ``floors`` (default :data:`LATENCY_FLOOR` of each group:
+        time is cheapest to buy in the wide early maps, which a budget alone would empty)."""
         table = self.latency(pl_module)
         sizes = {n: self.analysis[n].size for n in names}
         steps, _ = engine_steps(sizes, self.round_to, self.min_filters)
-        steps = {n: math.lcm(steps[n], self.analysis[n].num_parts) for n in names}
-        floors = {n: max(self.min_filters, (floors or {}).get(n, 1)) for n in names}
+        # at least LCE's x86 output block: measured, the time steps every 4 output channels, and an
+        # odd input count costs ~10 % more (the export's odd-count correction)
+        steps = {n: math.lcm(steps[n], LATENCY_STEP, self.analysis[n].num_parts) for n in names}
+        floors = {n: max(self.min_filters, (floors or {}).get(n, math.ceil(LATENCY_FLOOR * sizes[n])))
+                  for n in names}
         importance = importance or {n: torch.ones(sizes[n]) for n in names}
         full = network_ms(table, self._sites, {})
         try:
