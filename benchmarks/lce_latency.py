@@ -111,7 +111,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if min(getattr(args, "threads")) < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if any(isinstance(r, int) and r < 1 for r in args.round_to):
-        p.error(f"--round-to must be >= 1 or an engine ({', '.join(ENGINES)}), got {args.round_to}")
+        p.error(f"--round-to must be >= 1, got {args.round_to} (or an engine: {', '.join(ENGINES)})")
     for flag, low in (("rounds", 1), ("calls", 1), ("warmup", 0)):
         if getattr(args, flag) < low:
             p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")

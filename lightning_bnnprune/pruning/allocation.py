@@ -80,7 +80,8 @@ def engine_steps(sizes: Mapping[str, int], round_to: RoundTo, min_filters: int =
         fits = {k: first < n and first >= min_filters for k, n in sizes.items()}
         return {k: first if fits[k] else second for k in sizes}, [k for k in sizes if not fits[k]]
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an int >= 1 or one of {', '.join(map(repr, ENGINES))}; got {round_to!r}")
+        raise ValueError(f"round_to must be an int >= 1, got {round_to!r} (or an engine: "
+                         f"{', '.join(map(repr, ENGINES))})")
     return {k: round_to for k in sizes}, []
 
 
