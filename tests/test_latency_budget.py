@@ -140,6 +140,8 @@ def test_measure_one_tiny_layer(tmp_path):
     table = measure_table(net, sites, x, cache_dir=str(tmp_path), rounds=3, calls=2)
     assert set(table.points[sites[0].geometry]) == {(i, o) for i in (32, 64) for o in (32, 64)}
     assert all(ms > 0 for ms in table.points[sites[0].geometry].values())
-    assert len(os.listdir(tmp_path)) == 1  # the geometry's cache file
+    assert len(os.listdir(tmp_path)) == 2  # the geometry's cache file, the network's float part
+    assert table.float_ms >= 0 and table.meta["network_ms"] > 0
     again = measure_table(net, sites, x, cache_dir=str(tmp_path), rounds=3, calls=2)  # from the cache
-    assert again.points == table.points
+    assert again.points == table.points and again.float_ms == table.float_ms
+    assert "network_ms" not in again.meta  # nothing timed the second time

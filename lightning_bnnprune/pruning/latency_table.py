@@ -208,8 +208,10 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
                   cache_dir: Optional[str] = None, rounds: int = 7, calls: int = 5,
                   network_file: Optional[str] = None) -> LatencyTable:
     """Time ``net``'s binary-conv geometries at their candidate counts in LCE (cached per geometry),
-    and its float layers once: the unpruned ``net`` exported whole (``network_file``, default a
-    temporary file), minus the binary convs' estimate. One round-robin process times everything."""
+    and its float layers: the unpruned ``net`` exported whole (``network_file``, default a
+    temporary file) minus its binary convs at full counts, timed in the *same* round-robin process
+    (so a load that differs from the cached points' does not leak into the float part); the float
+    part is cached per network too, and a second call times nothing."""
     from .export_lce import export_lce
     from .lce_runtime import lce_latency
 
@@ -227,34 +229,53 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
             with open(path) as f:
                 cached = {(i, o): ms for i, o, ms in json.load(f)["points"]}
         points.setdefault(s.geometry, {}).update(cached)
-        missing = [p for p in wanted if p not in points[s.geometry]]
-        if missing:
-            entry = todo.setdefault(s.geometry, (modules[s.name], hw, [], path))
-            entry[2].extend(p for p in missing if p not in entry[2])
+        entry = todo.setdefault(s.geometry, (modules[s.name], hw, [], path))
+        entry[2].extend(p for p in wanted if p not in points[s.geometry] and p not in entry[2])
+    network_key = {"lce": version, "kernels": kernels, "threads": threads, "geometry": "network",
+                   "sites": [[s.geometry, s.in_channels, s.out_channels, s.out_pixels] for s in sites]}
+    float_path = _cache_file(cache_dir, network_key)
+    float_ms = None
+    if os.path.isfile(float_path):
+        with open(float_path) as f:
+            float_ms = json.load(f)["float_ms"]
+    full = sorted({(s.geometry, s.in_channels, s.out_channels) for s in sites})
     with tempfile.TemporaryDirectory() as tmp:
         files: List[Tuple[str, Point]] = []
-        for geometry, (conv, hw, wanted, _) in todo.items():
-            for i, o in wanted:
-                path = os.path.join(tmp, f"{len(files)}.tflite")
-                _conv_file(path, conv, i, o, hw)
-                files.append((geometry, (i, o)))
-        whole = network_file or os.path.join(tmp, "network.tflite")
-        if not os.path.isfile(whole):
-            export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
-        timed = lce_latency([os.path.join(tmp, f"{k}.tflite") for k in range(len(files))] + [whole],
-                            threads=threads, kernels=kernels, rounds=rounds, calls=calls, python=python)
-    for (geometry, point), t in zip(files, timed):
-        points[geometry][point] = t["min_ms"]
-    for geometry, (_, _, _, path) in todo.items():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"geometry": geometry, "lce": version, "kernels": kernels, "threads": threads,
-                       "points": [[i, o, ms] for (i, o), ms in sorted(points[geometry].items())]}, f)
-    table = LatencyTable(points, meta={"lce": version, "kernels": kernels, "threads": threads})
-    binary = network_ms(table, sites, {})
-    table.float_ms = max(0.0, timed[-1]["min_ms"] - binary)
-    table.meta["network_ms"] = timed[-1]["min_ms"]
-    return table
+        timing = [(g, p) for g, (_, _, wanted, _) in todo.items() for p in wanted]
+        if float_ms is None:  # the full counts again, beside the network, in one process
+            timing += [(g, (i, o)) for g, i, o in full if (g, (i, o)) not in timing]
+        for geometry, (i, o) in timing:
+            conv, hw = todo[geometry][0], todo[geometry][1]
+            path = os.path.join(tmp, f"{len(files)}.tflite")
+            _conv_file(path, conv, i, o, hw)
+            files.append((geometry, (i, o)))
+        paths = [os.path.join(tmp, f"{k}.tflite") for k in range(len(files))]
+        if float_ms is None:
+            whole = network_file or os.path.join(tmp, "network.tflite")
+            if not os.path.isfile(whole):
+                export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
+            paths.append(whole)
+        timed = lce_latency(paths, threads=threads, kernels=kernels, rounds=rounds, calls=calls,
+                            python=python) if paths else []
+    now = {(g, p): t["min_ms"] for (g, p), t in zip(files, timed)}
+    for (geometry, point), ms in now.items():
+        points[geometry].setdefault(point, ms)  # a cached point stays what it was
+    for geometry, (_, _, wanted, path) in todo.items():
+        if wanted:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({"geometry": geometry, "lce": version, "kernels": kernels, "threads": threads,
+                           "points": [[i, o, ms] for (i, o), ms in sorted(points[geometry].items())]}, f)
+    meta = {"lce": version, "kernels": kernels, "threads": threads}
+    if float_ms is None:
+        network_ms_now = timed[-1]["min_ms"]
+        binary_now = sum(now[(s.geometry, (s.in_channels, s.out_channels))] for s in sites)
+        float_ms = max(0.0, network_ms_now - binary_now)
+        meta["network_ms"] = network_ms_now
+        os.makedirs(os.path.dirname(float_path), exist_ok=True)
+        with open(float_path, "w") as f:
+            json.dump({**network_key, "float_ms": float_ms, "network_ms": network_ms_now}, f)
+    return LatencyTable(points, float_ms=float_ms, meta=meta)
 
 
 def check_estimate(table: LatencyTable, sites: Sequence[BinaryConvSite], kept: Mapping[str, int], pruned_file: str,
