@@ -198,7 +198,8 @@ def main(argv: List[str] | None = None) -> int:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['batch']} | {r['round_to']} | {r['pfr']:.1%} | {r['wall_u']:.1f} | {r['wall_p']:.1f} | {r['wall']:.2f}x | "
+        f"| {r['batch']} | {r['round_to']} | {r['pfr']:.1%} | {r['wall_u']:.1f} | {r['wall_p']:.1f} | "
+        f"{r['wall']:.2f}x | "
         f"{r['cpu']:.2f}x | {r['cpu_min']:.2f}x | {r['mac_ratio']:.2f}x | "
         f"{max(r['wall'], r['cpu'], r['cpu_min']) / r['mac_ratio']:.2f} |"
         for r in rows

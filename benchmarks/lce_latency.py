@@ -60,7 +60,9 @@ from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, export_lce, find_channel_groups, lce_latency, remove_filters,
 )
 from lightning_bnnprune.pruning import criteria  # noqa: E402
-from lightning_bnnprune.pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS, ENGINES, GLOBAL, allocate, macs_per_channel  # noqa: E402
+from lightning_bnnprune.pruning.allocation import (  # noqa: E402
+    ALLOCATIONS as FIXED_ALLOCATIONS, ENGINES, GLOBAL, allocate, macs_per_channel,
+)
 from lightning_bnnprune.pruning.export_lce import LceExportError  # noqa: E402
 from lightning_bnnprune.pruning.lce_runtime import KERNELS  # noqa: E402
 

@@ -200,7 +200,8 @@ SCHEDULE = "schedule"  # filled from conf/train.yaml's `schedule` node: one budg
 DATA_DIR = "under paths.data_dir, the app's data folder"
 CHOSEN_BY_APP = "the app sets it (num_classes from the datamodule)"
 MSF_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "target_speedup", "unit", "warmup", "selector", "retrain",
-                                   "layers_per_stage", "retrain_lr", "retrain_lr_factor", "distill", "round_to"], SCHEDULE)
+                                   "layers_per_stage", "retrain_lr", "retrain_lr_factor", "distill", "round_to"],
+                                  SCHEDULE)
 GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "target_speedup", "unit", "warmup", "distill", "round_to"],
                                      SCHEDULE)
 SCALED = "the app fits every strategy's schedule into the trainer it builds"

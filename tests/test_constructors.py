@@ -22,8 +22,8 @@ from conftest import UserModule
 
 STRATEGIES = [FilterPruning, MainSubsidiaryPruning, GreedyFilterPruning, ZeroFilterPruning]
 #: The concepts strategies share, in the one order their signatures follow.
-SHARED = ["target_pfr", "target_speedup", "latency_table", "criterion", "allocation", "unit", "warmup", "retrain", "scale_to_fit", "network",
-          "input_size", "exclude", "min_filters", "round_to", "distill", "distill_temperature", "remove_at_end"]
+SHARED = ["target_pfr", "target_speedup", "latency_table", "criterion", "allocation", "unit", "warmup", "retrain",
+          "scale_to_fit", "network", "input_size", "exclude", "min_filters", "round_to", "distill", "distill_temperature", "remove_at_end"]
 
 
 @pytest.mark.parametrize("cls", STRATEGIES, ids=lambda c: c.__name__)

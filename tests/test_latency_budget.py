@@ -104,7 +104,8 @@ def test_exactly_one_target(strategy, kwargs, match):
 
 def test_neither_target():
     # (GreedyFilterPruning() still means 0.1's target_pfr=0.4, with a FutureWarning, until 0.3.0)
-    with pytest.raises(MisconfigurationException, match="exactly one of `target_pfr` and `target_speedup`, got neither"):
+    with pytest.raises(MisconfigurationException,
+                       match="exactly one of `target_pfr` and `target_speedup`, got neither"):
         MainSubsidiaryPruning()
 
 

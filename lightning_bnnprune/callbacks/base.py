@@ -356,7 +356,8 @@ class FilterPruning(Callback):
         allocation every strategy shares (:func:`~lightning_bnnprune.pruning.allocation.allocate`),
         with ``min_filters``, ``round_to`` and grouped convs' cells; ``"macs"`` is measured at this
         fit's input size, ``"global"`` ranks ``scores``. With ``target_speedup`` the counts are
-        the latency budget's instead (:meth:`latency_counts`, ``scores`` as the importance). The PFR's denominator is ``total_filters``
+        the latency budget's instead (:meth:`latency_counts`, ``scores`` as the importance). The
+        PFR's denominator is ``total_filters``
         (default: the filters of ``names``).
 
         Raises:

@@ -230,7 +230,8 @@ class GreedyFilterPruning(FilterPruning):
         rank_zero_info(
             f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, "
             f"{self.allocation if self.target_speedup is None else f'target_speedup={self.target_speedup}'}: close "
-            f"{self.num_to_close or 'the latency budget of'}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
+            f"{self.num_to_close or 'the latency budget of'}/{self.analysis.num_filters} filters in "
+            f"{len(self.stages)} stage(s) "
             f"at {self.unit} {[self.due(i) for i in range(len(self.stages))]}"
         )
 
