@@ -138,11 +138,25 @@ def test_measure_one_tiny_layer(tmp_path):
     x = torch.randn(1, 3, 8, 8)
     sites = binary_conv_sites(net, find_channel_groups(net, x), x)
     assert len(sites) == 1 and sites[0].out_group is not None  # the stem is float: C_in stays
-    table = measure_table(net, sites, x, cache_dir=str(tmp_path), rounds=3, calls=2)
-    assert set(table.points[sites[0].geometry]) == {(i, o) for i in (32, 64) for o in (32, 64)}
+    table = measure_table(net, sites, x, cache_dir=str(tmp_path), rounds=3, calls=2,
+                          analysis=find_channel_groups(net, x))
+    # the candidates, and the half network's counts (its float part's second point)
+    assert set(table.points[sites[0].geometry]) >= {(i, o) for i in (32, 64) for o in (32, 64)}
+    assert table.float_half is not None and 0 < table.float_half[0] < 1
     assert all(ms > 0 for ms in table.points[sites[0].geometry].values())
     assert len(os.listdir(tmp_path)) == 2  # the geometry's cache file, the network's float part
     assert table.float_ms >= 0 and table.meta["network_ms"] > 0
     again = measure_table(net, sites, x, cache_dir=str(tmp_path), rounds=3, calls=2)  # from the cache
     assert again.points == table.points and again.float_ms == table.float_ms
     assert "network_ms" not in again.meta  # nothing timed the second time
+
+
+def test_float_part_through_two_points_clamped():
+    table = LatencyTable({}, float_ms=4.0, float_half=(0.5, 3.0))
+    assert table.float_part(1.0) == 4.0 and table.float_part(0.5) == pytest.approx(3.0)
+    assert table.float_part(0.25) == pytest.approx(2.5)  # on the line
+    steep = LatencyTable({}, float_ms=4.0, float_half=(0.9, 1.0))  # faster than proportional: noise
+    assert steep.float_part(0.5) == pytest.approx(2.0)  # clamped to proportional
+    rising = LatencyTable({}, float_ms=4.0, float_half=(0.5, 5.0))
+    assert rising.float_part(0.5) == 4.0  # clamped to fixed
+    assert LatencyTable.from_dict(table.to_dict()).float_half == (0.5, 3.0)

@@ -304,7 +304,7 @@ class FilterPruning(Callback):
                     self._latency = LatencyTable.from_dict(json.load(f))
             else:
                 self._latency = measure_table(_ungated_clone(net), self._sites,
-                                              self._example_inputs(pl_module, net))
+                                              self._example_inputs(pl_module, net), analysis=self.analysis)
                 rank_zero_info(f"[{type(self).__name__}] LCE latency table measured: {self._latency.meta}")
         return self._latency
 

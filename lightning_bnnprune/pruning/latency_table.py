@@ -17,11 +17,13 @@ the output channels in steps of 4.
 
 The network estimate (:func:`network_ms`) is the sum over the binary convs at the kept counts plus
 the float layers: their time (``float_ms``: the stem, the classifier, and the batch norms, adds,
-activations and bit-packing between the binary convs) is *measured* once, as the unpruned file's
-time minus the binary convs' estimate, and *modelled* under pruning as proportional to the binary
-convs' output elements (``C_out x pixels``, summed): most of it is elementwise work on those
-outputs (measured on resnet18_cifar: 2.8 of 9.0 ms, too much to hold fixed). :func:`check_estimate`
-compares the estimate with an exported file's measured time.
+activations and bit-packing between the binary convs) is *measured* as the unpruned file's time
+minus its binary convs timed alone in the same process, and again on the network with every group
+cut to about half; between those two points it is a line in the binary convs' output elements
+kept (``C_out x pixels``), its slope clamped between "fixed" and "proportional" (most of it is
+elementwise work on those outputs; on resnet18_cifar it measured 0.2 to 6 ms of 6 to 12 ms on the
+shared machine: the load's noise, which the clamp keeps out of the estimate). Without the groups,
+proportional. :func:`check_estimate` compares the estimate with an exported file's measured time.
 
 Tables are measured once (:func:`measure_table`, a few seconds) and cached as JSON under
 ``~/.cache/lightning_bnnprune/lce_latency/`` (``$BNNPRUNE_CACHE_DIR`` or ``cache_dir=``), keyed by
@@ -63,9 +65,12 @@ class LatencyTable:
     float layers' ``float_ms``; :meth:`conv_ms` gives any count through the fitted cost model."""
 
     def __init__(self, points: Mapping[str, Mapping[Point, float]], float_ms: float = 0.0,
-                 meta: Optional[Dict[str, Any]] = None) -> None:
+                 meta: Optional[Dict[str, Any]] = None,
+                 float_half: Optional[Tuple[float, float]] = None) -> None:
         self.points = {g: {(int(i), int(o)): float(ms) for (i, o), ms in p.items()} for g, p in points.items()}
         self.float_ms = float(float_ms)
+        # a second measured point of the float part: (output elements kept / all, ms), else None
+        self.float_half = None if float_half is None else (float(float_half[0]), float(float_half[1]))
         self.meta = dict(meta or {})
         self._fits: Dict[str, np.ndarray] = {}
 
@@ -86,6 +91,18 @@ class LatencyTable:
             self._fits[geometry] = coef
         return self._fits[geometry]
 
+    def float_part(self, kept_share: float) -> float:
+        """The float layers' time when the binary convs keep ``kept_share`` of their output
+        elements: on the line through the two measured points (the whole network, a pruned one),
+        its slope clamped between fixed and proportional (what elementwise work on the outputs
+        plus a fixed part can do; a steeper or rising line is the load's noise); with one point,
+        proportional to the share."""
+        if self.float_half is None or not 0 < self.float_half[0] < 1:
+            return self.float_ms * kept_share
+        r, ms = self.float_half
+        slope = min(self.float_ms, max(0.0, (self.float_ms - ms) / (1.0 - r)))
+        return max(0.0, self.float_ms + slope * (kept_share - 1.0))
+
     def conv_ms(self, geometry: str, cin: int, cout: int) -> float:
         """One binary conv of ``geometry`` at ``cin`` inputs and ``cout`` outputs: the measured time
         when the table has the point, else the fitted model's."""
@@ -95,13 +112,13 @@ class LatencyTable:
         return float(max(0.0, np.dot(self._fit(geometry), _features(cin, cout))))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"float_ms": self.float_ms, "meta": self.meta,
+        return {"float_ms": self.float_ms, "float_half": self.float_half, "meta": self.meta,
                 "points": {g: [[i, o, ms] for (i, o), ms in sorted(p.items())] for g, p in self.points.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
         return cls({g: {(i, o): ms for i, o, ms in p} for g, p in data["points"].items()}, data.get("float_ms", 0.0),
-                   data.get("meta"))
+                   data.get("meta"), data.get("float_half"))
 
 
 @dataclass(frozen=True)
@@ -159,10 +176,14 @@ def network_ms(table: LatencyTable, sites: Sequence[BinaryConvSite], kept: Mappi
     """The network's estimated time at ``kept`` (``{group: kept channels}``; groups not named are
     whole): its binary convs from the table plus ``float_ms`` scaled by the binary convs' output
     elements kept (see the module docstring)."""
+    return table.float_part(output_share(sites, kept)) + sum(table.conv_ms(s.geometry, *s.counts(kept))
+                                                             for s in sites)
+
+
+def output_share(sites: Sequence[BinaryConvSite], kept: Mapping[str, int]) -> float:
+    """The binary convs' output elements (``C_out x pixels``) kept, as a share of all."""
     whole = sum(s.out_channels * s.out_pixels for s in sites)
-    now = sum(s.counts(kept)[1] * s.out_pixels for s in sites)
-    return table.float_ms * (now / whole if whole else 1.0) + sum(table.conv_ms(s.geometry, *s.counts(kept))
-                                                                  for s in sites)
+    return sum(s.counts(kept)[1] * s.out_pixels for s in sites) / whole if whole else 1.0
 
 
 # ------------------------------------------------------------------ measurement
@@ -171,6 +192,11 @@ def _candidates(n: int) -> List[int]:
     low = min(n, WORD)
     mid = max(low, WORD * round(n / 2 / WORD))
     return sorted({low, mid, n})
+
+
+def _half(n: int) -> int:
+    """About half of ``n`` channels: whole words from 64 on, else multiples of 4."""
+    return WORD * max(1, round(n / 2 / WORD)) if n >= 2 * WORD else max(1, 4 * round(n / 8))
 
 
 def _cache_file(cache_dir: Optional[str], key: Dict[str, Any]) -> str:
@@ -206,12 +232,14 @@ def _conv_file(path: str, geometry_of: nn.Conv2d, cin: int, cout: int, hw: Seque
 def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_inputs: torch.Tensor, *,
                   threads: int = 1, kernels: str = "indirect_bgemm", python: Optional[str] = None,
                   cache_dir: Optional[str] = None, rounds: int = 7, calls: int = 5,
-                  network_file: Optional[str] = None) -> LatencyTable:
+                  network_file: Optional[str] = None, analysis: Optional[GroupAnalysis] = None) -> LatencyTable:
     """Time ``net``'s binary-conv geometries at their candidate counts in LCE (cached per geometry),
     and its float layers: the unpruned ``net`` exported whole (``network_file``, default a
     temporary file) minus its binary convs at full counts, timed in the *same* round-robin process
     (so a load that differs from the cached points' does not leak into the float part); the float
-    part is cached per network too, and a second call times nothing."""
+    part is cached per network too, and a second call times nothing. With ``analysis`` (``net``'s
+    channel groups) a second network is timed too, every group cut to its middle candidate count,
+    for a second point of the float part (:meth:`LatencyTable.float_part`)."""
     from .export_lce import export_lce
     from .lce_runtime import lce_latency
 
@@ -234,16 +262,21 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
     network_key = {"lce": version, "kernels": kernels, "threads": threads, "geometry": "network",
                    "sites": [[s.geometry, s.in_channels, s.out_channels, s.out_pixels] for s in sites]}
     float_path = _cache_file(cache_dir, network_key)
-    float_ms = None
+    float_ms, float_half = None, None
     if os.path.isfile(float_path):
         with open(float_path) as f:
-            float_ms = json.load(f)["float_ms"]
+            saved = json.load(f)
+        float_ms, float_half = saved["float_ms"], saved.get("float_half")
+    half = {g.name: _half(g.size) for g in analysis.groups} if analysis is not None else None
     full = sorted({(s.geometry, s.in_channels, s.out_channels) for s in sites})
     with tempfile.TemporaryDirectory() as tmp:
         files: List[Tuple[str, Point]] = []
         timing = [(g, p) for g, (_, _, wanted, _) in todo.items() for p in wanted]
         if float_ms is None:  # the full counts again, beside the network, in one process
             timing += [(g, (i, o)) for g, i, o in full if (g, (i, o)) not in timing]
+            if half is not None:
+                timing += [(g, p) for g, p in sorted({(s.geometry, s.counts(half)) for s in sites})
+                           if (g, p) not in timing]
         for geometry, (i, o) in timing:
             conv, hw = todo[geometry][0], todo[geometry][1]
             path = os.path.join(tmp, f"{len(files)}.tflite")
@@ -255,6 +288,8 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
             if not os.path.isfile(whole):
                 export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
             paths.append(whole)
+            if half is not None:
+                paths.append(_half_network(net, analysis, half, example_inputs, os.path.join(tmp, "half.tflite")))
         timed = lce_latency(paths, threads=threads, kernels=kernels, rounds=rounds, calls=calls,
                             python=python) if paths else []
     now = {(g, p): t["min_ms"] for (g, p), t in zip(files, timed)}
@@ -268,14 +303,35 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
                            "points": [[i, o, ms] for (i, o), ms in sorted(points[geometry].items())]}, f)
     meta = {"lce": version, "kernels": kernels, "threads": threads}
     if float_ms is None:
-        network_ms_now = timed[-1]["min_ms"]
+        network_ms_now = timed[len(files)]["min_ms"]
         binary_now = sum(now[(s.geometry, (s.in_channels, s.out_channels))] for s in sites)
         float_ms = max(0.0, network_ms_now - binary_now)
         meta["network_ms"] = network_ms_now
+        if half is not None:
+            half_ms = timed[len(files) + 1]["min_ms"]
+            float_half = (output_share(sites, half),
+                          max(0.0, half_ms - sum(now[(s.geometry, s.counts(half))] for s in sites)))
+            meta["half_network_ms"] = half_ms
         os.makedirs(os.path.dirname(float_path), exist_ok=True)
         with open(float_path, "w") as f:
-            json.dump({**network_key, "float_ms": float_ms, "network_ms": network_ms_now}, f)
-    return LatencyTable(points, float_ms=float_ms, meta=meta)
+            json.dump({**network_key, "float_ms": float_ms, "float_half": float_half,
+                       "network_ms": network_ms_now}, f)
+    return LatencyTable(points, float_ms=float_ms, meta=meta, float_half=float_half)
+
+
+def _half_network(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
+                  path: str) -> str:
+    """``net`` with every group cut to ``kept`` (its first channels), exported to ``path``."""
+    import copy
+
+    from .export_lce import export_lce
+    from .surgery import remove_filters
+
+    cut = copy.deepcopy(net).eval()
+    masks = {g.name: torch.arange(g.size) < kept[g.name] for g in analysis.groups}
+    remove_filters(cut, analysis, masks=masks, example_inputs=example_inputs)
+    export_lce(cut, path, input_size=tuple(example_inputs.shape[1:]))
+    return path
 
 
 def check_estimate(table: LatencyTable, sites: Sequence[BinaryConvSite], kept: Mapping[str, int], pruned_file: str,
