@@ -57,13 +57,14 @@ def test_engine_steps():
     kept = {k: sizes[k] - c for k, c in counts.items()}
     assert kept["wide"] % 32 == 0 and kept["narrow"] % 8 == 0 and kept["word"] % 8 == 0
     assert kept == {"narrow": 8, "word": 16, "wide": 32, "odd": 32}
-    with pytest.raises(ValueError, match="one of 'lce', 'onednn'"):
+    with pytest.raises(ValueError, match="round_to must be an int >= 1 or one of 'lce', 'onednn'; got 'tensorrt'"):
         engine_steps(sizes, "tensorrt")
 
 
 @pytest.mark.parametrize("strategy", [GreedyFilterPruning, MainSubsidiaryPruning])
 def test_unknown_engine_refused(strategy):
-    with pytest.raises(MisconfigurationException, match=r"`round_to` must be an int >= 1 or one of 'lce', 'onednn'"):
+    with pytest.raises(MisconfigurationException,
+                       match=r"`round_to` must be an int >= 1, got 'tflite' \(or an engine: 'lce', 'onednn'\)"):
         strategy(0.4, round_to="tflite")
     assert set(ENGINES) == {"lce", "onednn"}
 

@@ -170,7 +170,7 @@ class FilterPruning(Callback):
         check(is_number(distill_temperature) and distill_temperature > 0,
               f"`distill_temperature` must be a number > 0, got {distill_temperature!r}")
         check(is_int(round_to, 1) or (isinstance(round_to, str) and round_to in ENGINES),
-              f"`round_to` must be an int >= 1 or one of {', '.join(map(repr, ENGINES))}, got {round_to!r}")
+              f"`round_to` must be an int >= 1, got {round_to!r} (or an engine: {', '.join(map(repr, ENGINES))})")
         check(target_pfr is None or target_speedup is None,
               f"give exactly one of `target_pfr` and `target_speedup`, got target_pfr={target_pfr!r} and "
               f"target_speedup={target_speedup!r}")
