@@ -308,9 +308,8 @@ def allocate_latency(
         lost[k] = torch.cat([torch.zeros(1), torch.sort(s).values.cumsum(0)]).tolist()
 
     def allowed(k: str) -> List[int]:  # kept counts below the current one, nearest first
-        n, q = sizes[k], steps[k]
-        below = [m for m in range(q * ((kept[k] - 1) // q), 0, -q) if m >= floors[k]]
-        return below
+        q = steps[k]
+        return [m for m in range(q * ((kept[k] - 1) // q), 0, -q) if m >= floors[k]]
 
     now = latency(kept)
     while now > budget_ms:
