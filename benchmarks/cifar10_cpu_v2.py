@@ -28,6 +28,18 @@ Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
 
 On 2 cores, two processes of one thread each fill the grid faster than one of two threads (1.34x,
 measured: ``benchmarks/README.md``): start the same command twice with ``--threads 1``.
+
+*At an equal LCE speedup* (issue 20): ``--target-speedups`` adds cells that prune to a speedup in
+Larq Compute Engine instead of a PFR (``target_speedup``, a latency table measured on the machine
+that runs the cell, cached in ``~/.cache/lightning_bnnprune``), for the strategies that take one:
+``msf`` with learned counts (``msf:final_learned_l1init``, ``msf:final_learned``...) and the greedy
+rules with uniform shares (``greedy_l1``, ``greedy_l1:distill``). Each such cell exports the pruned
+network and the unpruned binary one to ``.tflite`` and times them round-robin in LCE (needs
+``BNNPRUNE_LCE_PYTHON`` under numpy 2): the summary compares msf with greedy at each target,
+with the measured speedups beside. E.g. (on a quiet machine)::
+
+    BNNPRUNE_LCE_PYTHON=.venv-lce/bin/python python benchmarks/cifar10_cpu_v2.py --data-dir ../shared/data/cifar10 \\
+        --strategies msf:final_learned_l1init greedy_l1 --pfrs 0.4 --target-speedups 1.2 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -111,6 +123,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"baseline, {', '.join(GREEDY)} (optionally :<variant>, variant in "
                         f"{', '.join(GREEDY_VARIANTS)}), msf:<config> with config in {', '.join(MSF_CONFIGS)}")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.4, 0.25])
+    p.add_argument("--target-speedups", type=float, nargs="+", default=[],
+                   help="also cells at these LCE speedups (target_speedup), for msf with learned counts and the "
+                        "greedy rules with uniform shares")
+    p.add_argument("--latency-table", default=None,
+                   help="target_speedup cells: a LatencyTable JSON instead of measuring one (tests)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=700, help="R: steps every cell trains (about 2 epochs)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -133,6 +150,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     f"or msf:<{'|'.join(MSF_CONFIGS)}>")
     if any(not 0.0 < x < 1.0 for x in args.pfrs):
         p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
+    if any(t <= 1 for t in args.target_speedups):
+        p.error(f"--target-speedups must be > 1, got {args.target_speedups}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not os.path.isfile(args.warm_start):
@@ -148,7 +167,34 @@ def cells(args: argparse.Namespace) -> List[Dict[str, Any]]:
             for pfr in [None] if strategy == "baseline" else args.pfrs:
                 tag = strategy.replace(":", "-") + ("" if pfr is None else f"_pfr{round(100 * pfr):02d}")
                 out.append({"strategy": strategy, "target_pfr": pfr, "seed": seed, "key": f"{tag}_seed{seed}"})
+            for speedup in args.target_speedups if takes_speedup(strategy) else []:
+                tag = strategy.replace(":", "-") + f"_speedup{speedup:g}x"
+                out.append({"strategy": strategy, "target_pfr": None, "target_speedup": speedup, "seed": seed,
+                            "key": f"{tag}_seed{seed}"})
     return out
+
+
+def takes_speedup(strategy: str) -> bool:
+    """msf with learned counts and the greedy rules with uniform shares take ``target_speedup``."""
+    name, _, config = strategy.partition(":")
+    if name == "msf":
+        return MSF_CONFIGS[config].get("allocation") == "learned"
+    return is_greedy(strategy) and "allocation" not in GREEDY_VARIANTS[config or "uniform"]
+
+
+def lce_speedup(net: torch.nn.Module, unpruned: torch.nn.Module, folder: str) -> Dict[str, Any]:
+    """The pruned network's measured LCE speedup against the unpruned binary one, timed round-robin."""
+    from lightning_bnnprune import export_lce, lce_latency
+
+    try:
+        paths = [os.path.join(folder, "pruned.tflite"), os.path.join(folder, "unpruned.tflite")]
+        for model, path in zip((net, unpruned), paths):
+            export_lce(model.eval(), path, input_size=(3, 32, 32))
+        pruned, whole = lce_latency(paths)
+        return {"lce_ms": pruned["min_ms"], "lce_unpruned_ms": whole["min_ms"],
+                "lce_speedup": whole["min_ms"] / pruned["min_ms"], "lce_load": list(os.getloadavg())}
+    except (ImportError, RuntimeError, ValueError) as err:
+        return {"lce_error": str(err).splitlines()[0]}
 
 
 class ReseedAtTrainStart(Callback):
@@ -175,7 +221,8 @@ def load_start(args: argparse.Namespace) -> tuple:
 PAPER_ARGS: Dict[str, Any] = {"allocation": "uniform", "gate_init_criterion": None}
 
 
-def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: float, groups: int) -> MainSubsidiaryPruning:
+def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: Optional[float], groups: int,
+                 speedup: Optional[float] = None) -> MainSubsidiaryPruning:
     config = {**PAPER_ARGS, **config}
     share = config.pop("final_share", 0.0)
     per_stage = config.pop("layers_per_stage", 1) or groups
@@ -189,13 +236,18 @@ def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: float, g
     if share:
         final = args.steps - stages * slot  # the remainder goes to the final retrain
     config.setdefault("distill", args.distill)
-    return MainSubsidiaryPruning(target_pfr=pfr, selector=selector, retrain=retrain, warmup=0, unit="steps",
+    target = {"target_pfr": pfr} if speedup is None else {"target_speedup": speedup,
+                                                          "latency_table": args.latency_table}
+    return MainSubsidiaryPruning(**target, selector=selector, retrain=retrain, warmup=0, unit="steps",
                                  layers_per_stage=per_stage, retrain_lr_factor=1.0, final_retrain=final, **config)
 
 
 def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, start: tuple) -> Dict[str, Any]:
     state, binarize_cfg, model, _ = start
     strategy, pfr, seed = cell["strategy"], cell["target_pfr"], cell["seed"]
+    speedup = cell.get("target_speedup")
+    target = {"target_pfr": pfr} if speedup is None else {"target_speedup": speedup,
+                                                          "latency_table": args.latency_table}
     run_dir = os.path.join(args.work_dir, cell["key"])
     lightning.seed_everything(seed, verbose=False)
     module = ImageClassifier(model, num_classes=10, optimizer="adam", lr=args.lr, scheduler="cosine")
@@ -206,14 +258,19 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     elif is_greedy(strategy):
         rule, _, variant = strategy.partition(":")
         options = {"distill": args.distill, **GREEDY_VARIANTS[variant or "uniform"]}
-        pruner = GreedyFilterPruning(criterion=GREEDY[rule], target_pfr=pfr, mode="oneshot", warmup=0, seed=seed,
+        pruner = GreedyFilterPruning(**target, criterion=GREEDY[rule], mode="oneshot", warmup=0, seed=seed,
                                      **options)
     else:
         probe = copy.deepcopy(module.net)
         binarize_model(probe, **{k: v for k, v in binarize_cfg.items() if k in ("input_quantizer", "kernel_quantizer",
                                                                                 "keep_fp")})
         groups = len(find_channel_groups(probe, example_batch(probe)).groups)
-        pruner = msf_callback(args, MSF_CONFIGS[strategy.split(":", 1)[1]], pfr, groups)
+        pruner = msf_callback(args, MSF_CONFIGS[strategy.split(":", 1)[1]], pfr, groups, speedup)
+    unpruned = None
+    if speedup is not None:  # the start network, binarised as the cell binarises it, for the LCE timing
+        unpruned = copy.deepcopy(module.net)
+        binarize_model(unpruned, **{k: v for k, v in binarize_cfg.items()
+                                    if k in ("input_quantizer", "kernel_quantizer", "keep_fp")})
     callbacks = [binarize] + ([pruner] if pruner else []) + [ReseedAtTrainStart(seed)]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, callbacks=callbacks,
                          logger=CSVLogger(run_dir, name="", version=""), log_every_n_steps=25,
@@ -231,6 +288,9 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     if pruner is not None:
         result.update(pfr=pruner.pfr(), kept_filters=pruner.kept_filters(),
                       mac_ratio=pruner.summary.get("mac_ratio"), compression=pruner.summary.get("compression"))
+    if unpruned is not None:
+        result.update(estimated_lce_speedup=pruner.summary.get("estimated_lce_speedup"),
+                      **lce_speedup(module.net, unpruned, run_dir))
     return result
 
 
@@ -260,8 +320,11 @@ def summary_command(args: argparse.Namespace) -> str:
 def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Dict[str, Any],
               sitting_s: float) -> Dict[str, Any]:
     cells_of: Dict[tuple, List[Dict[str, Any]]] = {}
+    at_speedup: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in done:
-        if r.get("status") == "ok":
+        if r.get("status") == "ok" and r.get("target_speedup") is not None:
+            at_speedup.setdefault((r["strategy"], r["target_speedup"]), []).append(r)
+        elif r.get("status") == "ok":
             cells_of.setdefault((r["strategy"], r["target_pfr"]), []).append(r)
     by = {key: [r["test_acc"] for r in rs] for key, rs in cells_of.items()}
 
@@ -302,12 +365,26 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
             diff, se = diff_se(r["values"], g["values"])
             equal_macs.append({"msf": key, "greedy": f"{g['strategy']}@{g['target_pfr']}", "diff": diff, "se": se,
                                "mac_ratio": [r["mac_ratio"], g["mac_ratio"]], "n": [r["n"], g["n"]]})
+    equal_speedup = []
+    for t in sorted({t for (_, t) in at_speedup}):
+        here = {s: rs for (s, tt), rs in at_speedup.items() if tt == t}
+        for s, rs in sorted(here.items()):
+            accs = [r["test_acc"] for r in rs]
+            measured = [r["lce_speedup"] for r in rs if r.get("lce_speedup") is not None]
+            estimated = [r["estimated_lce_speedup"] for r in rs if r.get("estimated_lce_speedup") is not None]
+            mean, std, n = mean_std(accs)
+            equal_speedup.append({"target_speedup": t, "strategy": s, "mean": mean, "std": std, "n": n,
+                                  "values": accs, "pfr": statistics.fmean(r["pfr"] for r in rs),
+                                  "mac_ratio": statistics.fmean(r["mac_ratio"] for r in rs),
+                                  "estimated": statistics.fmean(estimated) if estimated else None,
+                                  "measured": statistics.fmean(measured) if measured else None})
     commands = sorted({(r.get("command", "?"), r.get("commit", "?")) for r in done})
     return {"command": summary_command(args), "cell_commands": [{"command": c, "commit": k} for c, k in commands],
             "warm_start": {"path": os.path.relpath(args.warm_start, ROOT), "test_acc": manifest.get("test_acc"),
                            "sha256": manifest.get("weights_sha256")},
             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "distill": args.distill,
             "msf_configs": MSF_CONFIGS, "rows": rows, "comparisons": comparisons, "equal_macs": equal_macs,
+            "equal_speedup": equal_speedup,
             "cells_done": len(done), "cells_wall_s": sum(r.get("wall_s", 0.0) for r in done),
             "sitting_wall_s": sitting_s, "load_average": [round(x, 2) for x in os.getloadavg()],
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -364,6 +441,16 @@ def markdown(summary: Dict[str, Any]) -> str:
             lines.append(f"| {c['msf']} | {times(c['mac_ratio'][0], '.2f')} | {c['greedy']} | "
                          f"{times(c['mac_ratio'][1], '.2f')} | {num(c['diff'])} | {num(c['se'])} | "
                          f"{c['n'][0]} / {c['n'][1]} |")
+    if summary.get("equal_speedup"):
+        lines += ["", "At an equal LCE speedup (`target_speedup`, a latency table measured on the machine that ran "
+                  "the cell; *measured*: the pruned file against the unpruned binary one, round-robin in LCE, "
+                  "mean over seeds). The best at each target wins by its mean over seeds.", "",
+                  "| target speedup | strategy | test top-1 (%) mean | std | seeds | PFR reached | MAC ratio | "
+                  "estimated | measured |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in summary["equal_speedup"]:
+            lines.append(f"| {c['target_speedup']:g}x | {c['strategy']} | {num(c['mean'])} | {num(c['std'])} | "
+                         f"{c['n']} | {num(c['pfr'], '.3f')} | {times(c['mac_ratio'], '.2f')} | "
+                         f"{times(c['estimated'], '.2f')} | {times(c['measured'], '.2f')} |")
     lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments on top of the paper's: layer by layer, "
               "gates from open, uniform shares, no final retrain; "
               "`final_share`: share of R in the final retrain, `layers_per_stage` 0: all groups in one stage):", ""]

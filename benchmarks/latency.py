@@ -7,6 +7,14 @@ times both models alternately (so load changes on the machine hit both alike) un
 per batch size. The measured speedup is printed beside the MAC ratio the compression report
 predicts.
 
+``--round-to`` keeps, per group, a multiple of that many channels (or all) around the ``--pfr``
+share (:func:`~lightning_bnnprune.pruning.allocation.round_counts`); an engine's name keeps its
+blocks, ``onednn``: 16 (AVX-512's nChw16c), else 8. Several values are timed side by side, every
+pruned model round-robin with the unpruned one (issue 20, item 7)::
+
+    python benchmarks/latency.py --threads 1 --round-to 1 8 onednn --batch-sizes 1 64 --no-profile \\
+        --out benchmarks/results/latency_onednn.md
+
 Example::
 
     python benchmarks/latency.py --model resnet18_cifar --pfr 0.4 --batch-sizes 1 64 \\
@@ -32,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _r
 from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, find_channel_groups, remove_filters,
 )
+from lightning_bnnprune.pruning.allocation import ENGINES, round_counts  # noqa: E402
 from _report import git_commit, write_markdown  # noqa: E402
 
 
@@ -42,7 +51,16 @@ def _time(model: torch.nn.Module, x: torch.Tensor) -> Tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def build(name: str, pfr: float, size: int, seed: int):
+def _round_to(text: str):
+    if text in ENGINES:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor one of {', '.join(ENGINES)}") from None
+
+
+def build(name: str, pfr: float, size: int, seed: int, round_to=1):
     torch.manual_seed(seed)
     net = timm.create_model(name, num_classes=10)
     binarize_model(net)
@@ -51,10 +69,12 @@ def build(name: str, pfr: float, size: int, seed: int):
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     analysis = find_channel_groups(net, x[:1])
     g = torch.Generator().manual_seed(seed)
+    sizes = {group.name: group.size for group in analysis.groups}
+    counts = round_counts(sizes, {k: round(pfr * n) for k, n in sizes.items()}, round_to)
     masks = {}
     for group in analysis.groups:
         keep = torch.ones(group.size, dtype=torch.bool)
-        keep[torch.randperm(group.size, generator=g)[: round(pfr * group.size)]] = False
+        keep[torch.randperm(group.size, generator=g)[: counts[group.name]]] = False
         masks[group.name] = keep
     record = remove_filters(net, analysis, masks=masks, example_inputs=x)
     return baseline, net, record
@@ -112,6 +132,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round-to", type=_round_to, nargs="+", default=[1],
+                        help=f"per group, keep a multiple of this (an int, or an engine: {', '.join(ENGINES)}); "
+                             "several: timed side by side")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
     parser.add_argument("--out", default=None, help="markdown file for the results")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
@@ -121,19 +144,25 @@ def main(argv: List[str] | None = None) -> int:
 
     started = time.perf_counter()
     load = os.getloadavg()
-    baseline, pruned, record = build(args.model, args.pfr, args.size, args.seed)
+    built = {r: build(args.model, args.pfr, args.size, args.seed, r) for r in args.round_to}
+    baseline, pruned, record = built[args.round_to[0]]
     report = compression_report(pruned, record)
     mac_ratio = report.summary["mac_ratio"]
+    variants = {r: (p, compression_report(p, rec).summary) for r, (_, p, rec) in built.items()}
     rows = []
     for batch in args.batch_sizes:
-        t = measure({"unpruned": baseline, "pruned": pruned}, batch, args.size, args.warmup, args.repeats)
-        u, p = t["unpruned"], t["pruned"]
-        row = dict(batch=batch, wall_u=u["wall"] * 1e3, wall_p=p["wall"] * 1e3, wall=u["wall"] / p["wall"],
-                   cpu=u["cpu"] / p["cpu"], cpu_min=u["cpu_min"] / p["cpu_min"])
-        rows.append(row)
-        print(f"batch {batch:>3}: wall {row['wall_u']:8.2f} -> {row['wall_p']:8.2f} ms ({row['wall']:.2f}x) | "
-              f"CPU-time speedup median {row['cpu']:.2f}x, min {row['cpu_min']:.2f}x | MAC ratio {mac_ratio:.2f}x",
-              flush=True)
+        models = {"unpruned": baseline, **{f"r{r}": p for r, (p, _) in variants.items()}}
+        t = measure(models, batch, args.size, args.warmup, args.repeats)
+        u = t["unpruned"]
+        for r, (_, summary) in variants.items():
+            p = t[f"r{r}"]
+            row = dict(batch=batch, round_to=r, pfr=summary["pfr"], mac_ratio=summary["mac_ratio"],
+                       wall_u=u["wall"] * 1e3, wall_p=p["wall"] * 1e3, wall=u["wall"] / p["wall"],
+                       cpu=u["cpu"] / p["cpu"], cpu_min=u["cpu_min"] / p["cpu_min"])
+            rows.append(row)
+            print(f"batch {batch:>3}, round_to={r}: wall {row['wall_u']:8.2f} -> {row['wall_p']:8.2f} ms "
+                  f"({row['wall']:.2f}x) | CPU-time speedup median {row['cpu']:.2f}x, min {row['cpu_min']:.2f}x | "
+                  f"MAC ratio {row['mac_ratio']:.2f}x", flush=True)
     breakdown = None
     if not args.no_profile:
         breakdown = op_breakdown({"unpruned": baseline, "pruned": pruned}, max(args.batch_sizes), args.size)
@@ -154,7 +183,7 @@ def main(argv: List[str] | None = None) -> int:
            "speedups vary from run to run; compare the two models only within this run"]
           if load[0] > (os.cpu_count() or 1) else []),
         f"- timing: torch.inference_mode, {args.warmup} warm-up calls, median of {args.repeats}, "
-        "the two models alternating",
+        "the models alternating (round-robin)",
         f"- wall time of the benchmark: {wall:.1f} s",
         f"- exactness of the removal: max |logit diff| {record.max_abs_diff:.2g}",
         f"- {report.headline()}",
@@ -164,13 +193,15 @@ def main(argv: List[str] | None = None) -> int:
         "which other processes on a shared machine inflate less; its minimum over the repeats is the",
         "least disturbed estimate (timeit's advice). Speedup = unpruned / pruned.",
         "",
-        "| batch | wall unpruned (ms) | wall pruned (ms) | wall speedup | CPU speedup (median) "
+        "| batch | round_to | PFR | wall unpruned (ms) | wall pruned (ms) | wall speedup | CPU speedup (median) "
         "| CPU speedup (min) | MAC ratio | best speedup / MAC ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['batch']} | {r['wall_u']:.1f} | {r['wall_p']:.1f} | {r['wall']:.2f}x | {r['cpu']:.2f}x | "
-        f"{r['cpu_min']:.2f}x | {mac_ratio:.2f}x | {max(r['wall'], r['cpu'], r['cpu_min']) / mac_ratio:.2f} |"
+        f"| {r['batch']} | {r['round_to']} | {r['pfr']:.1%} | {r['wall_u']:.1f} | {r['wall_p']:.1f} | "
+        f"{r['wall']:.2f}x | "
+        f"{r['cpu']:.2f}x | {r['cpu_min']:.2f}x | {r['mac_ratio']:.2f}x | "
+        f"{max(r['wall'], r['cpu'], r['cpu_min']) / r['mac_ratio']:.2f} |"
         for r in rows
     ]
     if breakdown is not None:

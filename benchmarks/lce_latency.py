@@ -10,7 +10,13 @@ For each network (``resnet20_cifar``, ``resnet18_cifar``, ``vgg11_cifar`` at 32x
 - one pruned network per ``--strategies`` x ``--pfrs`` x ``--round-to``: the binary network with
   a one-shot greedy rule (``greedy_l1``, ``stq``, ``random``) cutting each group's lowest-scored
   filters, counts allocated by ``:<allocation>`` (``uniform``, ``size``, ``macs``, ``global``),
-  every group keeping a multiple of ``round_to`` filters (or all).
+  every group keeping a multiple of ``round_to`` filters (or all); ``--round-to lce`` (or
+  ``onednn``) keeps the engine's blocks per group (:data:`~lightning_bnnprune.pruning.allocation.ENGINES`),
+  the option ``export=lce`` makes the app's default. The engine-aware check of issue 20 (40 % of
+  resnet18_cifar and vgg11_cifar at >= 0.9 of the MAC ratio, side by side with the defaults)::
+
+      python benchmarks/lce_latency.py --networks resnet18_cifar vgg11_cifar --pfrs 0.4 \
+          --round-to 1 lce --threads 1 --name lce_engine_counts
 
 All files of one network are timed together in one LCE interpreter process, round-robin
 (:func:`lce_latency`: ``--warmup`` calls each, then ``--rounds`` rounds of ``--calls`` calls of
@@ -54,7 +60,9 @@ from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, export_lce, find_channel_groups, lce_latency, remove_filters,
 )
 from lightning_bnnprune.pruning import criteria  # noqa: E402
-from lightning_bnnprune.pruning.allocation import ALLOCATIONS as FIXED_ALLOCATIONS, GLOBAL, allocate, macs_per_channel  # noqa: E402
+from lightning_bnnprune.pruning.allocation import (  # noqa: E402
+    ALLOCATIONS as FIXED_ALLOCATIONS, ENGINES, GLOBAL, allocate, macs_per_channel,
+)
 from lightning_bnnprune.pruning.export_lce import LceExportError  # noqa: E402
 from lightning_bnnprune.pruning.lce_runtime import KERNELS  # noqa: E402
 
@@ -62,6 +70,16 @@ NETWORKS = {"resnet20_cifar": 32, "resnet18_cifar": 32, "vgg11_cifar": 32, "resn
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
 ALLOCATIONS = list(FIXED_ALLOCATIONS) + [GLOBAL]
 TIMING = ("kernels", "rounds", "calls", "warmup", "batch", "seed")  # settings a results file must share
+
+
+def _round_to(text: str):
+    """``--round-to``'s values: an int, or an engine's name."""
+    if text in ENGINES:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor one of {', '.join(ENGINES)}") from None
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -75,7 +93,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--strategies", nargs="+", default=["greedy_l1:uniform"],
                    help=f"<{'|'.join(GREEDY)}>[:<{'|'.join(ALLOCATIONS)}>] (default allocation uniform)")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.25, 0.4, 0.48])
-    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--round-to", type=_round_to, nargs="+", default=[1, 8, 32],
+                   help=f"an int >= 1 or an engine: {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--kernels", default="indirect_bgemm", choices=list(KERNELS), help="LCE's kernel path")
     p.add_argument("--batch", type=int, default=1, choices=[1], help="images per call (export_lce writes batch 1)")
@@ -91,9 +110,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.strategies = [s if ":" in s else f"{s}:uniform" for s in args.strategies]
     if not all(0 < v < 1 for v in args.pfrs):
         p.error(f"--pfrs must lie in (0, 1), got {args.pfrs}")
-    for flag in ("round_to", "threads"):
-        if min(getattr(args, flag)) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if min(getattr(args, "threads")) < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if any(isinstance(r, int) and r < 1 for r in args.round_to):
+        p.error(f"--round-to must be >= 1, got {args.round_to} (or an engine: {', '.join(ENGINES)})")
     for flag, low in (("rounds", 1), ("calls", 1), ("warmup", 0)):
         if getattr(args, flag) < low:
             p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
@@ -109,7 +129,7 @@ def build(name: str, seed: int, binary: bool = True) -> torch.nn.Module:
     return net.eval()
 
 
-def prune(net: torch.nn.Module, strategy: str, pfr: float, round_to: int, size: int, seed: int):
+def prune(net: torch.nn.Module, strategy: str, pfr: float, round_to, size: int, seed: int):
     """``strategy`` = ``<rule>:<allocation>`` one-shot on ``net`` (in place); its record."""
     rule, allocation = strategy.split(":")
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -282,7 +302,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     rows = [r for r in rows_of(results) if "speedup" in r and r["key"] not in ("float", "binary")]
     threads = sorted({r["threads"] for r in rows}) or [1]
     fig, axes = plt.subplots(1, len(threads), figsize=(5.5 * len(threads), 4.5), squeeze=False)
-    markers = {1: "o", 8: "s", 32: "^"}
+    markers = {1: "o", 8: "s", 32: "^", "lce": "*", "onednn": "P"}
     networks = list(results["networks"])
     for ax, t in zip(axes[0], threads):
         top = 1.0

@@ -85,3 +85,44 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
         bench.parse_args(argv + ["--strategies", "msf:nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--strategies", "greedy_l1:learned"])  # variants: uniform|size|macs|global|distill
+
+
+def test_cells_at_an_equal_lce_speedup(tmp_path):
+    """``--target-speedups``: msf's learned counts and greedy L1 at one LCE speedup (an injected
+    latency table: nothing timed for the counts), compared in their own table."""
+    import sys as _sys
+    _sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from test_latency_budget import engine_like_table
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 32), ("test", 16)):
+        np.savez(data / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n, dtype=np.int64) % 10)
+    warm = _load("warm_start")
+    warm.main(["--data-dir", str(data), "--out", str(tmp_path / "warm"), "--assets", str(tmp_path / "assets"),
+               "--epochs", "1", "--batch-size", "16", "--threads", "1"])
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(engine_like_table("resnet20_cifar", float_ms=0.05).to_dict()))
+    bench = _load("cifar10_cpu_v2")
+    argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
+            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"), "--steps", "6",
+            "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0", "--target-speedups", "1.3",
+            "--latency-table", str(table), "--strategies", "msf:final_learned", "greedy_l1", "greedy_l1:macs"]
+    keys = [c["key"] for c in bench.cells(bench.parse_args(argv))]
+    # greedy_l1:macs has its own allocation: no speedup cell for it
+    assert keys == ["msf-final_learned_pfr40_seed0", "msf-final_learned_speedup1.3x_seed0", "greedy_l1_pfr40_seed0",
+                    "greedy_l1_speedup1.3x_seed0", "greedy_l1-macs_pfr40_seed0"]
+    argv[argv.index("greedy_l1:macs")] = "baseline"
+    assert bench.main(argv)["ran"] == 5
+    summary = json.loads((tmp_path / "results" / "cifar10_cpu_v2.json").read_text())
+    rows = {r["strategy"]: r for r in summary["equal_speedup"]}
+    assert set(rows) == {"msf:final_learned", "greedy_l1"}
+    for row in rows.values():
+        assert row["target_speedup"] == 1.3 and row["n"] == 1
+        assert 1.3 <= row["estimated"] <= 1.3 * 1.1  # met on the table
+    cell = json.loads((tmp_path / "results" / "cifar10_cpu_v2_cells" / "greedy_l1_speedup1.3x_seed0.json").read_text())
+    assert "lce_speedup" in cell or "lce_error" in cell  # measured where LCE runs, else why not
+    assert "| 1.3x | greedy_l1 |" in (tmp_path / "results" / "cifar10_cpu_v2.md").read_text()
+    assert not any(k.startswith("greedy_l1@") and "speedup" in k for k in summary["rows"])  # PFR rows stay PFR rows

@@ -200,9 +200,11 @@ def test_every_argument_is_in_the_yaml(compose_train, group, option):
 SCHEDULE = "schedule"  # filled from conf/train.yaml's `schedule` node: one budget for every strategy of a sweep
 DATA_DIR = "under paths.data_dir, the app's data folder"
 CHOSEN_BY_APP = "the app sets it (num_classes from the datamodule)"
-MSF_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "selector", "retrain", "layers_per_stage",
-                                   "retrain_lr", "retrain_lr_factor", "distill", "distill_teacher"], SCHEDULE)
-GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "unit", "warmup", "distill", "distill_teacher"], SCHEDULE)
+MSF_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "target_speedup", "unit", "warmup", "selector", "retrain",
+                                   "layers_per_stage", "retrain_lr", "retrain_lr_factor", "distill", "distill_teacher",
+                                   "round_to"], SCHEDULE)
+GREEDY_FROM_SCHEDULE = dict.fromkeys(["target_pfr", "target_speedup", "unit", "warmup", "distill", "distill_teacher",
+                                      "round_to"], SCHEDULE)
 SCALED = "the app fits every strategy's schedule into the trainer it builds"
 #: Where an option's YAML deliberately differs from its target's default, and why: what makes the
 #: option that option, what the app fills in. Every other value must equal the default.
@@ -225,6 +227,7 @@ DIFFERS = {
                              "gate_init_criterion": "the paper's method"},
     ("prune", "greedy_l1"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED},
     ("prune", "stq"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED, "criterion": "the option"},
+    ("prune", "bdg"): {"round_to": SCHEDULE},
     ("prune", "random"): {**GREEDY_FROM_SCHEDULE, "scale_to_fit": SCALED, "criterion": "the option"},
 }
 

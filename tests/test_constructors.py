@@ -21,8 +21,8 @@ from helpers import UserModule, random_images, small_trainer
 
 STRATEGIES = [FilterPruning, MainSubsidiaryPruning, GreedyFilterPruning, ZeroFilterPruning]
 #: The concepts strategies share, in the one order their signatures follow.
-SHARED = ["target_pfr", "criterion", "allocation", "unit", "warmup", "retrain", "scale_to_fit", "network",
-          "input_size", "exclude", "min_filters", "round_to", "distill", "distill_temperature", "remove_at_end"]
+SHARED = ["target_pfr", "target_speedup", "latency_table", "criterion", "allocation", "unit", "warmup", "retrain",
+          "scale_to_fit", "network", "input_size", "exclude", "min_filters", "round_to", "distill", "distill_temperature", "remove_at_end"]
 
 
 @pytest.mark.parametrize("cls", STRATEGIES, ids=lambda c: c.__name__)
@@ -34,7 +34,8 @@ def test_the_target_is_the_one_positional_argument_and_shared_ones_come_in_one_o
     names = [p.name for p in params]
     shared = [n for n in names if n in SHARED]
     assert shared == sorted(shared, key=SHARED.index)
-    base = [n for n in inspect.signature(FilterPruning.__init__).parameters if n in names and n != "target_pfr"]
+    targets = ("target_pfr", "target_speedup", "latency_table")  # the target opens the signature
+    base = [n for n in inspect.signature(FilterPruning.__init__).parameters if n in names and n not in targets]
     assert names[-len(base):] == base  # FilterPruning's arguments (those it takes) close the signature, in order
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -24,10 +24,11 @@ from typing_extensions import override
 from ..binarize import binary_layers
 from ..introspect import example_batch, find_networks, input_size_of
 from ..paths import free_stems
-from ..pruning.allocation import allocate, macs_per_channel
+from ..pruning.allocation import ENGINES, allocate, allocate_latency, engine_steps, macs_per_channel
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
+from ..pruning.latency_table import BinaryConvSite, LatencyTable, binary_conv_sites, measure_table, network_ms
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
 from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
@@ -42,6 +43,16 @@ __all__ = ["FilterPruning", "BINARY_START", "DISTILL_TEACHERS"]
 #: ``distill_teacher=BINARY_START``: the binary network as the fit found it (the warm start).
 BINARY_START = "binary_start"
 DISTILL_TEACHERS = (BINARY_START, FULL_PRECISION)
+
+LATENCY_STEP = 4  # target_speedup's counts move in LCE's x86 output blocks at least
+LATENCY_FLOOR = 0.25  # target_speedup: the share of a group's channels it keeps at least (as msf's layer_floor)
+
+
+def _ungated_clone(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` without gates, to export whole for the float layers' time."""
+    clone = copy.deepcopy(net)
+    detach_gates(clone)
+    return clone.eval()
 
 
 class FilterPruning(Callback):
@@ -85,9 +96,21 @@ class FilterPruning(Callback):
             (:func:`~lightning_bnnprune.introspect.input_size_of`).
         exclude: names of binary convs whose channel groups must not be pruned.
         min_filters: the fewest channels any group keeps (never prune a layer to zero).
-        round_to: every group keeps a multiple of this many filters, or all of them (32 suits
-            Larq Compute Engine's 32-bit packing), the global PFR staying within 1 point of the
-            target (:func:`~lightning_bnnprune.pruning.allocation.round_counts`); 1: no rounding.
+        target_speedup: instead of ``target_pfr`` (exactly one of them, for the strategies with a
+            target): the network's speedup in Larq Compute Engine, ``> 1``, met on a per-layer
+            latency table (``latency_table``) by a latency-budgeted allocation
+            (:func:`~lightning_bnnprune.pruning.allocation.allocate_latency`).
+        latency_table: ``target_speedup`` only: a
+            :class:`~lightning_bnnprune.pruning.latency_table.LatencyTable` (or the path of one
+            saved as JSON); None: measured on this machine in ``setup`` (a few seconds, cached under
+            ``~/.cache/lightning_bnnprune``; needs LCE, see :mod:`~lightning_bnnprune.pruning.lce_runtime`).
+        round_to: every group keeps a multiple of this many filters, or all of them, the global
+            PFR staying within 1 point of the target
+            (:func:`~lightning_bnnprune.pruning.allocation.round_counts`); 1: no rounding. Or an
+            engine's name (:data:`~lightning_bnnprune.pruning.allocation.ENGINES`): ``"lce"``
+            keeps multiples of Larq Compute Engine's 32-bit word where a group is wider than one
+            and multiples of 8 elsewhere (``setup`` says which groups in one line); ``"onednn"``
+            keeps multiples of 16, else 8, for PyTorch's CPU convolutions.
         distill: weight of a distillation loss from the network as the fit found it (the warm
             start, frozen, see :mod:`~lightning_bnnprune.pruning.distill`) added to the user's loss
             while the pruned network retrains (:meth:`distilling`); 0 (default) adds nothing and
@@ -140,11 +163,13 @@ class FilterPruning(Callback):
         self,
         target_pfr: Optional[float] = None,
         *,
+        target_speedup: Optional[float] = None,
+        latency_table: Union[None, str, LatencyTable] = None,
         network: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        round_to: int = 1,
+        round_to: Union[int, str] = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
         distill_teacher: str = BINARY_START,
@@ -155,10 +180,25 @@ class FilterPruning(Callback):
               f"`distill_teacher` must be one of: {', '.join(DISTILL_TEACHERS)}; got {distill_teacher!r}")
         check(is_number(distill_temperature) and distill_temperature > 0,
               f"`distill_temperature` must be a number > 0, got {distill_temperature!r}")
-        check(is_int(round_to, 1), f"`round_to` must be an int >= 1, got {round_to!r}")
+        check(is_int(round_to, 1) or (isinstance(round_to, str) and round_to in ENGINES),
+              f"`round_to` must be an int >= 1, got {round_to!r} (or an engine: {', '.join(map(repr, ENGINES))})")
+        check(target_pfr is None or target_speedup is None,
+              f"give exactly one of `target_pfr` and `target_speedup`, got target_pfr={target_pfr!r} and "
+              f"target_speedup={target_speedup!r}")
+        check(target_speedup is None or (is_number(target_speedup) and target_speedup > 1),
+              f"`target_speedup` must be a number > 1 (the unpruned network's LCE time / the pruned one's), "
+              f"got {target_speedup!r}")
+        check(latency_table is None or target_speedup is not None,
+              "`latency_table` is for target_speedup; with target_pfr it is not used")
+        check(latency_table is None or isinstance(latency_table, (str, os.PathLike, LatencyTable)),
+              f"`latency_table` must be a LatencyTable or the path of its JSON, got {type(latency_table).__name__}")
         check(is_int(min_filters, 1), f"`min_filters` must be an int >= 1, got {min_filters!r}")
         check(input_size is None or len(input_size) == 3, f"`input_size` must be (C, H, W), got {input_size!r}")
         self.target_pfr = None if target_pfr is None else check_pfr("target_pfr", target_pfr)
+        self.target_speedup = None if target_speedup is None else float(target_speedup)
+        self.latency_table = latency_table
+        self._latency: Optional[LatencyTable] = None  # the table in use (injected, loaded or measured)
+        self._sites: List[BinaryConvSite] = []
         self.network = network
         self.input_size = tuple(input_size) if input_size is not None else None
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -238,7 +278,76 @@ class FilterPruning(Callback):
         note = coverage(net, self.analysis).note(self.target_pfr) if self.target_pfr is not None else None
         if note:  # refused groups cap the PFR: say so
             rank_zero_warn(f"[{type(self).__name__}] {note}")
+        self._engine_note()
         self.configure_gates(trainer, pl_module)
+
+    def _require_target(self) -> None:
+        """For a strategy with a target: exactly one of ``target_pfr`` and ``target_speedup``."""
+        check(self.target_pfr is not None or self.target_speedup is not None,
+              f"{type(self).__name__} needs exactly one of `target_pfr` and `target_speedup`, got neither")
+
+    def _engine_note(self) -> None:
+        """With an engine's ``round_to``: one line naming the groups that cannot keep its quantum."""
+        if not isinstance(self.round_to, str):
+            return
+        sizes = {g.name: g.size for g in self.analysis.groups if g.capacity(self.min_filters) > 0}
+        steps, short = engine_steps(sizes, self.round_to, self.min_filters)
+        if short:
+            first, second = ENGINES[self.round_to]
+            rank_zero_info(f"[{type(self).__name__}] round_to={self.round_to!r}: {len(short)} of {len(sizes)} "
+                           f"groups cannot keep multiples of {first} (too narrow) and keep multiples of {second}: "
+                           f"{', '.join(f'{n} ({sizes[n]})' for n in short)}")
+
+    # ------------------------------------------------------------------ latency budget
+    def latency(self, pl_module: "pl.LightningModule") -> LatencyTable:
+        """The latency table ``target_speedup`` is met on: ``latency_table`` as given (a path is
+        loaded), else measured now on this machine (cached on disk)."""
+        net = self.network_of(pl_module)
+        if not self._sites:
+            self._sites = binary_conv_sites(net, self.analysis, self._example_inputs(pl_module, net))
+        if self._latency is None:
+            given = self.latency_table
+            if isinstance(given, LatencyTable):
+                self._latency = given
+            elif given is not None:
+                import json
+
+                with open(given) as f:
+                    self._latency = LatencyTable.from_dict(json.load(f))
+            else:
+                self._latency = measure_table(_ungated_clone(net), self._sites,
+                                              self._example_inputs(pl_module, net), analysis=self.analysis)
+                rank_zero_info(f"[{type(self).__name__}] LCE latency table measured: {self._latency.meta}")
+        return self._latency
+
+    def latency_counts(self, pl_module: "pl.LightningModule", names: Sequence[str],
+                       importance: Optional[Mapping[str, Tensor]] = None, floors: Optional[Mapping[str, int]] = None,
+                       fixed: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+        """Filters to close in ``names`` so that the LCE estimate meets ``target_speedup`` with the
+        other groups held at ``fixed`` (``{group: kept}``, default whole), the least ``importance``
+        lost (default: every channel alike), kept counts in ``round_to``'s steps and multiples of
+        :data:`LATENCY_STEP`, at least ``floors`` (default :data:`LATENCY_FLOOR` of each group:
+        time is cheapest to buy in the wide early maps, which a budget alone would empty)."""
+        table = self.latency(pl_module)
+        sizes = {n: self.analysis[n].size for n in names}
+        steps, _ = engine_steps(sizes, self.round_to, self.min_filters)
+        # at least LCE's x86 output block: measured, the time steps every 4 output channels, and an
+        # odd input count costs ~10 % more (the export's odd-count correction)
+        steps = {n: math.lcm(steps[n], LATENCY_STEP, self.analysis[n].num_parts) for n in names}
+        floors = {n: max(self.min_filters, (floors or {}).get(n, math.ceil(LATENCY_FLOOR * sizes[n])))
+                  for n in names}
+        importance = importance or {n: torch.ones(sizes[n]) for n in names}
+        full = network_ms(table, self._sites, {})
+        try:
+            counts = allocate_latency(sizes, importance, lambda kept: network_ms(table, self._sites, kept),
+                                      full / self.target_speedup, steps, floors, fixed)
+        except ValueError as err:
+            raise MisconfigurationException(f"target_speedup={self.target_speedup}: {err}") from None
+        kept = {**dict(fixed or {}), **{n: sizes[n] - c for n, c in counts.items()}}
+        self.summary["estimated_lce_speedup"] = full / network_ms(table, self._sites, kept)
+        rank_zero_info(f"[{type(self).__name__}] latency budget: estimated LCE speedup "
+                       f"{self.summary['estimated_lce_speedup']:.3f} (target {self.target_speedup}), kept {kept}")
+        return counts
 
     # ------------------------------------------------------------------ override points
     def configure_gates(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -258,13 +367,17 @@ class FilterPruning(Callback):
         """Filters to close in each of the groups ``names`` so that ``target_pfr`` is met: the
         allocation every strategy shares (:func:`~lightning_bnnprune.pruning.allocation.allocate`),
         with ``min_filters``, ``round_to`` and grouped convs' cells; ``"macs"`` is measured at this
-        fit's input size, ``"global"`` ranks ``scores``. The PFR's denominator is ``total_filters``
+        fit's input size, ``"global"`` ranks ``scores``. With ``target_speedup`` the counts are
+        the latency budget's instead (:meth:`latency_counts`, ``scores`` as the importance). The
+        PFR's denominator is ``total_filters``
         (default: the filters of ``names``).
 
         Raises:
             MisconfigurationException: a target the floors cannot reach (the message gives the
                 largest reachable PFR).
         """
+        if self.target_speedup is not None:
+            return self.latency_counts(pl_module, names, scores)
         groups = {name: self.analysis[name] for name in names}
         macs = None
         if allocation == "macs":
@@ -390,8 +503,8 @@ class FilterPruning(Callback):
         """Override point: the arguments that decide what is pruned (which filters, how many,
         when), as plain values, extending ``super()``'s. ``state_dict`` records them and a fit
         resumed from the checkpoint must have the same (see "Resuming" in the class docstring)."""
-        return {"target_pfr": self.target_pfr, "min_filters": self.min_filters, "round_to": self.round_to,
-                "distill_teacher": self.distill_teacher}
+        return {"target_pfr": self.target_pfr, "target_speedup": self.target_speedup, "min_filters": self.min_filters,
+                "round_to": self.round_to, "distill_teacher": self.distill_teacher}
 
     @override
     def state_dict(self) -> Dict[str, Any]:
@@ -460,7 +573,8 @@ class FilterPruning(Callback):
         )
         self._pruned_in_place = not spawned
         self.report = compression_report(net, self.record)
-        self.summary = dict(self.report.summary)
+        estimate = self.summary.get("estimated_lce_speedup")
+        self.summary = dict(self.report.summary, **({"estimated_lce_speedup": estimate} if estimate else {}))
         directory = self._output_dir(trainer)
         if not trainer.is_global_zero:
             return

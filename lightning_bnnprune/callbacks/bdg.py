@@ -8,7 +8,7 @@ The PFR is whatever the sparsity constraint produced, not a target; it is report
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ..layers import BinaryConv2d
+from ..pruning.allocation import engine_steps
 from ..pruning.criteria import binary_producers
 from ..pruning.slicing import OUT
 from .base import FilterPruning
@@ -40,7 +41,8 @@ class ZeroFilterPruning(FilterPruning):
         atol: a binary weight with ``|w| <= atol`` counts as zero (0 for the exact ``{0, 2 tau}``
             domain).
         network, input_size, exclude, min_filters: see :class:`FilterPruning`.
-        round_to: keep a multiple of this many filters per group (or all), by keeping some empty
+        round_to: keep a multiple of this many filters per group (or all; an engine name: its
+            quantum, see :class:`FilterPruning`), by keeping some empty
             filters: the PFR here is what the training freed, so it can only go down.
         remove_at_end: see :class:`FilterPruning`.
 
@@ -65,7 +67,7 @@ class ZeroFilterPruning(FilterPruning):
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        round_to: int = 1,
+        round_to: Union[int, str] = 1,
         remove_at_end: bool = True,
     ) -> None:
         super().__init__(None, network=network, input_size=input_size, exclude=exclude, min_filters=min_filters,
@@ -113,8 +115,9 @@ class ZeroFilterPruning(FilterPruning):
             kept = int((~empty).sum())
             # Up to the next multiple, per group: unlike round_counts (nearest, then the global PFR),
             # this rounding may only keep more, since a filter that is not empty is never cut.
-            if self.round_to > 1 and kept % self.round_to:  # keep empties up to the next multiple
-                extra = min(group.size, -(-kept // self.round_to) * self.round_to) - kept
+            step = engine_steps({group.name: group.size}, self.round_to, self.min_filters)[0][group.name]
+            if step > 1 and kept % step:  # keep empties up to the next multiple
+                extra = min(group.size, -(-kept // step) * step) - kept
                 empty[torch.nonzero(empty).flatten()[:extra]] = False
             keep[group.name] = (~empty).float()
         return keep

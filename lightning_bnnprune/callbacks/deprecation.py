@@ -91,7 +91,7 @@ def accepts_old_spellings(
                 _warn(f"{owner}({name}=...) is now {owner}({new}=...)")
                 kwargs[new] = value
             for name, value in old_defaults.items():
-                if name not in kwargs and not args:
+                if name not in kwargs and not args and "target_speedup" not in kwargs:  # the other target
                     _warn(f"{owner}() without {name} used {name}={value!r}; pass it: {owner}({name}={value!r}, ...)")
                     kwargs[name] = value
             init(self, *args, **kwargs)

@@ -57,6 +57,9 @@ class GreedyFilterPruning(FilterPruning):
 
     Args:
         target_pfr: pruned filters / prunable filters, in ``[0, 1)``.
+        target_speedup, latency_table: instead of ``target_pfr``, a speedup in Larq Compute
+            Engine (see :class:`FilterPruning`): the counts per group are chosen when the first
+            group is pruned, the criterion's scores against the time each step saves.
         criterion: a name from :func:`lightning_bnnprune.pruning.criteria.available`
             (``"l1"``, ``"binarization_error"``, ``"random"``) or a callable
             ``(network, group) -> Tensor[group.size]`` of scores, higher = keep.
@@ -113,8 +116,10 @@ class GreedyFilterPruning(FilterPruning):
     )
     def __init__(
         self,
-        target_pfr: float,
+        target_pfr: Optional[float] = None,
         *,
+        target_speedup: Optional[float] = None,
+        latency_table: Any = None,
         criterion: Union[str, Criterion] = "l1",
         seed: int = 0,
         mode: str = "oneshot",
@@ -127,7 +132,7 @@ class GreedyFilterPruning(FilterPruning):
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        round_to: int = 1,
+        round_to: Union[int, str] = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
         distill_teacher: str = BINARY_START,
@@ -135,6 +140,8 @@ class GreedyFilterPruning(FilterPruning):
     ) -> None:
         super().__init__(
             target_pfr,
+            target_speedup=target_speedup,
+            latency_table=latency_table,
             network=network,
             input_size=input_size,
             exclude=exclude,
@@ -145,6 +152,10 @@ class GreedyFilterPruning(FilterPruning):
             distill_teacher=distill_teacher,
             remove_at_end=remove_at_end,
         )
+        self._require_target()
+        check(target_speedup is None or allocation == "uniform",
+              f"with `target_speedup` the latency budget decides the counts per group (criterion scores against "
+              f"time saved): leave `allocation` at 'uniform', got {allocation!r}")
         check(is_int(seed), f"`seed` must be an int, got {seed!r}")
         self.criterion = checked(criteria.get, criterion, **({"seed": seed} if criterion == "random" else {}),
                                  prefix="`criterion`: ")
@@ -174,7 +185,10 @@ class GreedyFilterPruning(FilterPruning):
     # ------------------------------------------------------------------ schedule
     @property
     def num_to_close(self) -> int:
-        """Filters closed at the end: ``round(target_pfr * prunable filters)``."""
+        """Filters closed at the end: ``round(target_pfr * prunable filters)``, or the latency
+        budget's counts (0 until they are chosen)."""
+        if self.target_pfr is None:
+            return sum(self.counts.values()) if self.counts else 0
         return round(self.target_pfr * self.analysis.num_filters) if self.analysis is not None else 0
 
     def due(self, stage: int) -> int:
@@ -192,6 +206,8 @@ class GreedyFilterPruning(FilterPruning):
         self.freeze_gates()  # fixed by rule, never by the optimizer
         names = [g.name for g in self.analysis.groups if g.capacity(self.min_filters) > 0]  # others stay whole
         self.stages = [names] if self.mode == "oneshot" else [[n] for n in names]
+        if self.target_speedup is not None:  # the latency budget, from the criterion's scores at the first pruning
+            return
         if self.allocation != "global":
             if self.counts is None:
                 self.counts = self.plan_counts(pl_module, names, self.allocation, self.analysis.num_filters)
@@ -215,8 +231,10 @@ class GreedyFilterPruning(FilterPruning):
         self.lengths = self.fit_schedule(trainer, self.unit, lengths, {WARMUP: 1, RETRAIN: len(self.stages) - 1},
                                          scale_to_fit=self.scale_to_fit and not resumed, extra=1)
         rank_zero_info(
-            f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, {self.allocation}: close "
-            f"{self.num_to_close}/{self.analysis.num_filters} filters in {len(self.stages)} stage(s) "
+            f"[{type(self).__name__}] {self.criterion_name}, {self.mode}, "
+            f"{self.allocation if self.target_speedup is None else f'target_speedup={self.target_speedup}'}: close "
+            f"{self.num_to_close or 'the latency budget of'}/{self.analysis.num_filters} filters in "
+            f"{len(self.stages)} stage(s) "
             f"at {self.unit} {[self.due(i) for i in range(len(self.stages))]}"
         )
 
@@ -262,7 +280,7 @@ class GreedyFilterPruning(FilterPruning):
     @torch.no_grad()
     def _prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", names: List[str], at: str) -> None:
         net = self.network_of(pl_module)
-        if self.counts is None:  # allocation="global": one ranking, when the first group is pruned
+        if self.counts is None:  # "global" / target_speedup: one ranking, when the first group is pruned
             everything = [n for stage in self.stages for n in stage]
             scores = {n: scores_for(self.criterion, net, self.analysis[n]) for n in everything}
             self.counts = self.plan_counts(pl_module, everything, self.allocation, self.analysis.num_filters, scores)

@@ -114,6 +114,11 @@ class MainSubsidiaryPruning(FilterPruning):
 
     Args:
         target_pfr: global pruned filters / prunable filters, in ``[0, 1)``.
+        target_speedup, latency_table: instead of ``target_pfr``, a speedup in Larq Compute
+            Engine (see :class:`FilterPruning`; ``allocation="learned"`` only). The stages' filter
+            budgets start from the latency plan with every channel alike; at the end of each
+            selector phase the learned counts are re-allocated under the latency budget, the
+            gates' keep probabilities as the importance (:meth:`FilterPruning.latency_counts`).
         layers: names of the groups to prune (the owner conv, or any binary conv producing the
             group's channels), default all; ``target_pfr`` is then the PFR of these groups, the
             others stay whole.
@@ -188,8 +193,10 @@ class MainSubsidiaryPruning(FilterPruning):
     )
     def __init__(
         self,
-        target_pfr: float,
+        target_pfr: Optional[float] = None,
         *,
+        target_speedup: Optional[float] = None,
+        latency_table: Any = None,
         layers: Optional[Sequence[str]] = None,
         allocation: str = "learned",
         layer_floor: Optional[float] = None,
@@ -214,15 +221,20 @@ class MainSubsidiaryPruning(FilterPruning):
         input_size: Optional[Sequence[int]] = None,
         exclude: Sequence[str] = (),
         min_filters: int = 1,
-        round_to: int = 1,
+        round_to: Union[int, str] = 1,
         distill: float = 0.0,
         distill_temperature: float = 4.0,
         distill_teacher: str = BINARY_START,
         remove_at_end: bool = True,
     ) -> None:
-        super().__init__(target_pfr, network=network, input_size=input_size, exclude=exclude, min_filters=min_filters,
-                         round_to=round_to, distill=distill, distill_temperature=distill_temperature,
-                         distill_teacher=distill_teacher, remove_at_end=remove_at_end)
+        super().__init__(target_pfr, target_speedup=target_speedup, latency_table=latency_table, network=network,
+                         input_size=input_size, exclude=exclude, min_filters=min_filters, round_to=round_to,
+                         distill=distill, distill_temperature=distill_temperature, distill_teacher=distill_teacher,
+                         remove_at_end=remove_at_end)
+        self._require_target()
+        check(target_speedup is None or allocation == "learned",
+              f"`target_speedup` re-allocates the learned counts under the latency budget: it needs "
+              f"allocation='learned', got {allocation!r}")
         check(allocation in MSF_ALLOCATIONS, f"`allocation` must be one of {MSF_ALLOCATIONS}, got {allocation!r}")
         check(layer_floor is None or (is_number(layer_floor) and 0 <= layer_floor < 1),
               f"`layer_floor` must be None or in [0, 1), got {layer_floor!r}")
@@ -306,8 +318,11 @@ class MainSubsidiaryPruning(FilterPruning):
         names = self._resolve_layers()
         sizes = {name: self.analysis[name].size for name in names}
         learned = self.allocation == "learned"
-        # learned: the uniform counts are the plan the stages' budgets start from
-        self.prune_counts = self.plan_counts(pl_module, names, "uniform" if learned else self.allocation)
+        # learned: the uniform counts (or the latency plan) are the plan the stages' budgets start from
+        if self.target_speedup is not None:
+            self.prune_counts = self.latency_counts(pl_module, names, floors={n: self._floor(n) for n in names})
+        else:
+            self.prune_counts = self.plan_counts(pl_module, names, "uniform" if learned else self.allocation)
         self._goal = sum(self.prune_counts.values())  # round(target_pfr * filters of the pruned groups)
         if learned:
             room = sum(n - self._floor(name) for name, n in sizes.items())
@@ -330,6 +345,9 @@ class MainSubsidiaryPruning(FilterPruning):
                                 quanta=quanta)
         except ValueError as err:
             raise MisconfigurationException(f"[{type(self).__name__}] learned counts with round_to: {err}") from None
+
+    def _target_text(self) -> str:
+        return f"PFR {self.target_pfr:.4f}" if self.target_pfr is not None else f"LCE speedup {self.target_speedup}"
 
     def _floor(self, name: str) -> int:
         """The fewest filters group ``name`` keeps under learned counts."""
@@ -377,7 +395,7 @@ class MainSubsidiaryPruning(FilterPruning):
             # a fit resumed from a checkpoint of plain training starts the schedule where it is
             self._origin = trainer.global_step if self.unit == "steps" else trainer.current_epoch
         self._fit_schedule(trainer)
-        rank_zero_info(f"[{type(self).__name__}] target PFR {self.target_pfr:.3f} "
+        rank_zero_info(f"[{type(self).__name__}] target {self._target_text()} "
                        f"({self.allocation}: prune {self.prune_counts})\n{self.schedule}")
         self._rates = PhaseRates(trainer.optimizers)  # retrain and final rates, one step at a time
         self._params = PhaseParameters(trainer, pl_module, own=[g.logits for g in self.gates.values()])
@@ -476,12 +494,20 @@ class MainSubsidiaryPruning(FilterPruning):
         if old is None:
             return
         if old.name == SELECTOR:
-            if self.allocation == "learned":
+            if self.target_speedup is not None:  # the learned counts re-allocated under the latency budget
+                logits = {name: self.gates[name].logits for name in old.groups}
+                fixed = {n: self.analysis[n].size - c for n, c in self.prune_counts.items() if n not in logits}
+                counts = self.latency_counts(pl_module, old.groups, {n: torch.sigmoid(t) for n, t in logits.items()},
+                                             floors={n: self._floor(n) for n in old.groups}, fixed=fixed)
+                masks = {name: self.analysis[name].keep_top(logits[name], logits[name].numel() - counts[name])
+                         for name in old.groups}
+                self.prune_counts.update(counts)
+            elif self.allocation == "learned":
                 logits = {name: self.gates[name].logits for name in old.groups}
                 keep = sum(t.numel() for t in logits.values()) - self._stage_prune[old.stage]
                 masks = keep_top_across(logits, keep, {name: self._floor(name) for name in old.groups})
                 counts = {name: int((~mask).sum()) for name, mask in masks.items()}
-                if self.round_to > 1:  # the learned counts to the engine's multiples, then each group's best
+                if self.round_to != 1:  # the learned counts to the engine's multiples, then each group's best
                     counts = self._rounded(counts)
                     masks = {name: self.analysis[name].keep_top(logits[name], logits[name].numel() - counts[name])
                              for name in old.groups}
@@ -641,7 +667,7 @@ class MainSubsidiaryPruning(FilterPruning):
             chosen = sum(self.gates[name].logits.numel() for name in self.prune_counts)
             pruned = sum(self.gates[name].logits.numel() - kept[name] for name in self.prune_counts)
             rank_zero_info(f"[{type(self).__name__}] final PFR {pruned / max(chosen, 1):.4f} of the pruned layers "
-                           f"(target {self.target_pfr:.4f}), {self.pfr():.4f} overall; kept filters {kept}")
+                           f"(target {self._target_text()}), {self.pfr():.4f} overall; kept filters {kept}")
         super().on_fit_end(trainer, pl_module)
 
     @override

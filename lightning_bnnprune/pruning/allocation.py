@@ -21,7 +21,16 @@ channels in blocks (Larq Compute Engine packs input channels in 32-bit words and
 channels in blocks of 8), so a layer pruned from 64 to 38 filters runs as fast as one of 64 on
 the input side. With ``round_to=k`` every group keeps a multiple of ``k`` filters (or all of
 them), and the counts are moved, one allowed step at a time, to bring the global PFR back to the
-target; it must end within :data:`ROUND_TOLERANCE` of it.
+target; it must end within :data:`ROUND_TOLERANCE` of it. ``round_to`` may also name an engine
+(:data:`ENGINES`): ``"lce"`` keeps multiples of LCE's 32-bit word where a group is wider than a
+word, else multiples of 8 (LCE's output-channel block on ARM64, twice x86's), the next best
+quantum measured (:func:`engine_steps`); ``"onednn"`` keeps multiples of 16 (oneDNN's AVX-512
+channel block), else 8 (AVX2's).
+
+**A latency budget** (:func:`allocate_latency`): instead of a PFR, a target time; one step of one
+group at a time is removed, the one that loses the least importance per millisecond saved
+(HALP, Shen et al., NeurIPS 2022, eq. 5, for float networks on TensorRT), until the estimate meets
+the budget.
 
 Which filters of a group go is not decided here: a criterion's scores or the learned gates rank
 them (:meth:`~.groups.ChannelGroup.keep_top`); the term that drives the learned gates to their
@@ -30,7 +39,7 @@ share is the selector's (:mod:`.selector`).
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +47,42 @@ from torch import Tensor, nn
 from .groups import ChannelGroup, GroupAnalysis
 from .slicing import OUT
 
-__all__ = ["ALLOCATIONS", "GLOBAL", "ROUND_TOLERANCE", "allocate", "global_counts", "macs_per_channel", "round_counts"]
+__all__ = ["ALLOCATIONS", "ENGINES", "GLOBAL", "ROUND_TOLERANCE", "allocate", "allocate_latency", "engine_steps",
+           "global_counts", "macs_per_channel", "round_counts"]
 
 ALLOCATIONS = ("uniform", "size", "macs")
 GLOBAL = "global"  # counts from one ranking of every channel by a criterion's scores (global_counts)
 ROUND_TOLERANCE = 0.01  # the global PFR after rounding stays within 1 point of the target
+#: ``round_to`` by engine name: ``(the quantum the engine turns into time, the next best)``. LCE
+#: packs input channels in 32-bit words (core/types.h) and computes output channels in blocks of
+#: 4 (x86 indirect BGEMM, kernel_4x2_portable.h) or 8 (ARM64, kernel_8x4x*_aarch64.h): a group
+#: narrower than a word saves only on its producers' outputs, in blocks of 8 on both. oneDNN
+#: blocks channels by 16 (AVX-512, nChw16c) or 8 (AVX2, nChw8c).
+ENGINES: Dict[str, Tuple[int, int]] = {"lce": (32, 8), "onednn": (16, 8)}
+RoundTo = Union[int, str]
+
+
+def engine_steps(sizes: Mapping[str, int], round_to: RoundTo, min_filters: int = 1) -> Tuple[Dict[str, int], List[str]]:
+    """Per group, the multiple its kept count keeps, and the groups that cannot keep the engine's
+    first quantum. An int ``round_to`` is every group's step (none falls short); an engine name
+    gives each group the engine's quantum when the group has a kept count below its size that is
+    a multiple of it (and keeps ``min_filters``), else the next best quantum: a 32-wide group
+    under ``"lce"`` keeps 8, 16, 24 or 32 (its consumers read one word whatever it keeps).
+
+    Raises:
+        ValueError: an int below 1 or an unknown name (one line, the allowed values).
+    """
+    if isinstance(round_to, str):
+        if round_to not in ENGINES:
+            raise ValueError(f"round_to must be an int >= 1 or one of {', '.join(map(repr, ENGINES))}; "
+                             f"got {round_to!r}")
+        first, second = ENGINES[round_to]
+        fits = {k: first < n and first >= min_filters for k, n in sizes.items()}
+        return {k: first if fits[k] else second for k in sizes}, [k for k in sizes if not fits[k]]
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an int >= 1, got {round_to!r} (or an engine: "
+                         f"{', '.join(map(repr, ENGINES))})")
+    return {k: round_to for k in sizes}, []
 
 
 def _water_fill(sizes: Dict[str, int], weights: Dict[str, float], caps: Dict[str, int], total: int) -> Dict[str, float]:
@@ -71,7 +111,7 @@ def allocate(
     min_filters: int = 1,
     total_filters: Optional[int] = None,
     macs_per_channel: Optional[Mapping[str, float]] = None,
-    round_to: int = 1,
+    round_to: RoundTo = 1,
     quanta: Optional[Mapping[str, int]] = None,
     scores: Optional[Mapping[str, Tensor]] = None,
     groups: Optional[Mapping[str, ChannelGroup]] = None,
@@ -87,8 +127,8 @@ def allocate(
         total_filters: the PFR's denominator, default ``sum(sizes)`` (more when some prunable
             groups are left out of the schedule: they count, but stay whole).
         macs_per_channel: ``{group: MACs of one of its channels}``, needed for ``"macs"``.
-        round_to: every group keeps a multiple of this many filters, or all (see
-            :func:`round_counts`); 1 leaves the counts as allocated.
+        round_to: every group keeps a multiple of this many filters, or all, or an engine's
+            (:data:`ENGINES`, see :func:`round_counts`); 1 leaves the counts as allocated.
         quanta: ``{group: q}`` for groups whose count must be a multiple of ``q`` (a group feeding
             a grouped conv loses the same number in each of its ``q`` cells,
             :attr:`~.groups.ChannelGroup.num_parts`); such a group keeps at least one channel per
@@ -171,7 +211,7 @@ def allocate(
 def round_counts(
     sizes: Mapping[str, int],
     counts: Mapping[str, int],
-    round_to: int,
+    round_to: RoundTo,
     min_filters: int = 1,
     goal: Optional[int] = None,
     total_filters: Optional[int] = None,
@@ -184,19 +224,19 @@ def round_counts(
     ``goal`` (default: the sum of ``counts``), the step that brings it closest is taken (ties: the
     earlier group). Allowed kept counts are ``round_to, 2 * round_to, ... <= n`` that keep at least
     ``min_filters``, and ``n`` itself; a group smaller than ``round_to`` stays whole. A group
-    with a quantum ``q`` (see :func:`allocate`) keeps multiples of ``lcm(round_to, q)``.
+    with a quantum ``q`` (see :func:`allocate`) keeps multiples of ``lcm(round_to, q)``. An
+    engine name (:data:`ENGINES`) gives each group its own step (:func:`engine_steps`).
 
     Raises:
-        ValueError: a ``round_to`` below 1, or a result more than :data:`ROUND_TOLERANCE` of PFR
+        ValueError: a ``round_to`` below 1 or unknown, or a result more than :data:`ROUND_TOLERANCE` of PFR
             from the goal (the message gives both).
     """
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+    steps, _ = engine_steps(sizes, round_to, min_filters)
     if round_to == 1:
         return dict(counts)
     goal = sum(counts.values()) if goal is None else int(goal)
     total_filters = sum(sizes.values()) if total_filters is None else int(total_filters)
-    step = {k: math.lcm(round_to, (quanta or {}).get(k, 1)) for k in sizes}
+    step = {k: math.lcm(steps[k], (quanta or {}).get(k, 1)) for k in sizes}
     allowed = {k: sorted({n} | {m for m in range(step[k], n + 1, step[k]) if m >= min_filters})
                for k, n in sizes.items()}
     kept = {k: min(allowed[k], key=lambda m, want=sizes[k] - counts[k]: (abs(m - want), -m)) for k in sizes}
@@ -221,6 +261,74 @@ def round_counts(
             f"nearest reachable is {achieved:.4f} (groups of {sorted(set(sizes.values()))} filters)"
         )
     return rounded
+
+
+def allocate_latency(
+    sizes: Mapping[str, int],
+    importance: Mapping[str, Tensor],
+    latency: Callable[[Mapping[str, int]], float],
+    budget_ms: float,
+    steps: Optional[Mapping[str, int]] = None,
+    floors: Optional[Mapping[str, int]] = None,
+    fixed: Optional[Mapping[str, int]] = None,
+) -> Dict[str, int]:
+    """Filters to prune per group so that ``latency(kept) <= budget_ms`` at the least importance lost.
+
+    From every group whole, one move at a time: each group's move is to its next allowed kept
+    count (a multiple of ``steps[g]`` at or above ``floors[g]``) that saves time, skipping counts
+    the engine runs as fast as the current one; it costs the ``importance`` of the channels it
+    drops (each group's lowest, scores normalised by the group's mean magnitude as in
+    :func:`global_counts`). The move with the least cost per millisecond saved is taken (HALP,
+    Shen et al., NeurIPS 2022, a greedy knapsack) until the budget is met.
+
+    Args:
+        sizes: ``{group: channels}`` of the groups that may be pruned.
+        importance: ``{group: per-channel scores}``, higher = keep (ones: every channel alike).
+        latency: ``{group: kept} -> ms`` of the whole network (groups not named: whole).
+        budget_ms: the time to reach.
+        steps, floors: per group, the multiple kept counts keep (default 1) and the fewest
+            channels kept (default 1).
+        fixed: ``{group: kept}`` of groups outside ``sizes`` held at that count (an earlier or
+            later stage's).
+
+    Returns:
+        ``{group: filters to prune}``.
+
+    Raises:
+        ValueError: a budget the floors cannot reach (one line, the fastest reachable time).
+    """
+    steps = {k: int((steps or {}).get(k, 1)) for k in sizes}
+    floors = {k: int((floors or {}).get(k, 1)) for k in sizes}
+    kept: Dict[str, int] = {**dict(fixed or {}), **dict(sizes)}
+    # cost of dropping the j lowest channels of group g: the prefix sums of its sorted scores
+    lost = {}
+    for k in sizes:
+        s = importance[k].detach().float().flatten()
+        s = s / s.abs().mean().clamp(min=1e-12)
+        lost[k] = torch.cat([torch.zeros(1), torch.sort(s).values.cumsum(0)]).tolist()
+
+    def allowed(k: str) -> List[int]:  # kept counts below the current one, nearest first
+        q = steps[k]
+        return [m for m in range(q * ((kept[k] - 1) // q), 0, -q) if m >= floors[k]]
+
+    now = latency(kept)
+    while now > budget_ms:
+        best = None
+        for k in sizes:
+            for m in allowed(k):
+                trial = {**kept, k: m}
+                t = latency(trial)
+                if t < now - 1e-12:  # the first count that saves time: skip the engine's flat parts
+                    cost = (lost[k][sizes[k] - m] - lost[k][sizes[k] - kept[k]]) / (now - t)
+                    if best is None or cost < best[0]:
+                        best = (cost, k, m, t)
+                    break
+        if best is None:
+            raise ValueError(f"the latency budget {budget_ms:.4g} ms is out of reach: the floors allow "
+                             f"{now:.4g} ms at best")
+        _, k, m, now = best
+        kept[k] = m
+    return {k: sizes[k] - kept[k] for k in sizes}
 
 
 @torch.no_grad()
