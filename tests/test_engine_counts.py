@@ -12,7 +12,7 @@ from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.allocation import ENGINES, engine_steps, round_counts
 
-from conftest import UserModule
+from helpers import UserModule
 
 
 def _fit(tmp_path, pruning, caplog, max_steps=4):

@@ -18,7 +18,7 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.latency_table import (WORD, LatencyTable, binary_conv_sites, measure_table,
                                                       network_ms)
 
-from conftest import UserModule
+from helpers import UserModule
 
 SIZE = 32
 
