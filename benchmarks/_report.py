@@ -1,15 +1,17 @@
-"""What the benchmark scripts share: the commit they ran on, and how they write their markdown.
+"""What the benchmark scripts share: the commit they ran on, how they write their markdown, and
+how they read a ``--round-to`` value.
 
 A sibling module, not part of the package: the scripts put ``benchmarks/`` on ``sys.path`` (a
 script's own folder is there when it runs as ``python benchmarks/<name>.py``) and import it.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
-from typing import Sequence
+from typing import Sequence, Union
 
-__all__ = ["git_commit", "write_markdown"]
+__all__ = ["git_commit", "round_to_arg", "write_markdown"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +37,15 @@ def write_markdown(text: str, out: str | None, append: bool = False) -> None:
             if append and f.tell():
                 f.write("\n")
             f.write(text)
+
+
+def round_to_arg(text: str) -> Union[int, str]:
+    """``--round-to``'s values (an argparse ``type``): an int, or an engine's name."""
+    from lightning_bnnprune.pruning.allocation import ENGINES
+
+    if text in ENGINES:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor one of {', '.join(ENGINES)}") from None

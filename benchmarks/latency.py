@@ -41,7 +41,7 @@ from lightning_bnnprune import (  # noqa: E402
     binarize_model, compression_report, find_channel_groups, remove_filters,
 )
 from lightning_bnnprune.pruning.allocation import ENGINES, round_counts  # noqa: E402
-from _report import git_commit, write_markdown  # noqa: E402
+from _report import git_commit, round_to_arg, write_markdown  # noqa: E402
 
 
 def _time(model: torch.nn.Module, x: torch.Tensor) -> Tuple[float, float]:
@@ -49,15 +49,6 @@ def _time(model: torch.nn.Module, x: torch.Tensor) -> Tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     model(x)
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _round_to(text: str):
-    if text in ENGINES:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor one of {', '.join(ENGINES)}") from None
 
 
 def build(name: str, pfr: float, size: int, seed: int, round_to=1):
@@ -132,7 +123,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--round-to", type=_round_to, nargs="+", default=[1],
+    parser.add_argument("--round-to", type=round_to_arg, nargs="+", default=[1],
                         help=f"per group, keep a multiple of this (an int, or an engine: {', '.join(ENGINES)}); "
                              "several: timed side by side")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
@@ -147,7 +138,6 @@ def main(argv: List[str] | None = None) -> int:
     built = {r: build(args.model, args.pfr, args.size, args.seed, r) for r in args.round_to}
     baseline, pruned, record = built[args.round_to[0]]
     report = compression_report(pruned, record)
-    mac_ratio = report.summary["mac_ratio"]
     variants = {r: (p, compression_report(p, rec).summary) for r, (_, p, rec) in built.items()}
     rows = []
     for batch in args.batch_sizes:

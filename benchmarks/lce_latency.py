@@ -53,7 +53,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
-from _report import git_commit, write_markdown  # noqa: E402
+from _report import git_commit, round_to_arg, write_markdown  # noqa: E402
 
 import lightning_bnnprune  # noqa: E402,F401  (registers the CIFAR models)
 from lightning_bnnprune import (  # noqa: E402
@@ -72,16 +72,6 @@ ALLOCATIONS = list(FIXED_ALLOCATIONS) + [GLOBAL]
 TIMING = ("kernels", "rounds", "calls", "warmup", "batch", "seed")  # settings a results file must share
 
 
-def _round_to(text: str):
-    """``--round-to``'s values: an int, or an engine's name."""
-    if text in ENGINES:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor one of {', '.join(ENGINES)}") from None
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -93,7 +83,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--strategies", nargs="+", default=["greedy_l1:uniform"],
                    help=f"<{'|'.join(GREEDY)}>[:<{'|'.join(ALLOCATIONS)}>] (default allocation uniform)")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.25, 0.4, 0.48])
-    p.add_argument("--round-to", type=_round_to, nargs="+", default=[1, 8, 32],
+    p.add_argument("--round-to", type=round_to_arg, nargs="+", default=[1, 8, 32],
                    help=f"an int >= 1 or an engine: {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--kernels", default="indirect_bgemm", choices=list(KERNELS), help="LCE's kernel path")

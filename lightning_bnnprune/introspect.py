@@ -13,7 +13,7 @@ comes from the data whenever there is data (:func:`input_size_of`), and from the
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -168,3 +168,21 @@ def input_size_of(
         if shape is not None:
             return shape
     return published_input_size(net)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, modules: Mapping[str, nn.Module], hook: Callable[[str, tuple, Any], None],
+                       example_inputs: torch.Tensor) -> None:
+    """One forward of ``example_inputs[:1]`` in evaluation mode, without gradient, calling
+    ``hook(name, inputs, output)`` as each of ``modules`` runs (what a layer sees: its map size,
+    its output pixels); the model's mode comes back and the hooks go, whatever happens."""
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: hook(name, args, out))
+               for name, m in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example_inputs[:1])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()

@@ -244,13 +244,13 @@ class FilterPruning(Callback):
         self.network_path = paths[0]
         net = self.network_of(pl_module)
         if not binary_layers(net):
-            binarizers = [cb for cb in trainer.callbacks if isinstance(cb, Binarize)]
-            if not binarizers:
+            binarize = self._binarize_of(trainer)
+            if binarize is None:
                 raise MisconfigurationException(
                     f"{type(self).__name__} prunes binary layers, but the network has none: "
                     "add `Binarize()` to the Trainer's callbacks"
                 )
-            binarizers[0].setup(trainer, pl_module, stage)
+            binarize.setup(trainer, pl_module, stage)
             if not binary_layers(net):
                 raise MisconfigurationException(
                     f"{type(self).__name__}: the network has no binary convolution to prune (Binarize keeps the "
@@ -420,10 +420,14 @@ class FilterPruning(Callback):
         return fitted
 
     @staticmethod
-    def _binary_weights_start(trainer: "pl.Trainer", unit: str, per_epoch: float) -> int:
+    def _binarize_of(trainer: "pl.Trainer") -> Optional[Binarize]:
+        """The trainer's (first) ``Binarize`` callback, if any."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, Binarize)), None)
+
+    def _binary_weights_start(self, trainer: "pl.Trainer", unit: str, per_epoch: float) -> int:
         """When ``Binarize``'s two-step binarisation makes the weights binary, in ``unit``
         (0 without it): no strategy prunes a network whose weights are still real."""
-        binarize = next((cb for cb in trainer.callbacks if isinstance(cb, Binarize)), None)
+        binarize = self._binarize_of(trainer)
         if binarize is None or binarize.binary_weights_from is None:
             return 0
         if unit == binarize.binary_weights_unit:
@@ -463,7 +467,7 @@ class FilterPruning(Callback):
             return
         net = self.network_of(pl_module)
         if self.distill_teacher == FULL_PRECISION:
-            binarize = next((cb for cb in trainer.callbacks if isinstance(cb, Binarize)), None)
+            binarize = self._binarize_of(trainer)
             self.teacher = binarize.full_precision_teacher if binarize is not None else None
             check(self.teacher is not None, f"{type(self).__name__}: distill_teacher='full_precision' distils "
                                             "from Binarize's teacher; add Binarize(teacher='full_precision') "

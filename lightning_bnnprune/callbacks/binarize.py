@@ -262,6 +262,8 @@ class Binarize(Callback):
         return self.binary_weights_from * max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
 
     def _set_weights(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.binary_weights_from is None:
+            return  # one step: the layers' flag stays False, no walk over the modules every batch
         real = not self.binary_weights(trainer)
         for module in pl_module.modules():
             if isinstance(module, BinaryConv2d):

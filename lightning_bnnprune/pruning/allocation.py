@@ -39,11 +39,12 @@ share is the selector's (:mod:`.selector`).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..introspect import forward_with_hooks
 from .groups import ChannelGroup, GroupAnalysis
 from .slicing import OUT
 
@@ -341,20 +342,9 @@ def macs_per_channel(model: nn.Module, analysis: GroupAnalysis, example_inputs: 
     ``example_inputs``.
     """
     pixels: Dict[str, int] = {}
-    names = {m: n for n, m in model.named_modules()}
-    handles = [
-        m.register_forward_hook(lambda mod, args, out: pixels.__setitem__(names[mod], out[0, 0].numel()))
-        for m in names
-        if isinstance(m, nn.Conv2d)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example_inputs[:1])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    forward_with_hooks(model, convs, lambda name, args, out: pixels.__setitem__(name, out[0, 0].numel()),
+                       example_inputs)
     costs: Dict[str, float] = {}
     for group in analysis.groups:
         cost = 0.0

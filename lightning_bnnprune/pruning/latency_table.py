@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..introspect import forward_with_hooks
 from .groups import GroupAnalysis
 from .slicing import IN, OUT
 
@@ -155,18 +156,10 @@ def binary_conv_sites(net: nn.Module, analysis: GroupAnalysis, example_inputs: t
     seen: Dict[str, Sequence[int]] = {}
     pixels: Dict[str, int] = {}
 
-    def hook(mod, args, out, n):
-        seen[n], pixels[n] = args[0].shape[-2:], out[0, 0].numel()
+    def hook(name, args, out):
+        seen[name], pixels[name] = args[0].shape[-2:], out[0, 0].numel()
 
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: hook(mod, args, out, n)) for n, m in convs.items()]
-    was_training = net.training
-    try:
-        net.eval()
-        net(example_inputs[:1])
-    finally:
-        net.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(net, convs, hook, example_inputs)
     role = {(m.module, m.role): g.name for g in analysis.groups for m in g.members}
     return [BinaryConvSite(n, _geometry(m, seen[n]), m.in_channels, m.out_channels, role.get((n, IN)),
                            role.get((n, OUT)), pixels[n]) for n, m in convs.items() if n in seen]
