@@ -4,40 +4,24 @@ Real Trainer, real resnet20_cifar, real files: a few optimizer steps per run, ev
 (md, png, json), and a strategy whose schedule cannot fit is recorded as a failure while the
 others go on.
 """
-import importlib.util
 import json
-import os
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_script, tiny_npz
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cifar10_cpu", os.path.join(ROOT, "benchmarks", "cifar10_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def _tiny_npz(directory, n_train=48, n_test=24):
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        np.savez(directory / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n, dtype=np.int64) % 10)
+    yield benchmark_script("cifar10_cpu")
+    sys.modules.pop("cifar10_cpu", None)
 
 
 def test_tiny_run_writes_everything_and_records_a_failure(bench, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    _tiny_npz(data)
+    data = tiny_npz(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["--data-dir", str(data), "--out", str(out), "--work-dir", str(tmp_path / "work"),
             "--steps-warmup", "1", "--steps", "2", "--batch-size", "8", "--pfrs", "0.4", "--threads", "1",

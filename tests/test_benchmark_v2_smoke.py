@@ -1,25 +1,24 @@
 """``benchmarks/cifar10_cpu_v2.py`` end to end on a tiny npz, from a warm start that
 ``benchmarks/warm_start.py`` itself wrote: cells written as they end, skipped when rerun, the
 summary's mean +- std per strategy and msf - best greedy with its standard error."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_script, engine_like_table, tiny_npz
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _warm_start(tmp_path, n_train):
+    """A tiny npz and the warm start ``benchmarks/warm_start.py`` writes from it (one epoch)."""
+    data = tiny_npz(tmp_path / "data", n_train, 16)
+    benchmark_script("warm_start").main(["--data-dir", str(data), "--out", str(tmp_path / "warm"), "--assets",
+                                         str(tmp_path / "assets"), "--epochs", "1", "--batch-size", "16",
+                                         "--threads", "1"])
+    return data
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +29,8 @@ def keep_threads():
 
 
 def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 48), ("test", 16)):
-        np.savez(data / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n, dtype=np.int64) % 10)
-    warm = _load("warm_start")
-    warm.main(["--data-dir", str(data), "--out", str(tmp_path / "warm"), "--assets", str(tmp_path / "assets"),
-               "--epochs", "1", "--batch-size", "16", "--threads", "1"])
-    bench = _load("cifar10_cpu_v2")
+    data = _warm_start(tmp_path, 48)
+    bench = benchmark_script("cifar10_cpu_v2")
     argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
             "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"),
             "--cells-dir", str(tmp_path / "work" / "cells"), "--steps", "8",
@@ -90,22 +81,10 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
 def test_cells_at_an_equal_lce_speedup(tmp_path):
     """``--target-speedups``: msf's learned counts and greedy L1 at one LCE speedup (an injected
     latency table: nothing timed for the counts), compared in their own table."""
-    import sys as _sys
-    _sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
-    from test_latency_budget import engine_like_table
-
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 32), ("test", 16)):
-        np.savez(data / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n, dtype=np.int64) % 10)
-    warm = _load("warm_start")
-    warm.main(["--data-dir", str(data), "--out", str(tmp_path / "warm"), "--assets", str(tmp_path / "assets"),
-               "--epochs", "1", "--batch-size", "16", "--threads", "1"])
+    data = _warm_start(tmp_path, 32)
     table = tmp_path / "table.json"
     table.write_text(json.dumps(engine_like_table("resnet20_cifar", float_ms=0.05).to_dict()))
-    bench = _load("cifar10_cpu_v2")
+    bench = benchmark_script("cifar10_cpu_v2")
     argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
             "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"), "--steps", "6",
             "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0", "--target-speedups", "1.3",

@@ -1,27 +1,15 @@
 """``benchmarks/coverage.py --lce``: the pruned network exported for LCE, run by LCE's interpreter
 and compared with PyTorch; the table gets an LCE column only when a run used the flag."""
-import importlib.util
-import os
-
-import numpy as np
-import pytest
-
 import lightning_bnnprune.models  # noqa: F401  registers resnet20_cifar
-from lightning_bnnprune.pruning.export_lce import lce_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
+from helpers import benchmark_script, needs_interpreter
 
 
 def coverage_script():
-    spec = importlib.util.spec_from_file_location("coverage_bench", os.path.join(ROOT, "benchmarks", "coverage.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("coverage", "coverage_bench")  # not `coverage`: that is a package's name
 
 
-@pytest.mark.skipif(not (lce_available() and _INTERPRETER),
-                    reason="LCE's interpreter needs the lce extra and numpy<2 here or BNNPRUNE_LCE_PYTHON")
+@needs_interpreter
 def test_lce_column_agrees_with_pytorch_on_a_pruned_network(tmp_path):
     cov = coverage_script()
     row = cov.run_family("resnet20_cifar", 32, 0.4, 0, str(tmp_path), lce=True)
@@ -38,8 +26,7 @@ def test_lce_column_agrees_with_pytorch_on_a_pruned_network(tmp_path):
     assert "LCE" not in (tmp_path / "plain.md").read_text()  # without --lce the table is as before
 
 
-@pytest.mark.skipif(not (lce_available() and _INTERPRETER),
-                    reason="LCE's interpreter needs the lce extra and numpy<2 here or BNNPRUNE_LCE_PYTHON")
+@needs_interpreter
 def test_lce_column_of_a_timm_family_with_norm_act_se_and_depthwise_layers(tmp_path):
     # test_efficientnet: timm's BatchNormAct2d, SE gates, depthwise binary convs (written as float)
     cov = coverage_script()

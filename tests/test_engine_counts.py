@@ -2,29 +2,23 @@
 import logging
 
 import pytest
-import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnnprune.callbacks.binarize import Binarize
 from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
 from lightning_bnnprune.pruning.allocation import ENGINES, engine_steps, round_counts
 
-from helpers import UserModule
+from helpers import UserModule, random_images, small_trainer
 
 
 def _fit(tmp_path, pruning, caplog, max_steps=4):
     seed_everything(0)
     module = UserModule("test_resnet", lr=1e-2, example_input_size=(3, 32, 32))
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
-    trainer = Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      default_root_dir=tmp_path, callbacks=[Binarize(), pruning])
+    trainer = small_trainer(tmp_path, [Binarize(), pruning], max_steps)
     with caplog.at_level(logging.INFO):
-        trainer.fit(module, DataLoader(data, batch_size=8))
+        trainer.fit(module, random_images(16, 8))
     return module
 
 

@@ -6,8 +6,6 @@ interpreter, which is built against numpy 1 (see :func:`lce_predict`): in a nump
 tests that run it need ``BNNPRUNE_LCE_PYTHON`` (CI's ``.ci/run`` makes that Python). Each test
 skips with its reason when what it needs is absent.
 """
-import os
-
 import numpy as np
 import pytest
 import timm
@@ -20,20 +18,13 @@ from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.export import export_packed, load_packed
-from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
+from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_predict
 from lightning_bnnprune.pruning.gates import attach_gates
 from lightning_bnnprune.pruning.lce_runtime import KERNELS
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from helpers import TINY, UserModule, random_images, randomise_norms, small_trainer, stderr_lines
-
-needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
-_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
-needs_interpreter = pytest.mark.skipif(
-    not (lce_available() and _INTERPRETER),
-    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
-)
+from helpers import LCE_INTERPRETER, TINY, needs_interpreter, needs_lce, random_images, randomise_norms, small_trainer, stderr_lines, UserModule
 
 
 def pruned(name, size=32, share=0.4, round_to=1):
@@ -264,10 +255,10 @@ def test_app_export_writes_the_model_file_beside_pruned_pt(run_app, tmp_path, ta
             assert torch.equal(load_packed(path)(x), net(x))
         return
     assert path.read_bytes()[4:8] == b"TFL3"
-    if _INTERPRETER:  # measured beside the MAC ratio, on LCE's fast path
+    if LCE_INTERPRETER:  # measured beside the MAC ratio, on LCE's fast path
         assert summary["lce_kernels"] == "indirect_bgemm" and summary["lce_latency_ms"] > 0, summary
         assert "LCE latency      " in proc.stdout and "indirect_bgemm kernels" in proc.stdout
-    if _INTERPRETER:  # at the datamodule's image size
+    if LCE_INTERPRETER:  # at the datamodule's image size
         x = torch.randn(2, *_input_of(path))
         with torch.no_grad():
             ref = net(x).numpy()

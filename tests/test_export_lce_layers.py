@@ -6,8 +6,6 @@ paths and compared with PyTorch, and the refusals name the layer a user finds in
 Running a file needs LCE's interpreter (numpy<2 here or ``BNNPRUNE_LCE_PYTHON``); the refusal
 tests need only the ``lce`` extra.
 """
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,15 +13,10 @@ from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm2d, Linear
 from torch import nn
 
 from lightning_bnnprune.layers import BinaryConv2d
-from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available, lce_predict
+from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_predict
 from lightning_bnnprune.pruning.lce_runtime import KERNELS
 
-needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
-_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
-needs_interpreter = pytest.mark.skipif(
-    not (lce_available() and _INTERPRETER),
-    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
-)
+from helpers import needs_interpreter, needs_lce
 
 
 def randomise_norms(net):

@@ -126,13 +126,9 @@ def test_compiled_module_trains_prunes_and_removes_like_eager(tmp_path):
 
 
 def test_throughput_benchmark_writes_every_mode(tmp_path):
-    import importlib.util
-    import os
+    from helpers import benchmark_script
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(root, "benchmarks", "throughput.py"))
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = benchmark_script("throughput")
     out = tmp_path / "throughput.md"
     assert throughput.main(["--model", "test_resnet", "--batch-size", "4", "--steps", "1", "--warmup", "1",
                             "--infer-model", "test_resnet", "--infer-repeats", "1", "--out", str(out)]) == 0

@@ -3,13 +3,10 @@ import math
 import os
 
 import pytest
-import timm
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.callbacks.binarize import Binarize
 from lightning_bnnprune.callbacks.greedy import GreedyFilterPruning
 from lightning_bnnprune.callbacks.msf import MainSubsidiaryPruning
@@ -18,40 +15,17 @@ from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.latency_table import (WORD, LatencyTable, binary_conv_sites, measure_table,
                                                       network_ms)
 
-from helpers import UserModule
+from helpers import UserModule, engine_like_table, random_images, small_trainer
+
 
 SIZE = 32
-
-
-def engine_like_table(model: str = "test_resnet", float_ms: float = 0.05) -> LatencyTable:
-    """A table of ``model``'s binary convs from LCE's cost shape (words x blocks x pixels), no timing."""
-    import lightning_bnnprune.models  # noqa: F401  (the CIFAR models)
-
-    torch.manual_seed(0)
-    net = timm.create_model(model, num_classes=10)
-    binarize_model(net)
-    x = torch.randn(1, 3, SIZE, SIZE)
-    sites = binary_conv_sites(net, find_channel_groups(net, x), x)
-    points = {}
-    for s in sites:
-        hw = [int(v) for v in s.geometry.split("-in")[1].split("x")]
-        pixels = hw[0] * hw[1]
-        counts_in = sorted({min(s.in_channels, WORD), s.in_channels, max(1, s.in_channels // 2)})
-        counts_out = sorted({4, s.out_channels, max(4, s.out_channels // 2), 12})
-        points[s.geometry] = {(i, o): 1e-5 * pixels * math.ceil(i / WORD) * math.ceil(o / 4) + 1e-6 * (i + o)
-                              for i in counts_in for o in counts_out}
-    return LatencyTable(points, float_ms=float_ms)
 
 
 def _fit(tmp_path, pruning, max_steps=4):
     seed_everything(0)
     module = UserModule("test_resnet", lr=1e-2, example_input_size=(3, SIZE, SIZE))
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (16,), generator=g))
-    trainer = Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      default_root_dir=tmp_path, callbacks=[Binarize(), pruning])
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    trainer = small_trainer(tmp_path, [Binarize(), pruning], max_steps)
+    trainer.fit(module, random_images(16, 8, size=SIZE))
     return module, trainer
 
 

@@ -1,30 +1,20 @@
 """Smoke run of ``benchmarks/lce_latency.py``: a tiny grid on resnet20_cifar, every output written
 (md, json, png) in tmp_path, a refusal recorded, a rerun that resumes instead of redoing, and
 the one-line refusals of bad arguments and of a results file timed otherwise."""
-import importlib.util
 import json
-import os
 import re
 
-import numpy as np
 import pytest
 
-from lightning_bnnprune.pruning.export_lce import lce_available
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
+from helpers import benchmark_script, needs_interpreter
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("lce_latency_bench", os.path.join(ROOT, "benchmarks", "lce_latency.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("lce_latency", "lce_latency_bench")
 
 
-@pytest.mark.skipif(not (lce_available() and _INTERPRETER),
-                    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON")
+@needs_interpreter
 def test_tiny_grid_writes_everything_resumes_and_refuses_other_settings(bench, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--networks", "resnet20_cifar", "--pfrs", "0.4", "--round-to", "1", "32", "--threads", "1",

@@ -5,7 +5,6 @@ Running a file needs LCE's interpreter (numpy<2 here, or ``BNNPRUNE_LCE_PYTHON``
 skip with the reason when it is absent. Each file runs all three paths in one interpreter process.
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,19 +16,12 @@ from lightning_bnnprune import lce_latency, lce_predict
 from lightning_bnnprune.binarize import binarize_model
 from lightning_bnnprune.layers import BinaryConv2d
 from lightning_bnnprune.pruning.allocation import allocate
-from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce, lce_available
+from lightning_bnnprune.pruning.export_lce import LceExportError, export_lce
 from lightning_bnnprune.pruning.groups import find_channel_groups
 from lightning_bnnprune.pruning.lce_runtime import KERNELS, lce_python
 from lightning_bnnprune.pruning.surgery import remove_filters
 
-from helpers import randomise_norms
-
-_INTERPRETER = int(np.__version__.split(".")[0]) < 2 or bool(os.environ.get("BNNPRUNE_LCE_PYTHON"))
-needs_interpreter = pytest.mark.skipif(
-    not (lce_available() and _INTERPRETER),
-    reason="LCE's interpreter needs numpy<2 here or BNNPRUNE_LCE_PYTHON (a Python with numpy<2 and larq-compute-engine)",
-)
-needs_lce = pytest.mark.skipif(not lce_available(), reason="the lce extra (larq-compute-engine) is not installed")
+from helpers import needs_interpreter, needs_lce, randomise_norms
 
 
 def every_path(net, path, x):

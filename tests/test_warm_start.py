@@ -2,12 +2,9 @@
 run again with the same command ends bit-identical to an uninterrupted one; manifest, log and
 final weights are written; a rerun with other settings is refused."""
 import hashlib
-import importlib.util
 import json
-import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,17 +13,13 @@ from lightning_bnnprune.batches import StepSeededLoader
 from lightning_bnnprune.data import TensorImageDataset
 from lightning_bnnprune.layers import BinaryConv2d
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_script, tiny_npz
 
 
 @pytest.fixture(scope="module")
 def warm():
-    spec = importlib.util.spec_from_file_location("warm_start", os.path.join(ROOT, "benchmarks", "warm_start.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield benchmark_script("warm_start")
+    sys.modules.pop("warm_start", None)
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +29,6 @@ def keep_threads():
     torch.set_num_threads(threads)  # the script sets its own
 
 
-def _tiny_npz(directory, n_train=40, n_test=16):
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        np.savez(directory / f"{name}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n, dtype=np.int64) % 10)
-
-
 def _args(data, out, *extra):
     # 40 images, batch 16: 3 steps per epoch (the last batch smaller), 2 epochs
     return ["--data-dir", str(data), "--out", str(out), "--assets", str(out / "assets"), "--epochs", "2",
@@ -50,9 +36,7 @@ def _args(data, out, *extra):
 
 
 def test_resumed_run_equals_uninterrupted(warm, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    _tiny_npz(data)
+    data = tiny_npz(tmp_path / "data", 40, 16)
     full = warm.main(_args(data, tmp_path / "full"))
     for stop in ("2", "3"):  # mid-epoch, then exactly at the first epoch's end
         with pytest.raises(warm.Interrupted):
@@ -99,9 +83,7 @@ def test_step_seeded_loader_is_a_function_of_the_step():
 
 
 def test_full_precision_run_keeps_every_conv_real(warm, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    _tiny_npz(data)
+    data = tiny_npz(tmp_path / "data", 40, 16)
     out = tmp_path / "fp"
     result = warm.main(_args(data, out, "--epochs", "1", "--full-precision", "--name", "fp",
                              "--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4"))
