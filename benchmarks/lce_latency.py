@@ -9,10 +9,19 @@ For each network (``resnet20_cifar``, ``resnet18_cifar``, ``vgg11_cifar`` at 32x
   classifier full precision);
 - one pruned network per ``--strategies`` x ``--pfrs`` x ``--round-to``: the binary network with
   a one-shot greedy rule (``greedy_l1``, ``stq``, ``random``) cutting each group's lowest-scored
-  filters, counts allocated by ``:<allocation>`` (``uniform``, ``size``, ``macs``, ``global``),
+  filters, counts allocated by ``:<allocation>`` (``uniform``, ``size``, ``macs``, ``global``;
+  a rule changes the counts only under ``global``, so the others share one file, timed once),
   every group keeping a multiple of ``round_to`` filters (or all); ``--round-to lce`` (or
   ``onednn``) keeps the engine's blocks per group (:data:`~lightning_bnnprune.pruning.allocation.ENGINES`),
-  the option ``export=lce`` makes the app's default. The engine-aware check of issue 20 (40 % of
+  the option ``export=lce`` makes the app's default;
+- for ``resnet20_cifar``, msf's *learned* counts (``msf_learned:v2_seed<s>@<pfr>/r1``): the kept
+  filters per group that ``benchmarks/cifar10_cpu_v2.py``'s ``msf:final_learned_l1init`` cells
+  reached on CIFAR-10 (``--msf-cells``), every seed and PFR there is, cut into the network;
+- depthwise networks (``mobilenetv2_050``) with ``export_lce(grouped="float")``: the grouped
+  binary convs run as float convolutions of the +-1 tensors (LCE runs grouped ``LceBconv2d``
+  only on one path), the 1x1 convs as ``LceBconv2d``.
+
+The engine-aware check of issue 20 (40 % of
   resnet18_cifar and vgg11_cifar at >= 0.9 of the MAC ratio, side by side with the defaults)::
 
       python benchmarks/lce_latency.py --networks resnet18_cifar vgg11_cifar --pfrs 0.4 \
@@ -39,6 +48,8 @@ processes run on the machine)::
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -86,6 +97,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--round-to", type=round_to_arg, nargs="+", default=[1, 8, 32],
                    help=f"an int >= 1 or an engine: {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--msf-cells", default=os.path.join(ROOT, "benchmarks", "results", "cifar10_cpu_v2_cells"),
+                   help="resnet20_cifar: also msf's learned counts from these v2 cells (empty: none)")
     p.add_argument("--kernels", default="indirect_bgemm", choices=list(KERNELS), help="LCE's kernel path")
     p.add_argument("--batch", type=int, default=1, choices=[1], help="images per call (export_lce writes batch 1)")
     p.add_argument("--rounds", type=int, default=15)
@@ -133,7 +146,8 @@ def prune(net: torch.nn.Module, strategy: str, pfr: float, round_to, size: int, 
         extra["macs_per_channel"] = macs_per_channel(net, analysis, x[:1])
     if allocation == GLOBAL:
         extra.update(scores=scores, groups=groups)
-    counts = allocate({g: groups[g].size for g in groups}, pfr, allocation, 1, round_to=round_to, **extra)
+    counts = allocate({g: groups[g].size for g in groups}, pfr, allocation, 1, round_to=round_to,
+                      quanta={g: groups[g].num_parts for g in groups}, **extra)
     masks = {}
     for g in analysis.groups:
         keep = torch.ones(g.size, dtype=torch.bool)
@@ -142,14 +156,49 @@ def prune(net: torch.nn.Module, strategy: str, pfr: float, round_to, size: int, 
     return remove_filters(net, analysis, masks=masks, example_inputs=x)
 
 
-def variants(args: argparse.Namespace) -> List[Dict[str, Any]]:
+def cut(net: torch.nn.Module, kept: Dict[str, int], size: int, seed: int):
+    """Cut every group of ``net`` named in ``kept`` to that many filters (its first: an op's time
+    does not depend on which), in place; its record."""
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    analysis = find_channel_groups(net, x[:1])
+    unknown = set(kept) - {g.name for g in analysis.groups}
+    if unknown:
+        raise ValueError(f"the learned counts name groups the network does not have: {sorted(unknown)}")
+    masks = {g.name: torch.arange(g.size) < kept.get(g.name, g.size) for g in analysis.groups}
+    return remove_filters(net, analysis, masks=masks, example_inputs=x)
+
+
+def learned_counts(cells: str, pfrs: List[float]) -> List[Dict[str, Any]]:
+    """msf's learned counts (``msf:final_learned_l1init``) from the v2 grid's finished cells."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(cells, "msf-final_learned_l1init_pfr*_seed*.json"))) if cells else []:
+        with open(path) as f:
+            cell = json.load(f)
+        pfr = cell.get("target_pfr")
+        if cell.get("status") != "ok" or "kept_filters" not in cell or not any(abs(pfr - p) < 1e-9 for p in pfrs):
+            continue
+        rows.append({"key": f"msf_learned:v2_seed{cell['seed']}@{pfr:g}/r1", "strategy": "msf:learned",
+                     "target_pfr": pfr, "round_to": 1, "kept": cell["kept_filters"],
+                     "source": os.path.relpath(path, ROOT)})
+    return rows
+
+
+def variants(args: argparse.Namespace, network: str) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = [{"key": "float"}, {"key": "binary"}]
     for strategy in args.strategies:
         for pfr in args.pfrs:
             for round_to in args.round_to:
                 rows.append({"key": f"{strategy}@{pfr:g}/r{round_to}", "strategy": strategy, "target_pfr": pfr,
                              "round_to": round_to})
+    if network == "resnet20_cifar":  # the network the v2 cells trained
+        rows += learned_counts(args.msf_cells, args.pfrs)
     return rows
+
+
+def _counts_digest(record) -> str:
+    """One name per distinct set of kept counts: prunings that keep the same counts share a file."""
+    kept = sorted((name, len(keep)) for name, keep in record.groups.items())
+    return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:12]
 
 
 def export_file(args: argparse.Namespace, network: str, variant: Dict[str, Any]) -> Dict[str, Any]:
@@ -161,17 +210,28 @@ def export_file(args: argparse.Namespace, network: str, variant: Dict[str, Any])
         with open(stem + ".json") as f:
             return json.load(f)
     size = NETWORKS[network]
-    info: Dict[str, Any] = dict(variant, path=stem + ".tflite")
+    info: Dict[str, Any] = {k: v for k, v in variant.items() if k != "kept"}
+    info["path"] = stem + ".tflite"
     start = time.perf_counter()
     try:
         net = build(network, args.seed, binary=variant["key"] != "float")
         if "strategy" in variant:
-            record = prune(net, variant["strategy"], variant["target_pfr"], variant["round_to"], size, args.seed)
+            record = (cut(net, variant["kept"], size, args.seed) if "kept" in variant else
+                      prune(net, variant["strategy"], variant["target_pfr"], variant["round_to"], size, args.seed))
             summary = compression_report(net, record).summary
             info.update(pfr=summary["pfr"], mac_ratio=summary["mac_ratio"])
+            info["path"] = os.path.join(folder, f"counts-{_counts_digest(record)}.tflite")
         else:
             info.update(pfr=0.0, mac_ratio=1.0)
-        info.update(export_lce(net, stem + ".tflite", input_size=(3, size, size)))
+        facts = info["path"][: -len(".tflite")] + ".facts.json"
+        if os.path.isfile(facts):  # the same counts, exported for another strategy already
+            with open(facts) as f:
+                info.update(json.load(f), shared=True)
+        else:
+            exported = export_lce(net, info["path"], input_size=(3, size, size), grouped="float")
+            with open(facts, "w") as f:
+                json.dump(exported, f)
+            info.update(exported)
     except (LceExportError, ValueError) as err:
         info = dict(variant, error=str(err).splitlines()[0])
     info["export_s"] = round(time.perf_counter() - start, 1)
@@ -184,15 +244,16 @@ def export_file(args: argparse.Namespace, network: str, variant: Dict[str, Any])
 def time_group(args: argparse.Namespace, files: Dict[str, Dict[str, Any]], threads: int) -> Dict[str, Any]:
     """Every exported file of one network, round-robin in one interpreter process."""
     keys = [k for k, info in files.items() if "error" not in info]
+    paths = list(dict.fromkeys(files[k]["path"] for k in keys))  # a file shared by strategies is timed once
     load = os.getloadavg()
     started = time.time()
-    measured = lce_latency([files[k]["path"] for k in keys], threads=threads, kernels=args.kernels, batch=args.batch,
+    measured = lce_latency(paths, threads=threads, kernels=args.kernels, batch=args.batch,
                            rounds=args.rounds, calls=args.calls, warmup=args.warmup)
-    times = {k: {"min_ms": m["min_ms"], "median_ms": m["median_ms"], "round_ms": m["round_ms"]}
-             for k, m in zip(keys, measured)}
+    by_path = dict(zip(paths, measured))
+    times = {k: {key: by_path[files[k]["path"]][key] for key in ("min_ms", "median_ms", "round_ms")} for k in keys}
     return {"threads": threads, "commit": git_commit(), "load_before": [round(v, 2) for v in load],
             "load_after": [round(v, 2) for v in os.getloadavg()], "seconds": round(time.time() - started, 1),
-            "flags": measured[0]["flags"] if measured else None, "times": times}
+            "flags": measured[0]["flags"] if measured else None, "files_timed": len(paths), "times": times}
 
 
 def rows_of(results: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -261,7 +322,9 @@ def to_markdown(results: Dict[str, Any]) -> str:
                 lines.append(f"| {network} | {key} | - | - | refused: {info['error']} |"
                              + " |" * (3 * len(threads) - 1))
                 continue
-            cells = f"| {network} | {key} | {100 * info['pfr']:.1f} % | {info['mac_ratio']:.2f}x |"
+            note = (f" ({info['float_binary_layers']} grouped binary convs as float)"
+                    if info.get("float_binary_layers") else "")
+            cells = f"| {network} | {key}{note} | {100 * info['pfr']:.1f} % | {info['mac_ratio']:.2f}x |"
             for t in threads:
                 r = timed.get((network, key, t), {})
                 ratio = r.get("speedup_over_mac_ratio")
@@ -346,7 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for network in args.networks:
         entry = results["networks"].setdefault(network, {"input": [3, NETWORKS[network], NETWORKS[network]],
                                                          "files": {}, "timings": {}})
-        for variant in variants(args):
+        for variant in variants(args, network):
             binary = entry["files"].get("binary", {})
             if "error" in binary and "strategy" in variant:  # what refuses the binary network refuses its prunings
                 entry["files"][variant["key"]] = dict(variant, error="as the binary network")
@@ -355,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 entry["files"][variant["key"]] = info
                 print(f"{network} {variant['key']}: " + (info["error"] if "error" in info else
                                                          f"{info['file_bytes']:,} bytes"), flush=True)
-        wanted = [v["key"] for v in variants(args) if "error" not in entry["files"][v["key"]]]
+        wanted = [v["key"] for v in variants(args, network) if "error" not in entry["files"][v["key"]]]
         for threads in args.threads:
             done = entry["timings"].get(str(threads), {}).get("times", {})
             if not wanted or all(k in done for k in wanted):

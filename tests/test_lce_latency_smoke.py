@@ -16,18 +16,30 @@ def bench():
 
 @needs_interpreter
 def test_tiny_grid_writes_everything_resumes_and_refuses_other_settings(bench, tmp_path, capsys):
-    out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["--networks", "resnet20_cifar", "--pfrs", "0.4", "--round-to", "1", "32", "--threads", "1",
-            "--rounds", "2", "--calls", "1", "--warmup", "0", "--out", str(out), "--work-dir", str(work)]
+    out, work, cells = tmp_path / "out", tmp_path / "work", tmp_path / "cells"
+    cells.mkdir()  # one finished v2 cell of msf with learned counts, as cifar10_cpu_v2.py writes it
+    kept = {"layer1.0.conv2": 12, "layer2.0.conv2": 20, "layer3.0.conv2": 40}
+    (cells / "msf-final_learned_l1init_pfr40_seed3.json").write_text(json.dumps(
+        {"strategy": "msf:final_learned_l1init", "target_pfr": 0.4, "seed": 3, "status": "ok", "kept_filters": kept}))
+    argv = ["--networks", "resnet20_cifar", "--strategies", "greedy_l1", "stq", "--pfrs", "0.4", "--round-to", "1",
+            "32", "--threads", "1", "--rounds", "2", "--calls", "1", "--warmup", "0", "--msf-cells", str(cells),
+            "--out", str(out), "--work-dir", str(work)]
     assert bench.main(argv) == 0
     results = json.loads((out / "lce_latency.json").read_text())
     entry = results["networks"]["resnet20_cifar"]
-    assert set(entry["files"]) == {"float", "binary", "greedy_l1:uniform@0.4/r1", "greedy_l1:uniform@0.4/r32"}
+    l1, learned = "greedy_l1:uniform@0.4/r1", "msf_learned:v2_seed3@0.4/r1"
+    assert set(entry["files"]) == {"float", "binary", l1, "greedy_l1:uniform@0.4/r32", "stq:uniform@0.4/r1",
+                                   "stq:uniform@0.4/r32", learned}
     assert "16" in entry["files"]["greedy_l1:uniform@0.4/r32"]["error"]  # 16-wide stages cannot keep multiples of 32
-    pruned = entry["files"]["greedy_l1:uniform@0.4/r1"]
+    pruned = entry["files"][l1]
     assert pruned["pfr"] == pytest.approx(0.4, abs=0.01) and pruned["mac_ratio"] > 2
+    # the learned counts cut in (3 groups, 40 of their filters): pruned, less than 40 %
+    assert 0 < entry["files"][learned]["pfr"] < pruned["pfr"] and entry["files"][learned]["mac_ratio"] > 1
+    # greedy L1 and STQ keep the same uniform counts: one file, timed once
+    assert entry["files"]["stq:uniform@0.4/r1"]["path"] == pruned["path"]
     group = entry["timings"]["1"]
-    assert set(group["times"]) == {"float", "binary", "greedy_l1:uniform@0.4/r1"}
+    assert set(group["times"]) == {"float", "binary", l1, "stq:uniform@0.4/r1", learned}
+    assert group["files_timed"] == 4 and group["times"]["stq:uniform@0.4/r1"] == group["times"][l1]
     assert group["flags"] == {"use_reference_bconv": False, "use_indirect_bgemm": True, "use_xnnpack": True}
     md = (out / "lce_latency.md").read_text()
     assert "python benchmarks/lce_latency.py --networks resnet20_cifar" in md and results["meta"]["commit"] in md

@@ -28,7 +28,8 @@ from ..pruning.allocation import ENGINES, allocate, allocate_latency, engine_ste
 from ..pruning.distill import FrozenTeacher, distillation_loss
 from ..pruning.gates import FilterGate, attach_gates, detach_gates
 from ..pruning.groups import GroupAnalysis, coverage, find_channel_groups
-from ..pruning.latency_table import BinaryConvSite, LatencyTable, binary_conv_sites, measure_table, network_ms
+from ..pruning.latency_table import (BinaryConvSite, LatencyTable, binary_conv_sites, measure_table, measured_speedup,
+                                     network_ms)
 from ..pruning.record import CHECKPOINT_KEY, PruningRecord, save_pruned
 from ..pruning.report import CompressionReport, compression_report
 from ..pruning.schedule import ScheduleTooLong, fit_lengths, trainer_budget
@@ -46,6 +47,8 @@ DISTILL_TEACHERS = (BINARY_START, FULL_PRECISION)
 
 LATENCY_STEP = 4  # target_speedup's counts move in LCE's x86 output blocks at least
 LATENCY_FLOOR = 0.25  # target_speedup: the share of a group's channels it keeps at least (as msf's layer_floor)
+LATENCY_TOLERANCE = 0.02  # target_speedup: a plan measured within 2 % of the target is kept as it is
+LATENCY_CHECKS = 3  # target_speedup: plans exported and timed at most, per allocation
 
 
 def _ungated_clone(net: nn.Module) -> nn.Module:
@@ -99,7 +102,10 @@ class FilterPruning(Callback):
         target_speedup: instead of ``target_pfr`` (exactly one of them, for the strategies with a
             target): the network's speedup in Larq Compute Engine, ``> 1``, met on a per-layer
             latency table (``latency_table``) by a latency-budgeted allocation
-            (:func:`~lightning_bnnprune.pruning.allocation.allocate_latency`).
+            (:func:`~lightning_bnnprune.pruning.allocation.allocate_latency`). With the table
+            measured here, every plan is also exported and timed against the whole network;
+            off by more than 2 %, it is re-planned with the estimate's bias corrected (up to 3
+            files; ``summary["measured_lce_speedup"]``).
         latency_table: ``target_speedup`` only: a
             :class:`~lightning_bnnprune.pruning.latency_table.LatencyTable` (or the path of one
             saved as JSON); None: measured on this machine in ``setup`` (a few seconds, cached under
@@ -199,6 +205,7 @@ class FilterPruning(Callback):
         self.latency_table = latency_table
         self._latency: Optional[LatencyTable] = None  # the table in use (injected, loaded or measured)
         self._sites: List[BinaryConvSite] = []
+        self._latency_bias = 1.0  # the estimate's speedup / the file's, of the last plan measured here
         self.network = network
         self.input_size = tuple(input_size) if input_size is not None else None
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -338,15 +345,56 @@ class FilterPruning(Callback):
                   for n in names}
         importance = importance or {n: torch.ones(sizes[n]) for n in names}
         full = network_ms(table, self._sites, {})
-        try:
-            counts = allocate_latency(sizes, importance, lambda kept: network_ms(table, self._sites, kept),
-                                      full / self.target_speedup, steps, floors, fixed)
-        except ValueError as err:
-            raise MisconfigurationException(f"target_speedup={self.target_speedup}: {err}") from None
-        kept = {**dict(fixed or {}), **{n: sizes[n] - c for n, c in counts.items()}}
-        self.summary["estimated_lce_speedup"] = full / network_ms(table, self._sites, kept)
+
+        def plan(speedup: float) -> Dict[str, int]:
+            try:
+                return allocate_latency(sizes, importance, lambda kept: network_ms(table, self._sites, kept),
+                                        full / speedup, steps, floors, fixed)
+            except ValueError as err:
+                raise MisconfigurationException(f"target_speedup={self.target_speedup}: {err}") from None
+
+        def kept_at(counts: Mapping[str, int]) -> Dict[str, int]:
+            return {**dict(fixed or {}), **{n: sizes[n] - c for n, c in counts.items()}}
+
+        counts = plan(self.target_speedup * self._latency_bias)
+        estimated = full / network_ms(table, self._sites, kept_at(counts))
+        self.summary["estimated_lce_speedup"] = estimated
+        if self.latency_table is None:  # measured here: the exported files are the judge
+            counts = self._measured_plan(pl_module, plan, kept_at, counts, estimated, full, table)
         rank_zero_info(f"[{type(self).__name__}] latency budget: estimated LCE speedup "
-                       f"{self.summary['estimated_lce_speedup']:.3f} (target {self.target_speedup}), kept {kept}")
+                       f"{self.summary['estimated_lce_speedup']:.3f}"
+                       + (f", measured {self.summary['measured_lce_speedup']:.3f}"
+                          if "measured_lce_speedup" in self.summary else "")
+                       + f" (target {self.target_speedup}), kept {kept_at(counts)}")
+        return counts
+
+    def _measured_plan(self, pl_module: "pl.LightningModule", plan, kept_at, counts: Dict[str, int],
+                       estimated: float, full: float, table: LatencyTable) -> Dict[str, int]:
+        """Check a plan on the files themselves: the network cut to it and the whole network,
+        exported and timed in one LCE process. Off by more than :data:`LATENCY_TOLERANCE`, the
+        estimate's bias (measured / estimated) corrects the next plan's target, up to
+        :data:`LATENCY_CHECKS` times or until the corrected plan is the same; the plan measured
+        nearest the target is kept. The bias carries over to this fit's later plans (msf's
+        stages)."""
+        net = _ungated_clone(self.network_of(pl_module))
+        x = self._example_inputs(pl_module, net)
+        best = None
+        for _ in range(LATENCY_CHECKS):
+            measured = measured_speedup(net, self.analysis, kept_at(counts), x)
+            rank_zero_info(f"[{type(self).__name__}] latency budget checked on the exported file: estimated "
+                           f"{estimated:.3f}, measured {measured:.3f} (target {self.target_speedup})")
+            if best is None or abs(measured / self.target_speedup - 1) < abs(best[1] / self.target_speedup - 1):
+                best = (counts, measured, estimated)
+            if abs(measured / self.target_speedup - 1) <= LATENCY_TOLERANCE:
+                break
+            self._latency_bias = estimated / measured  # the estimate's speedup to plan for, per unit of target
+            replanned = plan(self.target_speedup * self._latency_bias)
+            if replanned == counts:  # the allocation's steps are coarser than the correction
+                break
+            counts = replanned
+            estimated = full / network_ms(table, self._sites, kept_at(counts))
+        counts, measured, estimated = best
+        self.summary.update(estimated_lce_speedup=estimated, measured_lce_speedup=measured)
         return counts
 
     # ------------------------------------------------------------------ override points
@@ -577,8 +625,8 @@ class FilterPruning(Callback):
         )
         self._pruned_in_place = not spawned
         self.report = compression_report(net, self.record)
-        estimate = self.summary.get("estimated_lce_speedup")
-        self.summary = dict(self.report.summary, **({"estimated_lce_speedup": estimate} if estimate else {}))
+        budget = {k: self.summary[k] for k in ("estimated_lce_speedup", "measured_lce_speedup") if k in self.summary}
+        self.summary = dict(self.report.summary, **budget)
         directory = self._output_dir(trainer)
         if not trainer.is_global_zero:
             return

@@ -49,7 +49,7 @@ from .groups import GroupAnalysis
 from .slicing import IN, OUT
 
 __all__ = ["BinaryConvSite", "LatencyTable", "WORD", "binary_conv_sites", "check_estimate", "measure_table",
-           "network_ms"]
+           "measured_speedup", "network_ms"]
 
 WORD = 32  # LCE's bit-packing word: input channels per TBitpacked (core/types.h)
 OUTPUT_BLOCK = 4  # output channels per block of the x86 indirect BGEMM kernel (kernel_4x2_portable.h)
@@ -314,17 +314,35 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
 
 def _half_network(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
                   path: str) -> str:
-    """``net`` with every group cut to ``kept`` (its first channels), exported to ``path``."""
+    """``net`` with every group named in ``kept`` cut to that many channels (its first ones; an
+    op's time does not depend on which), exported to ``path``."""
     import copy
 
     from .export_lce import export_lce
     from .surgery import remove_filters
 
     cut = copy.deepcopy(net).eval()
-    masks = {g.name: torch.arange(g.size) < kept[g.name] for g in analysis.groups}
+    masks = {g.name: torch.arange(g.size) < kept[g.name] for g in analysis.groups if g.name in kept}
     remove_filters(cut, analysis, masks=masks, example_inputs=example_inputs)
     export_lce(cut, path, input_size=tuple(example_inputs.shape[1:]))
     return path
+
+
+def measured_speedup(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
+                     *, threads: int = 1, kernels: str = "indirect_bgemm", python: Optional[str] = None,
+                     rounds: int = 15) -> float:
+    """The LCE speedup of ``net`` cut to ``kept`` (``{group: kept channels}``) against ``net``
+    whole, both exported and timed round-robin in one process (minimum over minimum): what
+    ``target_speedup`` is checked against (:meth:`FilterPruning.latency_counts`)."""
+    from .export_lce import export_lce
+    from .lce_runtime import lce_latency
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = os.path.join(tmp, "whole.tflite")
+        export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
+        cut = _half_network(net, analysis, kept, example_inputs, os.path.join(tmp, "cut.tflite"))
+        pruned, unpruned = lce_latency([cut, whole], threads=threads, kernels=kernels, python=python, rounds=rounds)
+    return unpruned["min_ms"] / pruned["min_ms"]
 
 
 def check_estimate(table: LatencyTable, sites: Sequence[BinaryConvSite], kept: Mapping[str, int], pruned_file: str,
