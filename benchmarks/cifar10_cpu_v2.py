@@ -126,6 +126,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-speedups", type=float, nargs="+", default=[],
                    help="also cells at these LCE speedups (target_speedup), for msf with learned counts and the "
                         "greedy rules with uniform shares")
+    p.add_argument("--retime-lce", action="store_true",
+                   help="train nothing: time the finished speedup cells' .tflite files again, round-robin in one "
+                        "process (run it on a quiet machine); each cell keeps its first figure as lce_speedup_in_cell")
     p.add_argument("--latency-table", default=None,
                    help="target_speedup cells: a LatencyTable JSON instead of measuring one (tests)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -205,6 +208,30 @@ class ReseedAtTrainStart(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         lightning.seed_everything(self.seed, verbose=False)
+
+
+def retime_lce(args: argparse.Namespace, cell_dir: str) -> int:
+    """Time every finished speedup cell's two files again, all round-robin in one LCE process (on a
+    quiet machine: a cell times its files beside whatever else runs). The cell keeps its first
+    figure as ``lce_speedup_in_cell``; the number of cells retimed is returned."""
+    from lightning_bnnprune import lce_latency
+
+    done = [c for c in finished_cells(cell_dir) if c.get("target_speedup") is not None and "lce_speedup" in c]
+    pairs = [(c, os.path.join(args.work_dir, c["key"], "pruned.tflite"), os.path.join(args.work_dir, c["key"],
+                                                                                        "unpruned.tflite"))
+             for c in done]
+    pairs = [(c, p, u) for c, p, u in pairs if os.path.isfile(p) and os.path.isfile(u)]
+    if not pairs:
+        return 0
+    load = [round(x, 2) for x in os.getloadavg()]
+    timed = lce_latency([f for _, p, u in pairs for f in (p, u)], rounds=15)
+    for i, (cell, _, _) in enumerate(pairs):
+        pruned, whole = timed[2 * i], timed[2 * i + 1]
+        cell.setdefault("lce_speedup_in_cell", cell["lce_speedup"])
+        cell.update(lce_ms=pruned["min_ms"], lce_unpruned_ms=whole["min_ms"], lce_speedup=whole["min_ms"] / pruned["min_ms"],
+                    lce_load=load, lce_retimed=git_commit())
+        write_json(os.path.join(cell_dir, cell["key"] + ".json"), cell)
+    return len(pairs)
 
 
 def load_start(args: argparse.Namespace) -> tuple:
@@ -550,6 +577,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     os.makedirs(cell_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     start = load_start(args)
+    if args.retime_lce:
+        print(f"[v2] {retime_lce(args, cell_dir)} speedup cells' files timed again", flush=True)
+        write_summary(args, cell_dir, start[3], time.perf_counter() - began)
+        return {"ran": 0, "skipped": 0, "grid": 0}
     dm = NpzDataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_split=0, seed=0, augment=True,
                        subset_train=args.subset_train, subset_test=args.subset_test)
     grid = cells(args)

@@ -91,12 +91,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=os.path.join(ROOT, "lightning_logs", "lce_latency"),
                    help="the .tflite files and their export facts (not committed)")
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
-    p.add_argument("--strategies", nargs="+", default=["greedy_l1:uniform"],
+    p.add_argument("--strategies", nargs="+", default=[f"{r}:{a}" for r in GREEDY for a in ALLOCATIONS],
                    help=f"<{'|'.join(GREEDY)}>[:<{'|'.join(ALLOCATIONS)}>] (default allocation uniform)")
     p.add_argument("--pfrs", type=float, nargs="+", default=[0.25, 0.4, 0.48])
-    p.add_argument("--round-to", type=round_to_arg, nargs="+", default=[1, 8, 32],
+    p.add_argument("--round-to", type=round_to_arg, nargs="+", default=[1, 8, 32, "lce"],
                    help=f"an int >= 1 or an engine: {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--export-only", action="store_true",
+                   help="write the files and their facts, time nothing (timing wants a quiet machine; export does not)")
     p.add_argument("--msf-cells", default=os.path.join(ROOT, "benchmarks", "results", "cifar10_cpu_v2_cells"),
                    help="resnet20_cifar: also msf's learned counts from these v2 cells (empty: none)")
     p.add_argument("--kernels", default="indirect_bgemm", choices=list(KERNELS), help="LCE's kernel path")
@@ -419,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{network} {variant['key']}: " + (info["error"] if "error" in info else
                                                          f"{info['file_bytes']:,} bytes"), flush=True)
         wanted = [v["key"] for v in variants(args, network) if "error" not in entry["files"][v["key"]]]
-        for threads in args.threads:
+        for threads in [] if args.export_only else args.threads:
             done = entry["timings"].get(str(threads), {}).get("times", {})
             if not wanted or all(k in done for k in wanted):
                 print(f"{network}, {threads} thread(s): "

@@ -21,8 +21,9 @@ choices are arguments so a faster one can replace them):
   clipped instead), label smoothing 0.1, random crop (pad 4) + horizontal flip, batch 128,
   all 50 000 training images (``val_split=0``: the test set is evaluated after every epoch and is
   never used to choose anything here).
-* No distillation from a full-precision teacher: the teacher's own training would cost a large
-  share of the budget this machine lacks, and its forward adds about a third to every step.
+* No distillation from a full-precision teacher in the first kept run (``resnet20_cifar_binary``):
+  the teacher's own training would cost a large share of the budget, and its forward adds about a
+  third to every step. Issue 21's run takes one (below).
 
 ``--full-precision`` trains the same network without ``Binarize`` (issue 21's teacher and
 real-valued initialisation, as Bi-Real Net and IR-Net start from one): the usual ResNet-20
@@ -33,6 +34,13 @@ NeurIPS 2019)::
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD nice -n 19 python benchmarks/warm_start.py \\
         --data-dir ../shared/data/cifar10 --out ../fp_teacher --full-precision --name resnet20_cifar_fp \\
         --optimizer sgd --lr 0.1 --weight-decay 5e-4 --label-smoothing 0 --epochs 60
+
+From the full-precision weights, with it as teacher (issue 21; ReActNet's distributional loss,
+optionally its two steps)::
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$PWD nice -n 19 python benchmarks/warm_start.py \\
+        --data-dir ../shared/data/cifar10 --out ../warmstart_fp --name resnet20_cifar_binary_fp \\
+        --init-from benchmarks/assets/resnet20_cifar_fp.pt --teacher full_precision
 
 Example (from the repository root; a background run on a shared machine)::
 
@@ -85,6 +93,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--input-quantizer", default="approx_sign", help="activation quantizer alias")
     p.add_argument("--full-precision", action="store_true",
                    help="no Binarize: the full-precision network (the teacher / real-valued start)")
+    p.add_argument("--init-from", default=None,
+                   help="weights (a state dict of the same network, e.g. the full-precision run's .pt) to start from")
+    p.add_argument("--teacher", default=None,
+                   help="Binarize's teacher: 'full_precision' (the network as it starts, e.g. --init-from's) or a "
+                        "weights file; none by default")
+    p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the teacher's KL term")
+    p.add_argument("--teacher-temperature", type=float, default=1.0)
+    p.add_argument("--binary-weights-from-epoch", type=int, default=None,
+                   help="two-step binarisation: binary activations from the start, binary weights from this epoch")
     p.add_argument("--binary-downsample", action="store_true",
                    help="binarise the 1x1 downsample shortcuts too (default: full precision)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +116,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for flag in ("epochs", "batch_size", "ckpt_every", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.full_precision and (args.teacher or args.binary_weights_from_epoch is not None):
+        p.error("--teacher and --binary-weights-from-epoch are for the binary run, not with --full-precision")
+    if args.init_from is not None and not os.path.isfile(args.init_from):
+        p.error(f"--init-from: no file {args.init_from!r}")
     return args
 
 
@@ -234,12 +255,17 @@ def command_line(argv: List[str]) -> str:
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
     keep = ("model", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "input_quantizer",
-            "binary_downsample", "seed", "subset_train", "subset_test", "full_precision", "optimizer", "momentum")
-    return {k: getattr(args, k) for k in keep}
+            "binary_downsample", "seed", "subset_train", "subset_test", "full_precision", "optimizer", "momentum",
+            "teacher", "teacher_weight", "teacher_temperature", "binary_weights_from_epoch")
+    found = {k: getattr(args, k) for k in keep}
+    found["init_from_sha256"] = sha256(args.init_from) if args.init_from else None  # the weights, not their path
+    return found
 
 
 #: settings added after the first kept run, with the value that run used (absent = this value)
-ADDED_SETTINGS = {"full_precision": False, "optimizer": "adam", "momentum": 0.9}
+ADDED_SETTINGS = {"full_precision": False, "optimizer": "adam", "momentum": 0.9, "teacher": None,
+                  "teacher_weight": 1.0, "teacher_temperature": 1.0, "binary_weights_from_epoch": None,
+                  "init_from_sha256": None}
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
@@ -251,7 +277,11 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
 
 
 def binarize(args: argparse.Namespace) -> Binarize:
-    return Binarize(input_quantizer=args.input_quantizer, keep_fp=[] if args.binary_downsample else [DOWNSAMPLE])
+    two_step = {} if args.binary_weights_from_epoch is None else {
+        "binary_weights_from": args.binary_weights_from_epoch, "binary_weights_unit": "epochs"}
+    return Binarize(input_quantizer=args.input_quantizer, keep_fp=[] if args.binary_downsample else [DOWNSAMPLE],
+                    teacher=args.teacher, teacher_weight=args.teacher_weight,
+                    teacher_temperature=args.teacher_temperature, **two_step)
 
 
 def newest_checkpoint(folder: str) -> Optional[str]:
@@ -330,7 +360,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          num_sanity_val_steps=0, log_every_n_steps=50, use_distributed_sampler=False,
                          default_root_dir=args.out)
     resume = newest_checkpoint(ckpt_dir)
-    print(f"[warm_start] {'resuming from ' + resume if resume else 'starting'}; out={args.out}", flush=True)
+    if args.init_from and not resume:  # a resume takes every weight from its checkpoint
+        module.net.load_state_dict(torch.load(args.init_from, map_location="cpu", weights_only=True))
+    print(f"[warm_start] {'resuming from ' + resume if resume else 'starting'}"
+          f"{' from ' + args.init_from if args.init_from and not resume else ''}; out={args.out}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     path = os.path.join(args.out, "manifest.json")
     with open(path) as f:

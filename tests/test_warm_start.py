@@ -101,3 +101,30 @@ def test_full_precision_run_keeps_every_conv_real(warm, tmp_path):
     warm.check_settings(warm.parse_args(_args(data, tmp_path / "old")))
     with pytest.raises(SystemExit, match="full_precision"):
         warm.check_settings(warm.parse_args(_args(data, tmp_path / "old", "--full-precision")))
+
+
+def test_binary_run_from_the_full_precision_weights_with_its_teacher(warm, tmp_path, capsys):
+    """Issue 21's warm start: the binary network starts from the full-precision run's weights,
+    distils from them (``--teacher full_precision``) and binarises its weights from epoch 1; the
+    weights file is part of the settings (by its sha256), so a rerun from other weights is refused."""
+    data = tiny_npz(tmp_path / "data", 40, 16)
+    warm.main(_args(data, tmp_path / "fp", "--epochs", "1", "--full-precision", "--name", "fp"))
+    fp = tmp_path / "fp" / "assets" / "fp.pt"
+    out = tmp_path / "binary"
+    argv = _args(data, out, "--init-from", str(fp), "--teacher", "full_precision", "--teacher-weight", "0.5",
+                 "--binary-weights-from-epoch", "1", "--name", "binary_fp")
+    result = warm.main(argv)
+    assert "from " + str(fp) in capsys.readouterr().out
+    final = json.loads((out / "assets" / "binary_fp.json").read_text())
+    assert final["settings"]["init_from_sha256"] == hashlib.sha256(fp.read_bytes()).hexdigest()
+    assert (final["settings"]["teacher"], final["settings"]["teacher_weight"]) == ("full_precision", 0.5)
+    assert final["settings"]["binary_weights_from_epoch"] == 1 and result["epochs_done"] == 2
+    other = tmp_path / "other.pt"
+    state = torch.load(fp)
+    state["conv1.weight"] = state["conv1.weight"] + 1
+    torch.save(state, other)
+    with pytest.raises(SystemExit, match="init_from_sha256"):
+        warm.check_settings(warm.parse_args(argv[:argv.index("--init-from") + 1] + [str(other)]
+                                            + argv[argv.index("--init-from") + 2:]))
+    with pytest.raises(SystemExit):
+        warm.parse_args(_args(data, out, "--full-precision", "--teacher", "full_precision"))
