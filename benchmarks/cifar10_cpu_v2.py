@@ -478,6 +478,17 @@ def markdown(summary: Dict[str, Any]) -> str:
             lines.append(f"| {c['target_speedup']:g}x | {c['strategy']} | {num(c['mean'])} | {num(c['std'])} | "
                          f"{c['n']} | {num(c['pfr'], '.3f')} | {times(c['mac_ratio'], '.2f')} | "
                          f"{times(c['estimated'], '.2f')} | {times(c['measured'], '.2f')} |")
+        lines.append("")
+        for t in sorted({c["target_speedup"] for c in summary["equal_speedup"]}):
+            here = {c["strategy"]: c for c in summary["equal_speedup"] if c["target_speedup"] == t}
+            msf = [c for s, c in here.items() if s.startswith("msf")]
+            greedy = [c for s, c in here.items() if not s.startswith("msf")]
+            for m in msf:
+                for g in greedy:
+                    diff, se = diff_se(m["values"], g["values"])
+                    verdict = "msf leads" if diff > 0 else "greedy leads"
+                    lines.append(f"- At {t:g}x: {m['strategy']} minus {g['strategy']}: {diff:+.2f} pt (SE "
+                                 f"{num(se)}; {verdict}{', above two SE' if abs(diff) > 2 * se else ''}).")
     lines += ["", "Main/Subsidiary configurations (`MainSubsidiaryPruning` arguments on top of the paper's: layer by layer, "
               "gates from open, uniform shares, no final retrain; "
               "`final_share`: share of R in the final retrain, `layers_per_stage` 0: all groups in one stage):", ""]

@@ -12,7 +12,7 @@ share (:func:`~lightning_bnnprune.pruning.allocation.round_counts`); an engine's
 blocks, ``onednn``: 16 (AVX-512's nChw16c), else 8. Several values are timed side by side, every
 pruned model round-robin with the unpruned one (issue 20, item 7)::
 
-    python benchmarks/latency.py --threads 1 --round-to 1 8 onednn --batch-sizes 1 64 --no-profile \\
+    python benchmarks/latency.py --threads 1 --round-to onednn 1 8 --batch-sizes 1 64 \\
         --out benchmarks/results/latency_onednn.md
 
 Example::

@@ -21,11 +21,11 @@ For each network (``resnet20_cifar``, ``resnet18_cifar``, ``vgg11_cifar`` at 32x
   binary convs run as float convolutions of the +-1 tensors (LCE runs grouped ``LceBconv2d``
   only on one path), the 1x1 convs as ``LceBconv2d``.
 
-The engine-aware check of issue 20 (40 % of
-  resnet18_cifar and vgg11_cifar at >= 0.9 of the MAC ratio, side by side with the defaults)::
+The default grid holds the engine-aware check of issue 20 (40 % of resnet18_cifar and vgg11_cifar,
+``round_to=1`` against ``"lce"``, side by side in one process); alone::
 
-      python benchmarks/lce_latency.py --networks resnet18_cifar vgg11_cifar --pfrs 0.4 \
-          --round-to 1 lce --threads 1 --name lce_engine_counts
+      python benchmarks/lce_latency.py --networks resnet18_cifar vgg11_cifar --strategies greedy_l1 \
+          --pfrs 0.4 --round-to 1 lce --threads 1 --name lce_engine_counts
 
 All files of one network are timed together in one LCE interpreter process, round-robin
 (:func:`lce_latency`: ``--warmup`` calls each, then ``--rounds`` rounds of ``--calls`` calls of
