@@ -11,7 +11,7 @@ under the same machine load:
   main weights frozen, the distillation teacher's forward, the budget term) and a *retrain* phase
   (the main network trains with the gates fixed, gate masks in every forward).
 
-The selector starts its gates at 0 (``gate_init=0``), so that gates close from the first step on
+The selector starts its gates at 0 (``gate_init_logit=0``), so that gates close from the first step on
 and the teacher's forward runs on every timed selector step (with the default start, the first
 steps of a phase skip it: the student is the teacher while every gate is open).
 
@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _r
 from lightning_bnnprune import (  # noqa: E402
     Binarize, ImageClassifier, MainSubsidiaryPruning, binarize_model, find_channel_groups,
 )
+from lightning_bnnprune.pruning import selector as selector_module  # noqa: E402
 from _report import git_commit  # noqa: E402
 
 
@@ -154,15 +155,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     plain_start = StartTimer(baton, 0)
     plain = StopTimer(plain_start, lambda: "plain")
     msf = MainSubsidiaryPruning(target_pfr=0.4, selector=per_phase, retrain=per_phase, layers=[first, last],
-                                gate_init=0.0, remove_at_end=False)
+                                layers_per_stage=1, allocation="uniform", final_retrain=0,
+                                gate_init_criterion=None, gate_init_logit=0.0, remove_at_end=False)
+    # the selector's teacher is the network with the stage's gates open: count its forwards where
+    # the selector's loss calls it (only this benchmark's msf run selects)
     teacher_calls = [0]
-    teacher = msf._teacher
+    teacher = selector_module.open_gates_forward
 
     def counted_teacher(*a, **k):
         teacher_calls[0] += 1
         return teacher(*a, **k)
 
-    msf._teacher = counted_teacher
+    selector_module.open_gates_forward = counted_teacher
     msf_start = StartTimer(baton, 1)
     pruning = StopTimer(msf_start, lambda: f"{msf.phase.name} ({msf.phase.groups[0]})", lambda: teacher_calls[0])
     errors: List[BaseException] = []
@@ -170,10 +174,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         threading.Thread(target=_fit, args=(args, [plain_start, Binarize(), plain], 4 * per_phase, errors)),
         threading.Thread(target=_fit, args=(args, [msf_start, Binarize(), msf, pruning], 4 * per_phase, errors)),
     ]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join()
+    try:
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    finally:
+        selector_module.open_gates_forward = teacher
     if errors:
         raise errors[0]
 
