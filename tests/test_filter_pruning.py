@@ -1,6 +1,7 @@
 """FilterPruning, the base of every strategy, in a real Trainer: the removal at fit end (in place,
 pruned.pt, the report, checkpoints that restore), remove_at_end=False, and DDP spawn."""
 import os
+import re
 
 import pytest
 import timm
@@ -78,6 +79,12 @@ def test_fit_end_removes_in_place_writes_pruned_checkpoint_report_and_restores(t
     bare = restore_pruned(timm.create_model("test_resnet", num_classes=10), final).eval()
     with torch.no_grad():
         assert torch.equal(bare(x), expected)
+
+    # A checkpoint cut short (a copy or a kill mid-write) is one line naming it, not a zip traceback.
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(final.read_bytes()[: os.path.getsize(final) // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(cut))} is truncated or not a Lightning checkpoint"):
+        restore_pruned(UserModule(), cut)
 
     # The checkpoints ModelCheckpoint wrote during fit are the gated network: not restorable as pruned.
     during = checkpoint.best_model_path or checkpoint.last_model_path

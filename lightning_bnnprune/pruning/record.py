@@ -260,9 +260,10 @@ def restore_pruned(
         ``module``, pruned and loaded.
 
     Raises:
-        ValueError: if the checkpoint holds no record (saved before the removal) or does not
-            match ``module``.
+        ValueError: if the checkpoint holds no record (saved before the removal), does not
+            match ``module``, or is truncated or not a ``torch.save`` file (one line naming it).
     """
+    check_torch_file(ckpt_path, "Lightning checkpoint")  # a truncated file: one line, not a zip traceback
     ckpt = torch.load(os.fspath(ckpt_path), map_location=map_location, weights_only=weights_only)
     if CHECKPOINT_KEY not in ckpt:
         raise ValueError(
