@@ -233,3 +233,41 @@ def test_finetune_recipe_weights_file_to_pruned_binary_network_to_tflite(run_app
     assert summary["pruning"]["pfr"] > 0.3 and summary["exported_model"].endswith("model.tflite")
     header = next(out.rglob("metrics.csv")).read_text().splitlines()[0]
     assert "train/teacher_kd" in header and "prune/distill" in header  # both distil from the FP network
+
+
+class SaveTeacherPerRank(Callback):
+    """Each rank writes its teacher's logits on a fixed input and its trained network's weights."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        binarize = next(cb for cb in trainer.callbacks if isinstance(cb, Binarize))
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        torch.save({"teacher": binarize.full_precision_teacher(x),
+                    "student": {k: v.detach().clone() for k, v in pl_module.net.named_parameters()}},
+                   f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+def test_the_teacher_under_ddp_is_the_same_full_precision_network_on_every_rank(tmp_path):
+    """DDP spawn, two ranks: each keeps its own frozen copy of the network as handed in (one per
+    process), and the students' parameters, distilled on different batches, stay equal (DDP's
+    averaged gradients; batch-norm running statistics are per rank, as DDP leaves them)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+
+    seed_everything(0)
+    module = UserModule("resnet20_cifar", lr=5e-3)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = copy.deepcopy(module.net).eval()(x)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
+        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[Binarize(teacher="full_precision"), SaveTeacherPerRank(str(tmp_path))],
+    )
+    trainer.fit(module, pattern_images(n=32, batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0["teacher"], r1["teacher"]) and torch.allclose(r0["teacher"], expected, atol=1e-6)
+    assert _equal(r0["student"], r1["student"])
