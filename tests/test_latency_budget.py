@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_bnnprune.callbacks.binarize import Binarize
@@ -151,3 +152,31 @@ def test_float_part_through_two_points_clamped():
     rising = LatencyTable({}, float_ms=4.0, float_half=(0.5, 5.0))
     assert rising.float_part(0.5) == 4.0  # clamped to fixed
     assert LatencyTable.from_dict(table.to_dict()).float_half == (0.5, 3.0)
+
+
+class _SavePlanPerRank(Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, GreedyFilterPruning))
+        torch.save({"groups": pruning.record.groups, "estimated": pruning.summary["estimated_lce_speedup"]},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def test_under_ddp_every_rank_cuts_rank_zeros_plan(tmp_path):
+    """Timings differ per process, so the plan is rank zero's, broadcast: both ranks cut alike."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+
+    seed_everything(0)
+    module = UserModule("test_resnet", lr=1e-2, example_input_size=(3, SIZE, SIZE))
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
+        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[Binarize(), GreedyFilterPruning(target_speedup=1.6, latency_table=engine_like_table(), warmup=1),
+                   _SavePlanPerRank(str(tmp_path))])
+    trainer.fit(module, random_images(16, 8, size=SIZE))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0 == r1 and r0["estimated"] >= 1.6

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -361,6 +361,11 @@ class FilterPruning(Callback):
         self.summary["estimated_lce_speedup"] = estimated
         if self.latency_table is None:  # measured here: the exported files are the judge
             counts = self._measured_plan(pl_module, plan, kept_at, counts, estimated, full, table)
+        trainer = pl_module.trainer
+        if trainer.world_size > 1:  # timings differ per rank: every rank cuts rank zero's plan
+            budget = {k: v for k, v in self.summary.items() if k.endswith("lce_speedup")}
+            counts, budget = trainer.strategy.broadcast((counts, budget), src=0)
+            self.summary.update(budget)
         rank_zero_info(f"[{type(self).__name__}] latency budget: estimated LCE speedup "
                        f"{self.summary['estimated_lce_speedup']:.3f}"
                        + (f", measured {self.summary['measured_lce_speedup']:.3f}"
@@ -368,7 +373,8 @@ class FilterPruning(Callback):
                        + f" (target {self.target_speedup}), kept {kept_at(counts)}")
         return counts
 
-    def _measured_plan(self, pl_module: "pl.LightningModule", plan, kept_at, counts: Dict[str, int],
+    def _measured_plan(self, pl_module: "pl.LightningModule", plan: Callable[[float], Dict[str, int]],
+                       kept_at: Callable[[Mapping[str, int]], Dict[str, int]], counts: Dict[str, int],
                        estimated: float, full: float, table: LatencyTable) -> Dict[str, int]:
         """Check a plan on the files themselves: the network cut to it and the whole network,
         exported and timed in one LCE process. Off by more than :data:`LATENCY_TOLERANCE`, the
