@@ -120,6 +120,18 @@ class OutputDirExistsError(ConfigError):
     """A run would write into a folder that already holds results."""
 
 
+def _keep_sitting_configs(run_dir: Path) -> None:
+    """A resumed run continues in its folder, and Hydra writes ``.hydra/`` anew: the earlier
+    sitting's configs move to ``.hydra-sitting<k>`` first (the first free ``k``), so they stay."""
+    configs = run_dir / ".hydra"
+    if not configs.is_dir():
+        return
+    k = 1
+    while (run_dir / f".hydra-sitting{k}").exists():
+        k += 1
+    configs.rename(run_dir / f".hydra-sitting{k}")
+
+
 def _is_fresh(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
@@ -130,7 +142,8 @@ class RefuseExistingOutputDir(HydraCallback):
     Hydra's default run folders are timestamped, but ``hydra.run.dir=...`` (or two runs started
     in the same second) can point at an existing folder, whose ``.hydra/`` configs, logs and
     checkpoints the new run would overwrite. Resuming is the exception: a run whose ``ckpt_path``
-    lies inside the folder continues it there.
+    lies inside the folder continues it there, the earlier sitting's ``.hydra/`` kept as
+    ``.hydra-sitting<k>``.
 
     Processes that Lightning's DDP launcher starts for ranks > 0 re-enter the app with the rank
     zero folder as ``hydra.run.dir``; they are let through.
@@ -146,9 +159,8 @@ class RefuseExistingOutputDir(HydraCallback):
         if _is_fresh(run_dir):
             return
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path in ("last", "hpc"):  # Lightning finds these in this run's own checkpoints
-            return
-        if ckpt_path and run_dir in Path(str(ckpt_path)).resolve().parents:
+        if ckpt_path in ("last", "hpc") or (ckpt_path and run_dir in Path(str(ckpt_path)).resolve().parents):
+            _keep_sitting_configs(run_dir)  # Lightning finds "last"/"hpc" in this run's own checkpoints
             return
         raise OutputDirExistsError(
             f"hydra.run.dir={run_dir} already holds results; choose a new folder, "

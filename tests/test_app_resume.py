@@ -86,8 +86,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert 15 <= state["global_step"] < 24
 
+    first_sitting = (cut_dir / ".hydra" / "overrides.yaml").read_text()
     resumed = _run([*ARGS, f"hydra.run.dir={cut_dir}", f"ckpt_path={last}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed sitting's configs are new; the first sitting's are kept beside, not overwritten
+    assert (cut_dir / ".hydra-sitting1" / "overrides.yaml").read_text() == first_sitting
+    assert "ckpt_path" in (cut_dir / ".hydra" / "overrides.yaml").read_text() and "ckpt_path" not in first_sitting
     record_full, weights_full = read_pruned(full_dir / "checkpoints" / "pruned.pt")
     record_cut, weights_cut = read_pruned(cut_dir / "checkpoints" / "pruned.pt")
     assert record_cut.shapes == record_full.shapes  # the same pruned architecture
