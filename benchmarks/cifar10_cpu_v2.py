@@ -29,6 +29,12 @@ Example (one sitting of the real grid; it takes hours on 2 CPU cores)::
 On 2 cores, two processes of one thread each fill the grid faster than one of two threads (1.34x,
 measured: ``benchmarks/README.md``): start the same command twice with ``--threads 1``.
 
+*Protocol v3* (issue 21) is this grid from the warm start trained from the full-precision weights
+(``--warm-start benchmarks/assets/resnet20_cifar_binary_fp.pt``), every cell distilling from the
+full-precision network (``--teacher benchmarks/assets/resnet20_cifar_fp.pt``, Binarize's teacher)
+and the distilling strategies' retraining from it too (``--distill-teacher full_precision``), at
+``--steps 700`` and ``--steps 3900``, each under its own ``--name`` (``cifar10_cpu_v3_r700``, ...).
+
 *At an equal LCE speedup* (issue 20): ``--target-speedups`` adds cells that prune to a speedup in
 Larq Compute Engine instead of a PFR (``target_speedup``, a latency table measured on the machine
 that runs the cell, cached in ``~/.cache/lightning_bnnprune``), for the strategies that take one:
@@ -138,6 +144,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--distill", type=float, default=0.0,
                    help="distillation weight from the start network for every pruning strategy "
                         "(msf configs may set their own)")
+    p.add_argument("--teacher", default=None,
+                   help="full-precision weights (benchmarks/assets/resnet20_cifar_fp.pt) distilled into every cell "
+                        "through its whole fit (Binarize's teacher; protocol v3)")
+    p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of --teacher's KL term")
+    p.add_argument("--distill-teacher", default="binary_start", choices=("binary_start", "full_precision"),
+                   help="what the pruning strategies' retraining distils from (with --distill or a distilling "
+                        "variant): the start network, or --teacher")
     p.add_argument("--msf-selector-share", type=float, default=1 / 3, help="share of a stage's slot in its selector")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--subset-train", type=int, default=None, help="tests")
@@ -157,6 +170,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--target-speedups must be > 1, got {args.target_speedups}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.teacher is not None and not os.path.isfile(args.teacher):
+        p.error(f"--teacher: no file {args.teacher!r}")
+    if args.distill_teacher == "full_precision" and args.teacher is None:
+        p.error("--distill-teacher full_precision distils from --teacher: give the full-precision weights")
     if not os.path.isfile(args.warm_start):
         p.error(f"--warm-start {args.warm_start} does not exist: run benchmarks/warm_start.py to the end first")
     return args
@@ -263,6 +280,7 @@ def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: Optional
     if share:
         final = args.steps - stages * slot  # the remainder goes to the final retrain
     config.setdefault("distill", args.distill)
+    config.setdefault("distill_teacher", args.distill_teacher)
     target = {"target_pfr": pfr} if speedup is None else {"target_speedup": speedup,
                                                           "latency_table": args.latency_table}
     return MainSubsidiaryPruning(**target, selector=selector, retrain=retrain, warmup=0, unit="steps",
@@ -279,12 +297,14 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     lightning.seed_everything(seed, verbose=False)
     module = ImageClassifier(model, num_classes=10, optimizer="adam", lr=args.lr, scheduler="cosine")
     module.net.load_state_dict(state, strict=True)  # latent weights into the tree Binarize swaps
-    binarize = Binarize(**binarize_cfg)
+    teacher = {} if args.teacher is None else {"teacher": args.teacher, "teacher_weight": args.teacher_weight}
+    binarize = Binarize(**binarize_cfg, **teacher)
     if strategy == "baseline":
         pruner = None
     elif is_greedy(strategy):
         rule, _, variant = strategy.partition(":")
-        options = {"distill": args.distill, **GREEDY_VARIANTS[variant or "uniform"]}
+        options = {"distill": args.distill, "distill_teacher": args.distill_teacher,
+                   **GREEDY_VARIANTS[variant or "uniform"]}
         pruner = GreedyFilterPruning(**target, criterion=GREEDY[rule], mode="oneshot", warmup=0, seed=seed,
                                      **options)
     else:

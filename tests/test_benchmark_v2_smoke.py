@@ -110,3 +110,24 @@ def test_cells_at_an_equal_lce_speedup(tmp_path):
         again = json.loads((tmp_path / "results" / "cifar10_cpu_v2_cells" / "greedy_l1_speedup1.3x_seed0.json").read_text())
         assert again["lce_speedup_in_cell"] == cell["lce_speedup"] and again["lce_retimed"]
         assert again["lce_speedup"] == pytest.approx(again["lce_unpruned_ms"] / again["lce_ms"])
+
+
+def test_cells_with_the_full_precision_teacher(tmp_path, capsys):
+    """Protocol v3's plumbing: every cell distils from ``--teacher`` (Binarize's teacher), and the
+    pruning retraining may take it as its teacher too; without the weights that is refused."""
+    from lightning_bnnprune.module import ImageClassifier
+
+    data = _warm_start(tmp_path, 32)
+    fp = tmp_path / "fp.pt"
+    torch.save(ImageClassifier("resnet20_cifar").net.state_dict(), fp)
+    bench = benchmark_script("cifar10_cpu_v2")
+    argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
+            "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"), "--name", "cifar10_cpu_v3",
+            "--steps", "4", "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0",
+            "--strategies", "baseline", "greedy_l1:distill", "--distill-teacher", "full_precision"]
+    assert bench.main(argv + ["--teacher", str(fp)])["ran"] == 2
+    cell = json.loads((tmp_path / "results" / "cifar10_cpu_v3_cells" / "greedy_l1-distill_pfr40_seed0.json").read_text())
+    assert cell["status"] == "ok" and "--teacher" in cell["command"] and cell["global_step"] == 4
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "--distill-teacher full_precision distils from --teacher" in capsys.readouterr().err
