@@ -210,9 +210,7 @@ def lce_speedup(net: torch.nn.Module, unpruned: torch.nn.Module, folder: str) ->
         paths = [os.path.join(folder, "pruned.tflite"), os.path.join(folder, "unpruned.tflite")]
         for model, path in zip((net, unpruned), paths):
             export_lce(model.eval(), path, input_size=(3, 32, 32))
-        pruned, whole = lce_latency(paths)
-        return {"lce_ms": pruned["min_ms"], "lce_unpruned_ms": whole["min_ms"],
-                "lce_speedup": whole["min_ms"] / pruned["min_ms"], "lce_load": list(os.getloadavg())}
+        return {**speedup_fields(*lce_latency(paths)), "lce_load": list(os.getloadavg())}
     except (ImportError, RuntimeError, ValueError) as err:
         return {"lce_error": str(err).splitlines()[0]}
 
@@ -225,6 +223,12 @@ class ReseedAtTrainStart(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         lightning.seed_everything(self.seed, verbose=False)
+
+
+def speedup_fields(pruned: Dict[str, Any], whole: Dict[str, Any]) -> Dict[str, float]:
+    """A cell's LCE figures from the two files' timings (``lce_latency``'s results)."""
+    return {"lce_ms": pruned["min_ms"], "lce_unpruned_ms": whole["min_ms"],
+            "lce_speedup": whole["min_ms"] / pruned["min_ms"]}
 
 
 def retime_lce(args: argparse.Namespace, cell_dir: str) -> int:
@@ -243,10 +247,8 @@ def retime_lce(args: argparse.Namespace, cell_dir: str) -> int:
     load = [round(x, 2) for x in os.getloadavg()]
     timed = lce_latency([f for _, p, u in pairs for f in (p, u)], rounds=15)
     for i, (cell, _, _) in enumerate(pairs):
-        pruned, whole = timed[2 * i], timed[2 * i + 1]
         cell.setdefault("lce_speedup_in_cell", cell["lce_speedup"])
-        cell.update(lce_ms=pruned["min_ms"], lce_unpruned_ms=whole["min_ms"], lce_speedup=whole["min_ms"] / pruned["min_ms"],
-                    lce_load=load, lce_retimed=git_commit())
+        cell.update(speedup_fields(timed[2 * i], timed[2 * i + 1]), lce_load=load, lce_retimed=git_commit())
         write_json(os.path.join(cell_dir, cell["key"] + ".json"), cell)
     return len(pairs)
 

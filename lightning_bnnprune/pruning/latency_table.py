@@ -282,7 +282,7 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
                 export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
             paths.append(whole)
             if half is not None:
-                paths.append(_half_network(net, analysis, half, example_inputs, os.path.join(tmp, "half.tflite")))
+                paths.append(_cut_network(net, analysis, half, example_inputs, os.path.join(tmp, "half.tflite")))
         timed = lce_latency(paths, threads=threads, kernels=kernels, rounds=rounds, calls=calls,
                             python=python) if paths else []
     now = {(g, p): t["min_ms"] for (g, p), t in zip(files, timed)}
@@ -312,7 +312,7 @@ def measure_table(net: nn.Module, sites: Sequence[BinaryConvSite], example_input
     return LatencyTable(points, float_ms=float_ms, meta=meta, float_half=float_half)
 
 
-def _half_network(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
+def _cut_network(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
                   path: str) -> str:
     """``net`` with every group named in ``kept`` cut to that many channels (its first ones; an
     op's time does not depend on which), exported to ``path``."""
@@ -329,18 +329,21 @@ def _half_network(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, in
 
 
 def measured_speedup(net: nn.Module, analysis: GroupAnalysis, kept: Mapping[str, int], example_inputs: torch.Tensor,
-                     *, threads: int = 1, kernels: str = "indirect_bgemm", python: Optional[str] = None,
-                     rounds: int = 15) -> float:
+                     *, whole_file: Optional[str] = None, threads: int = 1, kernels: str = "indirect_bgemm",
+                     python: Optional[str] = None, rounds: int = 15) -> float:
     """The LCE speedup of ``net`` cut to ``kept`` (``{group: kept channels}``) against ``net``
     whole, both exported and timed round-robin in one process (minimum over minimum): what
-    ``target_speedup`` is checked against (:meth:`FilterPruning.latency_counts`)."""
+    ``target_speedup`` is checked against (:meth:`FilterPruning.latency_counts`). ``whole_file``:
+    where ``net`` whole is exported, or read when it exists (several plans checked against one
+    export); default a temporary file."""
     from .export_lce import export_lce
     from .lce_runtime import lce_latency
 
     with tempfile.TemporaryDirectory() as tmp:
-        whole = os.path.join(tmp, "whole.tflite")
-        export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
-        cut = _half_network(net, analysis, kept, example_inputs, os.path.join(tmp, "cut.tflite"))
+        whole = whole_file or os.path.join(tmp, "whole.tflite")
+        if not os.path.isfile(whole):
+            export_lce(net, whole, input_size=tuple(example_inputs.shape[1:]))
+        cut = _cut_network(net, analysis, kept, example_inputs, os.path.join(tmp, "cut.tflite"))
         pruned, unpruned = lce_latency([cut, whole], threads=threads, kernels=kernels, python=python, rounds=rounds)
     return unpruned["min_ms"] / pruned["min_ms"]
 
