@@ -33,7 +33,8 @@ measured: ``benchmarks/README.md``): start the same command twice with ``--threa
 (``--warm-start benchmarks/assets/resnet20_cifar_binary_fp.pt``), every cell distilling from the
 full-precision network (``--teacher benchmarks/assets/resnet20_cifar_fp.pt``, Binarize's teacher)
 and the distilling strategies' retraining from it too (``--distill-teacher full_precision``), at
-``--steps 700`` and ``--steps 3900``, each under its own ``--name`` (``cifar10_cpu_v3_r700``, ...).
+``--steps 700`` and ``--steps 3900``, each under its own ``--name``: ``benchmarks/cifar10_cpu_v3.py``
+runs it and draws the curve across R.
 
 *At an equal LCE speedup* (issue 20): ``--target-speedups`` adds cells that prune to a speedup in
 Larq Compute Engine instead of a PFR (``target_speedup``, a latency table measured on the machine

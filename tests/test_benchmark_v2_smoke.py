@@ -131,3 +131,45 @@ def test_cells_with_the_full_precision_teacher(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert "--distill-teacher full_precision distils from --teacher" in capsys.readouterr().err
+
+
+def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path, capsys):
+    """``benchmarks/cifar10_cpu_v3.py``: v2's grid at each budget R from one start, every cell with
+    the full-precision teacher; the curve compares the rows across R, the paper's msf against the
+    defaults, and the defaults against a greedy rival that saves no more MACs."""
+    from lightning_bnnprune.module import ImageClassifier
+
+    data = _warm_start(tmp_path, 32)
+    fp = tmp_path / "fp.pt"
+    torch.save(ImageClassifier("resnet20_cifar").net.state_dict(), fp)
+    bench = benchmark_script("cifar10_cpu_v3")
+    argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
+            "--teacher", str(fp), "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"),
+            "--budgets", "24", "30", "--seeds", "0", "1", "--batch-size", "8", "--threads", "1"]
+    curve = bench.main(argv)
+    assert curve["ran"] == 2 * 2 * (len(bench.ROWS) + len(bench.RIVALS))
+    assert [b["steps"] for b in curve["budgets"]] == [24, 30]
+    for b in curve["budgets"]:
+        cell = json.loads((tmp_path / "results" / "cifar10_cpu_v3" / f"cifar10_cpu_v3_r{b['steps']}_cells"
+                           / "msf-paper_pfr40_seed1.json").read_text())
+        assert cell["global_step"] == b["steps"] and "--teacher" in cell["command"]
+        assert "--distill-teacher full_precision" in cell["command"]
+        assert set(b["rows"]) == {f"{s}@{p}" for s, p in [("baseline", None)] + [(s, 0.4) for s in bench.ROWS[1:]]
+                                  + [(s, 0.32) for s in bench.RIVALS]}
+        paper, default = b["rows"]["msf:paper@0.4"], b["rows"]["msf:final_learned_l1init@0.4"]
+        assert b["paper_vs_default"]["diff"] == pytest.approx(paper["mean"] - default["mean"])
+        assert default["drop_vs_unpruned"] == pytest.approx(b["rows"]["baseline@None"]["mean"] - default["mean"])
+        rival = b["default_vs_rival"]
+        assert rival["greedy"].startswith("greedy_l1") and rival["mac_ratio"][1] <= rival["mac_ratio"][0] * (1 + 1e-3)
+    goal = curve["goal"]
+    assert goal["steps"] == 30 and goal["drop"] == curve["budgets"][1]["rows"]["msf:final_learned_l1init@0.4"]["drop_vs_unpruned"]
+    md = (tmp_path / "results" / "cifar10_cpu_v3.md").read_text()
+    assert "| msf:paper | 0.40 |" in md and "R = 30 (14 cells)" in md and "Goal (issue 21), at R = 30" in md
+    assert (tmp_path / "results" / "cifar10_cpu_v3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert bench.main(argv)["ran"] == 0  # a rerun continues: nothing left
+    assert bench.main(argv + ["--summary-only"])["budgets"] == json.loads(
+        (tmp_path / "results" / "cifar10_cpu_v3.json").read_text())["budgets"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv + ["--teacher", str(tmp_path / "missing.pt")])
+    assert "--teacher: no file" in capsys.readouterr().err
