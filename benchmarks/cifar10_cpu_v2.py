@@ -16,7 +16,9 @@ Protocol (issue 9):
 * *Resumable*: each cell is written to ``<cells-dir>/<cell>.json`` when it ends (by default beside
   the results, ``benchmarks/results/cifar10_cpu_v2_cells/``, so the grid committed with them
   continues from a clean clone; logs go to ``--work-dir``, not committed); a cell
-  whose file exists is skipped, so rerunning the same command continues the grid. A cell being run
+  whose file exists is skipped, so rerunning the same command continues the grid. Inside a cell,
+  a checkpoint at every epoch's end (``<work-dir>/ckpt/<cell>/last.ckpt``, with the random states)
+  lets a cell cut short resume where it stopped and end with the weights of an uninterrupted one. A cell being run
   is claimed (``<cell>.running`` with the pid), so several processes can share one cells dir. The
   summary (``<out>/<name>.{md,json,png}``) is rewritten after every cell from all finished cells in
   the cells dir: mean +- std over seeds per (strategy, PFR), and msf (best configuration) minus the
@@ -53,7 +55,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import hashlib
 import json
+import shutil
 import math
 import os
 import shlex
@@ -66,11 +70,11 @@ from typing import Any, Dict, List, Optional
 import lightning
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_bnnprune import (
-    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule,
+    Binarize, GreedyFilterPruning, ImageClassifier, MainSubsidiaryPruning, NpzDataModule, RandomStateCheckpoint,
     binarize_model, find_channel_groups,
 )
 from lightning_bnnprune.introspect import example_batch
@@ -156,6 +160,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--subset-train", type=int, default=None, help="tests")
     p.add_argument("--subset-test", type=int, default=None, help="tests")
+    p.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a killed sitting
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.cells_dir = args.cells_dir or os.path.join(args.out, args.name + "_cells")
@@ -217,13 +222,58 @@ def lce_speedup(net: torch.nn.Module, unpruned: torch.nn.Module, folder: str) ->
 
 
 class ReseedAtTrainStart(Callback):
-    """The cell's seed, after every callback's setup: data order and augmentation per seed."""
+    """The cell's seed, after every callback's setup: data order and augmentation per seed. A
+    resumed cell keeps the random states its checkpoint restored (``RandomStateCheckpoint``)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def on_train_start(self, trainer, pl_module) -> None:
-        lightning.seed_everything(self.seed, verbose=False)
+        if trainer.ckpt_path is None:
+            lightning.seed_everything(self.seed, verbose=False)
+
+
+class CellClock(Callback):
+    """Seconds the cell has trained over all its sittings, carried in its checkpoints; and the step
+    this sitting started from (0 unless resumed)."""
+
+    def __init__(self) -> None:
+        self.earlier, self.trained, self.began, self.start_step = 0.0, 0.0, None, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.began, self.trained, self.start_step = time.perf_counter(), self.earlier, trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.trained, self.began = self.elapsed(), None
+
+    def elapsed(self) -> float:
+        return self.trained + (0.0 if self.began is None else time.perf_counter() - self.began)
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.earlier = state["elapsed"]
+
+
+class StopAtStep(Callback):
+    """Tests: the cell dies at this step, as a killed sitting would (its checkpoints stay)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"stopped at step {trainer.global_step} (--stop-at-step)")
+
+
+def state_sha256(net: torch.nn.Module) -> str:
+    """A digest of the pruned network's weights and buffers: equal digests, equal networks."""
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def speedup_fields(pruned: Dict[str, Any], whole: Dict[str, Any]) -> Dict[str, float]:
@@ -290,6 +340,13 @@ def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: Optional
                                  layers_per_stage=per_stage, retrain_lr_factor=1.0, final_retrain=final, **config)
 
 
+def cell_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """What a cell's checkpoint must have been made with to be resumed."""
+    keys = ("warm_start", "steps", "lr", "batch_size", "distill", "teacher", "teacher_weight", "distill_teacher",
+            "msf_selector_share", "latency_table", "subset_train", "subset_test")
+    return {k: getattr(args, k) for k in keys}
+
+
 def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, start: tuple) -> Dict[str, Any]:
     state, binarize_cfg, model, _ = start
     strategy, pfr, seed = cell["strategy"], cell["target_pfr"], cell["seed"]
@@ -321,19 +378,43 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
         unpruned = copy.deepcopy(module.net)
         binarize_model(unpruned, **{k: v for k, v in binarize_cfg.items()
                                     if k in ("input_quantizer", "kernel_quantizer", "keep_fp")})
-    callbacks = [binarize] + ([pruner] if pruner else []) + [ReseedAtTrainStart(seed)]
+    # a checkpoint at every epoch's end: a cell cut short (a sitting ends) resumes from its last one,
+    # if it was started with the same settings (else it starts over)
+    ckpt_dir = os.path.join(args.work_dir, "ckpt", cell["key"])
+    last, settings = os.path.join(ckpt_dir, "last.ckpt"), cell_settings(args)
+    resume = None
+    if os.path.isfile(last):
+        try:
+            same = json.load(open(ckpt_dir + ".settings.json")) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            resume = last
+        else:
+            print(f"[v2] {cell['key']}: its checkpoint was made with other settings; starting over", flush=True)
+            shutil.rmtree(ckpt_dir)
+    os.makedirs(os.path.dirname(ckpt_dir), exist_ok=True)
+    write_json(ckpt_dir + ".settings.json", settings)
+    clock = CellClock()
+    callbacks = [binarize] + ([pruner] if pruner else []) + [
+        ReseedAtTrainStart(seed), RandomStateCheckpoint(), clock,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True,
+                        enable_version_counter=False)]
+    if args.stop_at_step:
+        callbacks.append(StopAtStep(args.stop_at_step))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, callbacks=callbacks,
-                         logger=CSVLogger(run_dir, name="", version=""), log_every_n_steps=25,
-                         default_root_dir=run_dir, enable_checkpointing=False, enable_progress_bar=False,
+                         logger=CSVLogger(run_dir, name=""), log_every_n_steps=25,  # version_<k>: one per sitting
+                         default_root_dir=run_dir, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     began = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    fit_s = time.perf_counter() - began
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    fit_s = clock.elapsed()  # training seconds over every sitting of this cell
     tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     out = tester.test(module, datamodule=dm, verbose=False)[0]
     result = {**cell, "status": "ok", "test_acc": 100.0 * float(out["test/acc"]), "global_step": trainer.global_step,
-              "fit_s": fit_s, "wall_s": time.perf_counter() - began,
+              "fit_s": fit_s, "wall_s": clock.earlier + time.perf_counter() - began,
+              "resumed_from_step": clock.start_step if resume else None, "weights_sha256": state_sha256(module.net),
               "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if pruner is not None:
         result.update(pfr=pruner.pfr(), kept_filters=pruner.kept_filters(),
@@ -638,6 +719,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             os.remove(lock)
         write_json(path, {**result, "command": summary_command(args), "commit": git_commit(),
                           "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]})
+        ckpt_dir = os.path.join(args.work_dir, "ckpt", cell["key"])  # the finished cell is its JSON
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.remove(ckpt_dir + ".settings.json")
         ran += 1
         print(f"[v2] {cell['key']}: test top-1 {result['test_acc']:.2f}% ({result['wall_s']:.0f} s)", flush=True)
         write_summary(args, cell_dir, start[3], time.perf_counter() - began)

@@ -173,3 +173,42 @@ def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path,
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--teacher", str(tmp_path / "missing.pt")])
     assert "--teacher: no file" in capsys.readouterr().err
+
+
+def test_a_cell_cut_short_resumes_from_its_epoch_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path, capsys):
+    """A sitting that ends inside a cell (here: dies at step 6) leaves the checkpoint of its last
+    epoch; the same command resumes the cell from it and ends with the weights of a cell never cut."""
+    from lightning_bnnprune.module import ImageClassifier
+
+    data = _warm_start(tmp_path, 32)  # 4 batches of 8: an epoch every 4 steps
+    fp = tmp_path / "fp.pt"
+    torch.save(ImageClassifier("resnet20_cifar").net.state_dict(), fp)
+    bench = benchmark_script("cifar10_cpu_v2")
+
+    def argv(name):
+        return ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
+                "--teacher", str(fp), "--out", str(tmp_path / name), "--work-dir", str(tmp_path / name / "logs"),
+                "--steps", "12", "--batch-size", "8", "--threads", "1", "--pfrs", "0.4", "--seeds", "0",
+                "--strategies", "msf:final_learned", "greedy_l1"]
+
+    assert bench.main(argv("whole"))["ran"] == 2
+    assert bench.main(argv("cut") + ["--stop-at-step", "6"])["ran"] == 0  # both die after their first epoch
+    for key in ("msf-final_learned_pfr40_seed0", "greedy_l1_pfr40_seed0"):
+        assert (tmp_path / "cut" / "logs" / "ckpt" / key / "last.ckpt").is_file()
+    assert bench.main(argv("cut"))["ran"] == 2
+    for key in ("msf-final_learned_pfr40_seed0", "greedy_l1_pfr40_seed0"):
+        whole, cut = (json.loads((tmp_path / name / "cifar10_cpu_v2_cells" / f"{key}.json").read_text())
+                      for name in ("whole", "cut"))
+        assert whole["resumed_from_step"] is None and cut["resumed_from_step"] == 4
+        assert cut["global_step"] == 12 and cut["weights_sha256"] == whole["weights_sha256"]
+        assert cut["test_acc"] == whole["test_acc"] and cut["kept_filters"] == whole["kept_filters"]
+        assert not (tmp_path / "cut" / "logs" / "ckpt" / key).exists()  # the finished cell's JSON is what stays
+        assert not (tmp_path / "cut" / "logs" / "ckpt" / f"{key}.settings.json").exists()
+
+    # a checkpoint made with other settings is not resumed: the cell starts over
+    greedy = argv("other")[:-2] + ["greedy_l1"]
+    assert bench.main(greedy + ["--stop-at-step", "6"])["ran"] == 0
+    assert bench.main(greedy + ["--lr", "0.002"])["ran"] == 1
+    assert "made with other settings; starting over" in capsys.readouterr().out
+    cell = json.loads((tmp_path / "other" / "cifar10_cpu_v2_cells" / "greedy_l1_pfr40_seed0.json").read_text())
+    assert cell["resumed_from_step"] is None and cell["global_step"] == 12
