@@ -667,6 +667,25 @@ def claim(path: str) -> bool:
     return True
 
 
+def start_digest(args: argparse.Namespace, manifest: Dict[str, Any]) -> str:
+    """The warm start's sha256 (from its manifest, else from the file)."""
+    if manifest.get("weights_sha256"):
+        return manifest["weights_sha256"]
+    with open(args.warm_start, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_one_start(args: argparse.Namespace, cell_dir: str, manifest: Dict[str, Any]) -> None:
+    """A grid is from one warm start: cells from another in the same cells dir would be averaged
+    together (cells written before issue 21 carry no digest and are not checked)."""
+    mine = start_digest(args, manifest)
+    other = next((c for c in finished_cells(cell_dir) if c.get("warm_start_sha256", mine) != mine), None)
+    if other is not None:
+        raise SystemExit(f"error: {cell_dir} holds cells from another warm start ({other['key']}: "
+                         f"{other['warm_start_sha256'][:12]}, this run's {args.warm_start}: {mine[:12]}); "
+                         "give another --name or --cells-dir")
+
+
 def finished_cells(cell_dir: str) -> List[Dict[str, Any]]:
     """Every finished cell in the cells dir, whichever sitting or process ran it."""
     return [json.load(open(os.path.join(cell_dir, name))) for name in sorted(os.listdir(cell_dir))
@@ -692,6 +711,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     os.makedirs(cell_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     start = load_start(args)
+    check_one_start(args, cell_dir, start[3])
     if args.retime_lce:
         print(f"[v2] {retime_lce(args, cell_dir)} speedup cells' files timed again", flush=True)
         write_summary(args, cell_dir, start[3], time.perf_counter() - began)
@@ -718,6 +738,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         finally:
             os.remove(lock)
         write_json(path, {**result, "command": summary_command(args), "commit": git_commit(),
+                          "warm_start_sha256": start_digest(args, start[3]),
                           "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]})
         ckpt_dir = os.path.join(args.work_dir, "ckpt", cell["key"])  # the finished cell is its JSON
         shutil.rmtree(ckpt_dir, ignore_errors=True)

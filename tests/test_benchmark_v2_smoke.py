@@ -72,6 +72,13 @@ def test_grid_fills_cells_and_skips_finished_ones(tmp_path):
     cell = json.loads((tmp_path / "work" / "cells" / "baseline_seed1.json").read_text())
     assert cell["command"].startswith("python benchmarks/cifar10_cpu_v2.py") and cell["commit"]
 
+    # one grid, one start: cells from another warm start are refused in the same cells dir
+    other = tmp_path / "other_start.pt"
+    state = torch.load(tmp_path / "assets" / "resnet20_cifar_binary.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    with pytest.raises(SystemExit, match="holds cells from another warm start"):
+        bench.main(argv + ["--warm-start", str(other)])
+
     with pytest.raises(SystemExit):
         bench.parse_args(argv + ["--strategies", "msf:nope"])
     with pytest.raises(SystemExit):
