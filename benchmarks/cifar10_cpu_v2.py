@@ -18,8 +18,8 @@ Protocol (issue 9):
   continues from a clean clone; logs go to ``--work-dir``, not committed); a cell
   whose file exists is skipped, so rerunning the same command continues the grid. Inside a cell,
   a checkpoint at every epoch's end (``<work-dir>/ckpt/<cell>/last.ckpt``, with the random states)
-  lets a cell cut short resume where it stopped and end with the weights of an uninterrupted one. A cell being run
-  is claimed (``<cell>.running`` with the pid), so several processes can share one cells dir. The
+  lets a cell cut short resume where it stopped and end with the weights of an uninterrupted one.
+  A cell being run is claimed (``<cell>.running`` with the pid), so several processes can share one cells dir. The
   summary (``<out>/<name>.{md,json,png}``) is rewritten after every cell from all finished cells in
   the cells dir: mean +- std over seeds per (strategy, PFR), and msf (best configuration) minus the
   best greedy rule with the standard error of that difference.
@@ -57,10 +57,10 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import shutil
 import math
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
