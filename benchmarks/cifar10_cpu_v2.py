@@ -340,6 +340,11 @@ def msf_callback(args: argparse.Namespace, config: Dict[str, Any], pfr: Optional
                                  layers_per_stage=per_stage, retrain_lr_factor=1.0, final_retrain=final, **config)
 
 
+def cell_ckpt_dir(args: argparse.Namespace, cell: Dict[str, Any]) -> str:
+    """Where a cell's epoch checkpoint lives until the cell ends (its settings beside, ``.settings.json``)."""
+    return os.path.join(args.work_dir, "ckpt", cell["key"])
+
+
 def cell_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """What a cell's checkpoint must have been made with to be resumed."""
     keys = ("warm_start", "steps", "lr", "batch_size", "distill", "teacher", "teacher_weight", "distill_teacher",
@@ -380,7 +385,7 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
                                     if k in ("input_quantizer", "kernel_quantizer", "keep_fp")})
     # a checkpoint at every epoch's end: a cell cut short (a sitting ends) resumes from its last one,
     # if it was started with the same settings (else it starts over)
-    ckpt_dir = os.path.join(args.work_dir, "ckpt", cell["key"])
+    ckpt_dir = cell_ckpt_dir(args, cell)
     last, settings = os.path.join(ckpt_dir, "last.ckpt"), cell_settings(args)
     resume = None
     if os.path.isfile(last):
@@ -522,10 +527,12 @@ def summarise(args: argparse.Namespace, done: List[Dict[str, Any]], manifest: Di
             "commit": git_commit()}
 
 
-def markdown(summary: Dict[str, Any]) -> str:
-    def num(x, spec=".2f"):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def num(x: Optional[float], spec: str = ".2f") -> str:
+    """A number for a markdown table; ``-`` for none or nan (one seed has no spread)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+
+def markdown(summary: Dict[str, Any]) -> str:
     def times(x, spec):
         return "-" if x is None else format(x, spec) + "x"
 
@@ -740,7 +747,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_json(path, {**result, "command": summary_command(args), "commit": git_commit(),
                           "warm_start_sha256": start_digest(args, start[3]),
                           "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]})
-        ckpt_dir = os.path.join(args.work_dir, "ckpt", cell["key"])  # the finished cell is its JSON
+        ckpt_dir = cell_ckpt_dir(args, cell)  # the finished cell is its JSON
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         os.remove(ckpt_dir + ".settings.json")
         ran += 1

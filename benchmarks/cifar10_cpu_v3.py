@@ -151,9 +151,7 @@ def curve(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def markdown(c: Dict[str, Any]) -> str:
-    def num(x, spec=".2f"):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
+    num = v2.num
     strategies = sorted({(r["strategy"], r["target_pfr"]) for b in c["budgets"] for r in b["rows"].values()},
                         key=lambda sp: (sp[1] is not None, -(sp[1] or 0), sp[0]))
     start = c["budgets"][0]["warm_start"] if c["budgets"] else {}
