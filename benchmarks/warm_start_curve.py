@@ -7,10 +7,9 @@ Reads the ``accuracy.csv`` files ``warm_start.py`` writes (``epoch, step, test_a
 ``<out>/warm_start_curve.md`` (each run's accuracy at every whole hour, its last epoch and the
 goal) and ``.png``. A run still under way is drawn as far as it got; rerun the script as it goes.
 
-Example (the in-progress curve is the copy kept between sittings)::
+Example (both runs' kept curves, ``benchmarks/assets/*_accuracy.csv``; ``--run`` draws another)::
 
-    python benchmarks/warm_start_curve.py \\
-        --run benchmarks/assets/progress/resnet20_cifar_binary_fp/accuracy.csv
+    python benchmarks/warm_start_curve.py
 """
 from __future__ import annotations
 
@@ -90,7 +89,7 @@ def to_markdown(curves: Dict[str, Curve], teacher_h: float, teacher_acc: float, 
         reached = next((hh for hh, a, _ in c if a >= GOAL), None)
         lines.append(f"- {name}: epoch {epoch} at {h:.2f} h, test top-1 {100 * acc:.2f} % (best {100 * best:.2f} %); "
                      + (f"the goal reached at {reached:.2f} h." if reached is not None else
-                        f"the goal not reached (yet) within {h:.2f} h."))
+                        f"the goal not reached in its {h:.2f} h."))
     return "\n".join(lines) + "\n"
 
 

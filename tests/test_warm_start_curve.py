@@ -27,7 +27,7 @@ def test_curves_against_hours_with_the_teacher_counted(tmp_path):
     assert "| 1 | 55.00 % | - |" in md  # before the teacher's hour is over the run has no epoch
     assert "| 2 | 55.00 % | 85.00 % |" in md and "| 3 | 60.00 % | - |" in md  # best so far; past its end: -
     assert "epoch 2 at 2.00 h, test top-1 85.00 % (best 85.00 %); the goal reached at 2.00 h." in md
-    assert "the goal not reached (yet) within 3.00 h." in md and "87.00 % test top-1" in md
+    assert "the goal not reached in its 3.00 h." in md and "87.00 % test top-1" in md
     assert (tmp_path / "out" / "warm_start_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         bench.parse_args(["--run", str(tmp_path / "missing.csv")])
