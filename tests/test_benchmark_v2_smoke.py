@@ -162,7 +162,7 @@ def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path,
         assert cell["global_step"] == b["steps"] and "--teacher" in cell["command"]
         assert "--distill-teacher full_precision" in cell["command"]
         assert set(b["rows"]) == {f"{s}@{p}" for s, p in [("baseline", None)] + [(s, 0.4) for s in bench.ROWS[1:]]
-                                  + [(s, 0.32) for s in bench.RIVALS]}
+                                  + [(s, 0.28) for s in bench.RIVALS]}
         paper, default = b["rows"]["msf:paper@0.4"], b["rows"]["msf:final_learned_l1init@0.4"]
         assert b["paper_vs_default"]["diff"] == pytest.approx(paper["mean"] - default["mean"])
         assert default["drop_vs_unpruned"] == pytest.approx(b["rows"]["baseline@None"]["mean"] - default["mean"])
