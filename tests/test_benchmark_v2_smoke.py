@@ -152,7 +152,8 @@ def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path,
     bench = benchmark_script("cifar10_cpu_v3")
     argv = ["--data-dir", str(data), "--warm-start", str(tmp_path / "assets" / "resnet20_cifar_binary.pt"),
             "--teacher", str(fp), "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path / "logs"),
-            "--budgets", "24", "30", "--seeds", "0", "1", "--batch-size", "8", "--threads", "1"]
+            "--budgets", "24", "30", "--rival-pfrs", "0.28", "--seeds", "0", "1", "--batch-size", "8",
+            "--threads", "1"]
     curve = bench.main(argv)
     assert curve["ran"] == 2 * 2 * (len(bench.ROWS) + len(bench.RIVALS))
     assert [b["steps"] for b in curve["budgets"]] == [24, 30]
@@ -174,7 +175,19 @@ def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path,
     assert "| msf:paper | 0.40 |" in md and "R = 30 (14 cells)" in md and "Goal (issue 21), at R = 30" in md
     assert (tmp_path / "results" / "cifar10_cpu_v3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # each budget runs the goal's rows first, then the rivals, then the rest
+    cells = tmp_path / "results" / "cifar10_cpu_v3" / "cifar10_cpu_v3_r24_cells"
+    done = {f.stem: f.stat().st_mtime_ns for f in cells.glob("*.json")}
+    goal_rows = [t for k, t in done.items() if k.startswith(("baseline", "msf-final_learned_l1init"))]
+    rivals = [t for k, t in done.items() if "_pfr28_" in k]
+    rest = [t for k, t in done.items() if k.startswith("msf-paper") or ("greedy" in k and "_pfr40_" in k)]
+    assert len(goal_rows) == len(rivals) == 4 and len(rest) == 6
+    assert max(goal_rows) < min(rivals) and max(rivals) < min(rest)
+
     assert bench.main(argv)["ran"] == 0  # a rerun continues: nothing left
+    planned = bench.main(argv + ["--summary-only", "--budgets", "24", "30", "45"])  # the goal's R is the last planned
+    assert planned["goal"] is None and "Goal (issue 21), at R = 45" in (
+        tmp_path / "results" / "cifar10_cpu_v3.md").read_text()
     assert bench.main(argv + ["--summary-only"])["budgets"] == json.loads(
         (tmp_path / "results" / "cifar10_cpu_v3.json").read_text())["budgets"]
     with pytest.raises(SystemExit):
