@@ -49,7 +49,8 @@ PAPER_MSF = "msf:paper"
 #: the rows at ``--pfr``; the goal's two (unpruned, msf's defaults) run first at each budget, then the
 #: rivals, then the rest, so a budget cut short by a sitting's end answers the goal soonest
 GOAL_ROWS = ["baseline", DEFAULT_MSF]
-ROWS = GOAL_ROWS + [PAPER_MSF, "greedy_l1", "greedy_l1:distill"]
+OTHER_ROWS = [PAPER_MSF, "greedy_l1", "greedy_l1:distill"]
+ROWS = GOAL_ROWS + OTHER_ROWS
 RIVALS = ["greedy_l1", "greedy_l1:distill"]
 #: issue 21's goal at the longest budget: msf's defaults within 2.0 pt of the unpruned network, and
 #: ahead of the best greedy rule at equal MACs by 1.0 pt, above two standard errors
@@ -149,8 +150,8 @@ def curve(args: argparse.Namespace) -> Dict[str, Any]:
                 "lead_met": bool(rival) and rival["diff"] >= GOAL_LEAD and rival["diff"] > 2 * rival["se"]}
     return {"command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv]),
             "commit": git_commit(), "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(), "pfr": args.pfr, "planned_budgets": args.budgets, "rival_pfrs": args.rival_pfrs, "teacher": args.teacher,
-            "budgets": budgets, "goal": goal}
+            "cpus": os.cpu_count(), "pfr": args.pfr, "planned_budgets": args.budgets,
+            "rival_pfrs": args.rival_pfrs, "teacher": args.teacher, "budgets": budgets, "goal": goal}
 
 
 def markdown(c: Dict[str, Any]) -> str:
@@ -253,8 +254,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ran = 0
     if not args.summary_only:
         for steps in args.budgets:
-            order = ([(GOAL_ROWS, args.pfr)] + [(RIVALS, p) for p in args.rival_pfrs]
-                     + [(ROWS[len(GOAL_ROWS):], args.pfr)])
+            order = [(GOAL_ROWS, args.pfr)] + [(RIVALS, p) for p in args.rival_pfrs] + [(OTHER_ROWS, args.pfr)]
             for strategies, pfr in order:
                 ran += v2.main(grid_argv(args, steps, strategies, pfr))["ran"]
                 write_curve(args)
