@@ -430,12 +430,23 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     return result
 
 
-def write_json(path: str, payload: Any) -> None:
-    tmp = path + ".tmp"
+def write_text(path: str, text: str) -> None:
+    # One temporary file per process: two grid processes summarise at once, and a shared name let
+    # one replace the file while the other was still writing into it (a truncated json).
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def save_figure(fig: Any, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"  # as in write_text
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+
+
+def write_json(path: str, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def mean_std(values: List[float]) -> tuple:
@@ -649,7 +660,7 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.set_title("accuracy against MACs saved (msf: circles)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -705,8 +716,7 @@ def write_summary(args: argparse.Namespace, cell_dir: str, manifest: Dict[str, A
         return
     summary = summarise(args, done, manifest, sitting_s)
     write_json(os.path.join(args.out, args.name + ".json"), {**summary, "cells": done})
-    with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-        f.write(markdown(summary))
+    write_text(os.path.join(args.out, args.name + ".md"), markdown(summary))
     write_plot(os.path.join(args.out, args.name + ".png"), summary)
 
 

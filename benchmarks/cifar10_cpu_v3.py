@@ -235,15 +235,14 @@ def write_plot(path: str, c: Dict[str, Any]) -> None:
     acc_ax.legend(fontsize=7)
     drop_ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    v2.save_figure(fig, path)
     plt.close(fig)
 
 
 def write_curve(args: argparse.Namespace) -> Dict[str, Any]:
     c = curve(args)
     v2.write_json(os.path.join(args.out, args.name + ".json"), c)
-    with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-        f.write(markdown(c))
+    v2.write_text(os.path.join(args.out, args.name + ".md"), markdown(c))
     write_plot(os.path.join(args.out, args.name + ".png"), c)
     return c
 

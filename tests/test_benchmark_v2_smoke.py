@@ -232,3 +232,20 @@ def test_a_cell_cut_short_resumes_from_its_epoch_checkpoint_and_ends_as_an_unint
     assert "made with other settings; starting over" in capsys.readouterr().out
     cell = json.loads((tmp_path / "other" / "cifar10_cpu_v2_cells" / "greedy_l1_pfr40_seed0.json").read_text())
     assert cell["resumed_from_step"] is None and cell["global_step"] == 12
+
+
+def test_two_processes_writing_one_summary_leave_it_whole(tmp_path):
+    """Two grid processes summarise into the same files; a reader never sees a half-written json
+    and neither writer fails (a shared temporary name once did both)."""
+    path = tmp_path / "summary.json"
+    writer = ("import sys; sys.path.insert(0, 'benchmarks'); import cifar10_cpu_v2 as v2\n"
+              "for i in range(300): v2.write_json(sys.argv[1], {'cells': [{'i': i, 'x': 'y' * 64}] * 2000})")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        if path.exists():
+            assert len(json.loads(path.read_text())["cells"]) == 2000
+            reads += 1
+    assert [p.wait() for p in procs] == [0, 0], [p.stderr.read()[-500:] for p in procs]
+    assert reads > 0 and os.listdir(tmp_path) == ["summary.json"]
