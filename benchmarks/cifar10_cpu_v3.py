@@ -145,8 +145,9 @@ def curve(args: argparse.Namespace) -> Dict[str, Any]:
         default = last["rows"].get(f"{DEFAULT_MSF}@{args.pfr}")
         rival = last["default_vs_rival"]
         drop = default and default["drop_vs_unpruned"]
+        rivals_run = any(r["strategy"] in RIVALS and r["target_pfr"] in args.rival_pfrs for r in last["rows"].values())
         goal = {"steps": last["steps"], "drop": drop, "drop_met": drop is not None and drop <= GOAL_DROP,
-                "lead": rival and rival["diff"], "lead_se": rival and rival["se"],
+                "lead": rival and rival["diff"], "lead_se": rival and rival["se"], "rivals_run": rivals_run,
                 "lead_met": bool(rival) and rival["diff"] >= GOAL_LEAD and rival["diff"] > 2 * rival["se"]}
     return {"command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, ROOT), *args.argv]),
             "commit": git_commit(), "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -173,17 +174,18 @@ def markdown(c: Dict[str, Any]) -> str:
               "trained the same R steps:", "",
               f"| strategy | target PFR | MAC ratio | {head} |", "|---|---|---|" + "---|" * len(c["budgets"])]
     for strategy, pfr in strategies:
-        cells, macs = [], None
+        cells, macs = [], []  # msf's learned counts, hence its MAC ratio, can differ per budget
         for b in c["budgets"]:
             r = b["rows"].get(f"{strategy}@{pfr}")
             if r is None:
                 cells.append("-")
                 continue
-            macs = r.get("mac_ratio") or macs
+            if r.get("mac_ratio") and f"{r['mac_ratio']:.2f}x" not in macs:
+                macs.append(f"{r['mac_ratio']:.2f}x")
             drop = "" if r["drop_vs_unpruned"] is None else f", drop {num(r['drop_vs_unpruned'])}"
             cells.append(f"{num(r['mean'])} +- {num(r['std'])} ({r['n']}){drop}")
         lines.append(f"| {strategy} | {'-' if pfr is None else f'{pfr:.2f}'} | "
-                     f"{'-' if macs is None else f'{macs:.2f}x'} | {' | '.join(cells)} |")
+                     f"{' / '.join(macs) or '-'} | {' | '.join(cells)} |")
     lines += ["", "| R | paper's layer-by-layer msf - msf defaults (pt) | SE | msf defaults - best greedy at "
               "equal MACs (pt) | SE | rival (MAC ratio msf / rival) |", "|---|---|---|---|---|---|"]
     for b in c["budgets"]:
@@ -198,10 +200,16 @@ def markdown(c: Dict[str, Any]) -> str:
     if g is None:
         lines.append("Not measured yet: the longest budget has no finished cells.")
     else:
-        lines += [f"- drop against the unpruned network: {num(g['drop'])} pt: **{'met' if g['drop_met'] else 'missed'}**",
+        def verdict(value: Optional[float], met: bool, why_none: str) -> str:
+            return f"**{'met' if met else 'missed'}**" if value is not None else why_none
+
+        at = f"R = {g['steps']}"
+        no_lead = ("**missed** (no greedy row saves as few MACs as msf's: add one with `--rival-pfrs`)"
+                   if g.get("rivals_run") else f"not measured yet (no equal-MAC rival has finished at {at})")
+        lines += [f"- drop against the unpruned network: {num(g['drop'])} pt: "
+                  + verdict(g["drop"], g["drop_met"], f"not measured yet (its rows at {at} are unfinished)"),
                   f"- lead at equal MACs: {num(g['lead'])} pt (SE {num(g['lead_se'])}): "
-                  f"**{'met' if g['lead_met'] else 'missed'}**" + ("" if g["lead"] is not None else
-                  " (no greedy row saves as few MACs as msf's: add one with `--rival-pfrs`)")]
+                  + verdict(g["lead"], g["lead_met"], no_lead)]
     lines += ["", f"Cells' wall time: {sum(b['cells_wall_s'] for b in c['budgets']) / 60:.0f} min in all."]
     return "\n".join(lines) + "\n"
 

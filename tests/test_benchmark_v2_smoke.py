@@ -171,6 +171,12 @@ def test_v3_budget_curve_fills_each_budgets_grid_and_compares_across_r(tmp_path,
         assert rival["greedy"].startswith("greedy_l1") and rival["mac_ratio"][1] <= rival["mac_ratio"][0] * (1 + 1e-3)
     goal = curve["goal"]
     assert goal["steps"] == 30 and goal["drop"] == curve["budgets"][1]["rows"]["msf:final_learned_l1init@0.4"]["drop_vs_unpruned"]
+    assert goal["rivals_run"]
+    # a lead not measured is not called missed: "missed" only once the rivals ran and none saves as few MACs
+    unrivalled = {**curve, "goal": {**goal, "lead": None, "lead_met": False, "rivals_run": False}}
+    assert "not measured yet (no equal-MAC rival has finished at R = 30)" in bench.markdown(unrivalled)
+    assert "**missed** (no greedy row saves as few MACs" in bench.markdown(
+        {**unrivalled, "goal": {**unrivalled["goal"], "rivals_run": True}})
     md = (tmp_path / "results" / "cifar10_cpu_v3.md").read_text()
     assert "| msf:paper | 0.40 |" in md and "R = 30 (14 cells)" in md and "Goal (issue 21), at R = 30" in md
     assert (tmp_path / "results" / "cifar10_cpu_v3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
