@@ -163,6 +163,13 @@ class _SavePlanPerRank(Callback):
         torch.save({"groups": pruning.record.groups, "estimated": pruning.summary["estimated_lce_speedup"]},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
+    def teardown(self, trainer, pl_module, stage):
+        # Rank 1 twice aborted at exit in CI (SIGABRT, "terminate called without an active
+        # exception") after the fit had ended. End the process group here, while the process is
+        # whole, rather than in the interpreter's shutdown. A mitigation: the cause is not proven.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def test_under_ddp_every_rank_cuts_rank_zeros_plan(tmp_path):
     """Timings differ per process, so the plan is rank zero's, broadcast: both ranks cut alike."""
