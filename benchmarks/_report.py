@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the commit they ran on, how they write their markdown, and
-how they read a ``--round-to`` value.
+"""What the benchmark scripts share: the commit they ran on, how they write their markdown and
+their result files, and how they read a ``--round-to`` value.
 
 A sibling module, not part of the package: the scripts put ``benchmarks/`` on ``sys.path`` (a
 script's own folder is there when it runs as ``python benchmarks/<name>.py``) and import it.
@@ -7,11 +7,12 @@ script's own folder is there when it runs as ``python benchmarks/<name>.py``) an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
-__all__ = ["git_commit", "round_to_arg", "write_markdown"]
+__all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "write_markdown", "write_text"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +38,28 @@ def write_markdown(text: str, out: str | None, append: bool = False) -> None:
             if append and f.tell():
                 f.write("\n")
             f.write(text)
+
+
+def replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)``, then rename ``tmp`` to ``path``: a reader sees the old file or the new one,
+    never half of one. The temporary name is the process's own, because two processes may write
+    one file at once (two grid processes summarising); a shared name let one replace the file
+    while the other was still writing into it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomically(path, write)
+
+
+def write_json(path: str, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def round_to_arg(text: str) -> Union[int, str]:

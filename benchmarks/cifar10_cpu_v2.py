@@ -80,7 +80,7 @@ from lightning_bnnprune import (
 from lightning_bnnprune.introspect import example_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
-from _report import git_commit  # noqa: E402
+from _report import git_commit, replace_atomically, write_json, write_text  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
@@ -430,25 +430,6 @@ def run_cell(args: argparse.Namespace, cell: Dict[str, Any], dm: NpzDataModule, 
     return result
 
 
-def write_text(path: str, text: str) -> None:
-    # One temporary file per process: two grid processes summarise at once, and a shared name let
-    # one replace the file while the other was still writing into it (a truncated json).
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_figure(fig: Any, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"  # as in write_text
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
-
-
-def write_json(path: str, payload: Any) -> None:
-    write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
 def mean_std(values: List[float]) -> tuple:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values))
 
@@ -660,7 +641,7 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.set_title("accuracy against MACs saved (msf: circles)")
     fig.tight_layout()
-    save_figure(fig, path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

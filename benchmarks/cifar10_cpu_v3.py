@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling v2 grid and _report
 import cifar10_cpu_v2 as v2  # noqa: E402
-from _report import git_commit  # noqa: E402
+from _report import git_commit, replace_atomically, write_json, write_text  # noqa: E402
 
 ROOT = v2.ROOT
 ASSETS = os.path.join(ROOT, "benchmarks", "assets")
@@ -243,14 +243,14 @@ def write_plot(path: str, c: Dict[str, Any]) -> None:
     acc_ax.legend(fontsize=7)
     drop_ax.legend(fontsize=7)
     fig.tight_layout()
-    v2.save_figure(fig, path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
 def write_curve(args: argparse.Namespace) -> Dict[str, Any]:
     c = curve(args)
-    v2.write_json(os.path.join(args.out, args.name + ".json"), c)
-    v2.write_text(os.path.join(args.out, args.name + ".md"), markdown(c))
+    write_json(os.path.join(args.out, args.name + ".json"), c)
+    write_text(os.path.join(args.out, args.name + ".md"), markdown(c))
     write_plot(os.path.join(args.out, args.name + ".png"), c)
     return c
 

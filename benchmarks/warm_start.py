@@ -69,6 +69,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_bnnprune import Binarize, ImageClassifier, NpzDataModule
 from lightning_bnnprune.batches import StepSeededLoader
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
+from _report import write_json  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWNSAMPLE = "*.downsample.*"  # the 1x1 stage-change shortcuts of timm's ResNet
 
@@ -266,14 +269,6 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
 ADDED_SETTINGS = {"full_precision": False, "optimizer": "adam", "momentum": 0.9, "teacher": None,
                   "teacher_weight": 1.0, "teacher_temperature": 1.0, "binary_weights_from_epoch": None,
                   "init_from_sha256": None}
-
-
-def write_json(path: str, payload: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)  # never a half-written manifest
 
 
 def binarize(args: argparse.Namespace) -> Binarize:

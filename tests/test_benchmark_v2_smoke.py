@@ -244,8 +244,8 @@ def test_two_processes_writing_one_summary_leave_it_whole(tmp_path):
     """Two grid processes summarise into the same files; a reader never sees a half-written json
     and neither writer fails (a shared temporary name once did both)."""
     path = tmp_path / "summary.json"
-    writer = ("import sys; sys.path.insert(0, 'benchmarks'); import cifar10_cpu_v2 as v2\n"
-              "for i in range(300): v2.write_json(sys.argv[1], {'cells': [{'i': i, 'x': 'y' * 64}] * 2000})")
+    writer = ("import sys; sys.path.insert(0, 'benchmarks'); from _report import write_json\n"
+              "for i in range(300): write_json(sys.argv[1], {'cells': [{'i': i, 'x': 'y' * 64}] * 2000})")
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(path)], stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     reads = 0
