@@ -12,7 +12,7 @@ import os
 import subprocess
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "write_markdown", "write_text"]
+__all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "write_markdown", "write_png", "write_text"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +60,11 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, payload: Any) -> None:
     write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_png(path: str, fig: Any) -> None:
+    """A matplotlib figure, replaced atomically as the grids' other result files are."""
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def round_to_arg(text: str) -> Union[int, str]:

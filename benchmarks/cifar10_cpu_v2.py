@@ -80,7 +80,7 @@ from lightning_bnnprune import (
 from lightning_bnnprune.introspect import example_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
-from _report import git_commit, replace_atomically, write_json, write_text  # noqa: E402
+from _report import git_commit, write_json, write_png, write_text  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = {"greedy_l1": "l1", "stq": "binarization_error", "random": "random"}
@@ -641,7 +641,7 @@ def write_plot(path: str, summary: Dict[str, Any]) -> None:
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.set_title("accuracy against MACs saved (msf: circles)")
     fig.tight_layout()
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_png(path, fig)
     plt.close(fig)
 
 

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling v2 grid and _report
 import cifar10_cpu_v2 as v2  # noqa: E402
-from _report import git_commit, replace_atomically, write_json, write_text  # noqa: E402
+from _report import git_commit, write_json, write_png, write_text  # noqa: E402
 
 ROOT = v2.ROOT
 ASSETS = os.path.join(ROOT, "benchmarks", "assets")
@@ -243,7 +243,7 @@ def write_plot(path: str, c: Dict[str, Any]) -> None:
     acc_ax.legend(fontsize=7)
     drop_ax.legend(fontsize=7)
     fig.tight_layout()
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_png(path, fig)
     plt.close(fig)
 
 
