@@ -17,13 +17,15 @@ __all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "wr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def git_commit(paths: Sequence[str] = ("lightning_bnnprune", "benchmarks")) -> str:
-    """The short commit of the checkout, ``+local changes`` when tracked files under ``paths``
-    differ from it, ``unknown`` outside a git checkout."""
+def git_commit(paths: Sequence[str] = ("lightning_bnnprune", "benchmarks"), root: str = ROOT) -> str:
+    """The short commit of the checkout, ``+local changes`` when tracked code under ``paths``
+    differs from it, ``unknown`` outside a git checkout. ``benchmarks/results`` is not code: a grid
+    rewrites its tables there after every cell, and that must not mark the next cell's code dirty."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths,
+                                ":(exclude)benchmarks/results"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"

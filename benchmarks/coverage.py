@@ -33,7 +33,6 @@ import os
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,9 @@ from lightning_bnnprune import (
 from lightning_bnnprune.pruning.allocation import allocate
 from lightning_bnnprune.pruning.criteria import RandomScore
 from lightning_bnnprune.pruning.groups import coverage
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _report
+from _report import git_commit  # noqa: E402
 
 # (family, smallest model, designs it covers); input 64x64 unless INPUT says otherwise.
 FAMILIES: List[Tuple[str, str, str]] = [
@@ -121,18 +123,6 @@ FAMILIES: List[Tuple[str, str, str]] = [
     ("ConvNeXt", "convnext_atto", "LayerNorm, depthwise"),
 ]
 INPUT = {"inception_v3": 96}
-
-
-def _git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "lightning_bnnprune", "benchmarks/coverage.py"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 class _Timeout(BaseException):  # not an Exception: library code that catches those must not swallow it
@@ -342,7 +332,7 @@ def main(argv=None) -> int:
             saved = json.load(f)
         results = saved.get("families", {})
         runs = saved.get("meta", {}).get("runs", [])
-    meta = dict(pfr=args.pfr, size=args.size, seed=args.seed, commit=_git_commit(), torch=torch.__version__,
+    meta = dict(pfr=args.pfr, size=args.size, seed=args.seed, commit=git_commit(("lightning_bnnprune", "benchmarks/coverage.py")), torch=torch.__version__,
                 timm=timm.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                 command="nice -n 10 python " + " ".join(shlex.quote(a) for a in ["benchmarks/coverage.py", *sys.argv[1:]]))
     meta["runs"] = runs + [dict(command=meta["command"], commit=meta["commit"])]  # a resumed table has several

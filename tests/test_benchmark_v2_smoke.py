@@ -255,3 +255,28 @@ def test_two_processes_writing_one_summary_leave_it_whole(tmp_path):
             reads += 1
     assert [p.wait() for p in procs] == [0, 0], [p.stderr.read()[-500:] for p in procs]
     assert reads > 0 and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_cell_after_a_grid_rewrote_its_tables_is_not_marked_dirty(tmp_path):
+    """Every cell records the commit it ran at; a grid rewrites benchmarks/results after each cell,
+    which once marked every later cell "+local changes". Only code counts."""
+    sys.path.insert(0, "benchmarks")
+    from _report import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("benchmarks/results/grid.md", "benchmarks/grid.py", "lightning_bnnprune/layers.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("v1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git_commit(root=str(tmp_path))
+    assert len(head) >= 7 and "+" not in head
+    (tmp_path / "benchmarks/results/grid.md").write_text("a cell later\n")
+    assert git_commit(root=str(tmp_path)) == head
+    (tmp_path / "benchmarks/grid.py").write_text("v2\n")
+    assert git_commit(root=str(tmp_path)) == head + "+local changes"
+    assert git_commit(("lightning_bnnprune",), root=str(tmp_path)) == head
