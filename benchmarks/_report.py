@@ -12,7 +12,8 @@ import os
 import subprocess
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "write_markdown", "write_png", "write_text"]
+__all__ = ["git_commit", "replace_atomically", "round_to_arg", "write_json", "write_markdown", "write_png",
+           "write_text"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

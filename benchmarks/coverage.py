@@ -123,6 +123,7 @@ FAMILIES: List[Tuple[str, str, str]] = [
     ("ConvNeXt", "convnext_atto", "LayerNorm, depthwise"),
 ]
 INPUT = {"inception_v3": 96}
+CODE = ("lightning_bnnprune", "benchmarks/coverage.py")  # what the table's commit label vouches for
 
 
 class _Timeout(BaseException):  # not an Exception: library code that catches those must not swallow it
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
             saved = json.load(f)
         results = saved.get("families", {})
         runs = saved.get("meta", {}).get("runs", [])
-    meta = dict(pfr=args.pfr, size=args.size, seed=args.seed, commit=git_commit(("lightning_bnnprune", "benchmarks/coverage.py")), torch=torch.__version__,
+    meta = dict(pfr=args.pfr, size=args.size, seed=args.seed, commit=git_commit(CODE), torch=torch.__version__,
                 timm=timm.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                 command="nice -n 10 python " + " ".join(shlex.quote(a) for a in ["benchmarks/coverage.py", *sys.argv[1:]]))
     meta["runs"] = runs + [dict(command=meta["command"], commit=meta["commit"])]  # a resumed table has several

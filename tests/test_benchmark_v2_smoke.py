@@ -260,8 +260,7 @@ def test_two_processes_writing_one_summary_leave_it_whole(tmp_path):
 def test_a_cell_after_a_grid_rewrote_its_tables_is_not_marked_dirty(tmp_path):
     """Every cell records the commit it ran at; a grid rewrites benchmarks/results after each cell,
     which once marked every later cell "+local changes". Only code counts."""
-    sys.path.insert(0, "benchmarks")
-    from _report import git_commit
+    git_commit = benchmark_script("_report").git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
